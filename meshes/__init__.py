@@ -1,0 +1,5 @@
+"""Topology files (TOML). Python logic lives in hxtrain.topology; this package only ships the files."""
+
+from pathlib import Path
+
+DIR = Path(__file__).parent
