@@ -165,7 +165,8 @@ def encode(
     """
     _check_secret(secret)
     kind = Kind(kind)
-    if isinstance(array, np.ndarray):
+    if isinstance(array, (np.ndarray, np.generic)):
+        array = np.asarray(array)  # numpy scalars are 0-d arrays
         if codec != 0:
             raise ValueError(f"codec={codec} needs a pre-encoded bytes payload; pass codec.encode(array)")
         shape, dtype = array.shape, array.dtype
