@@ -269,8 +269,10 @@ def _check_keys(src: str, where: str, table: dict, allowed: set[str], required: 
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TopologyError(f"{src}: {prefix}{key}: unknown key{hint}; allowed keys: {', '.join(sorted(allowed))}")
-    for key in sorted(required - table.keys()):
-        raise TopologyError(f"{src}: {prefix}{key}: missing required key (required: {', '.join(sorted(required))})")
+    missing = sorted(required - table.keys())
+    if missing:
+        raise TopologyError(f"{src}: {prefix}{missing[0]}: missing required key "
+                            f"(required: {', '.join(sorted(required))})")
 
 
 def _build(src: str, where: str, table: dict, cls, required: set[str], spelled: dict[str, str] | None = None):
