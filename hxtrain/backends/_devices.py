@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 
 from hxtrain.backends._capabilities import capability_for
-from hxtrain.backends._plugins import ENV_VAR, PluginSource, find_plugin, parse_pjrt_env
+from hxtrain.backends._plugins import ENV_VAR, PluginSource, check_plugin_library, find_plugin, parse_pjrt_env
 from hxtrain.backends._registry import BACKENDS, BackendError, PluginNotInstalledError
 
 
@@ -64,38 +64,44 @@ def describe(*, env: Mapping[str, str] | None = None,
     note (install hint or initialisation error, "" if none). Initialises JAX's backends.
     """
     env = os.environ if env is None else env
-    names: list[str] = list(BACKENDS)
+    rows = [_row(name, lambda n=name: find_plugin(n, env=env, providers=providers), env)
+            for name in BACKENDS]
     try:
-        claimed = {n for info in BACKENDS.values() for n in info.env_names}
-        names += [f"plugin:{path}" for n, path in parse_pjrt_env(env.get(ENV_VAR, "")).items()
-                  if n not in claimed]
+        from_env = parse_pjrt_env(env.get(ENV_VAR, ""))
     except BackendError:
-        pass  # the malformed variable is reported on the rows of the backends it would serve
-    rows = []
-    for name in names:
-        row = dict(backend=name, installed=False, provider="", initialised=None, devices=0,
-                   device_kind=None, capability="", note="")
-        try:
-            src = find_plugin(name, env=env, providers=providers)
-        except PluginNotInstalledError:
-            row["note"] = BACKENDS[name].install_hint()
-            rows.append(row)
-            continue
-        except BackendError as e:  # e.g. a malformed PJRT_NAMES_AND_LIBRARY_PATHS or a missing .so
-            row["note"] = str(e)
-            rows.append(row)
-            continue
-        row.update(installed=True, provider=f"{src.how}: {src.where}")
-        try:
-            devices = _jax_devices(src, env)
-        except BackendError as e:
-            row.update(initialised=False, note=str(e))
-        else:
-            kind = devices[0].device_kind if devices else None
-            row.update(initialised=True, devices=len(devices), device_kind=kind,
-                       capability=capability_for(kind).summary() if kind else "")
-        rows.append(row)
+        from_env = {}  # the malformed variable is reported on the rows of the backends it would serve
+    claimed = {n for info in BACKENDS.values() for n in info.env_names}
+    for name, path in from_env.items():
+        if name not in claimed:  # a plugin JAX registers under its own name, unknown to hxtrain
+            def src(name=name, path=path):
+                where = check_plugin_library(path, what=f"{ENV_VAR} entry {name!r}")
+                return PluginSource(name, name, "env", str(where))
+            rows.append(_row(name, src, env))
     return rows
+
+
+def _row(name: str, locate: Callable[[], PluginSource], env: Mapping[str, str]) -> dict:
+    """One `describe()` row: locate the plugin, then try to start it."""
+    row = dict(backend=name, installed=False, provider="", initialised=None, devices=0,
+               device_kind=None, capability="", note="")
+    try:
+        src = locate()
+    except PluginNotInstalledError:
+        row["note"] = BACKENDS[name].install_hint()
+        return row
+    except BackendError as e:  # e.g. a malformed PJRT_NAMES_AND_LIBRARY_PATHS or a missing .so
+        row["note"] = str(e)
+        return row
+    row.update(installed=True, provider=f"{src.how}: {src.where}")
+    try:
+        devices = _jax_devices(src, env)
+    except BackendError as e:
+        row.update(initialised=False, note=str(e))
+    else:
+        kind = devices[0].device_kind if devices else None
+        row.update(initialised=True, devices=len(devices), device_kind=kind,
+                   capability=capability_for(kind).summary() if kind else "")
+    return row
 
 
 def format_table(rows: list[dict]) -> str:

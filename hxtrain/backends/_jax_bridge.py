@@ -68,7 +68,8 @@ def register_plugin_library(name: str, library_path: str | os.PathLike, *, prior
     Must run before anything initialises JAX's backends. Checks, in order: the name, the file
     (exists, is a file, is a shared library), that the private API is where expected, that backends are
     not initialised, then loads the library (it must export GetPjrtApi) and hands it to JAX.
-    Afterwards `jax.devices(name)` reaches the plugin's devices. `_bridge_module` is for tests.
+    Afterwards `jax.devices(name)` reaches the plugin's devices. A `.json` plugin config is accepted for
+    its library path only; pass its create options as `options`. `_bridge_module` is for tests.
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise BackendError(f"plugin name must be lower-case letters, digits and '_' (e.g. 'ascend'), "
