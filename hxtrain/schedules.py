@@ -71,7 +71,8 @@ class Task:
         kind, mb, chunk = match.group(1), int(match.group(2)), match.group(3)
         if stage is not None:
             if chunk is not None or site is not None:
-                raise ScheduleError(f"task token {text!r}: give either stage= (and no .chunk) or site=/sites=, not both")
+                raise ScheduleError(f"task token {text!r}: give either stage= (and no .chunk) or site=/sites=, "
+                                    "not both")
             return cls(stage, mb, kind)
         if site is None:
             raise ScheduleError(f"task token {text!r}: Task.parse needs stage= or site= to know the stage")
@@ -383,9 +384,10 @@ def validate(orders: Sequence[Sequence[Task]], sites: int, microbatches: int, vi
                     raise ScheduleError(f"site {s % sites}: missing task {Task(s, m, k).describe()}")
     for task, (d, i) in where.items():
         before = {"B": "F", "W": "B"}.get(task.kind)
-        if before and where[Task(task.stage, task.microbatch, before)][1] > i:
+        j = where[Task(task.stage, task.microbatch, before)][1] if before else -1
+        if j > i:
             raise ScheduleError(f"site {d}: {task.describe()} at position {i} comes before its "
-                                f"{before}{task.microbatch} at position {where[Task(task.stage, task.microbatch, before)][1]}")
+                                f"{before}{task.microbatch} at position {j}")
     from hxtrain.simulate import simulate  # deadlock check: a unit-time run must finish
 
     simulate(orders, sites, duration=lambda site, task: 1.0)

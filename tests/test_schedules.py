@@ -177,11 +177,13 @@ def _orders(*sites):
 
 
 @pytest.mark.parametrize("orders,mb_split,match", [
-    (_orders("F0 F0 F1 B0 B1", "F0 B0 F1 B1"), False, r"site 0: duplicate task F0 \(stage 0\) at positions 0 and 1"),
+    (_orders("F0 F0 F1 B0 B1", "F0 B0 F1 B1"), False,
+     r"site 0: duplicate task F0 \(stage 0\) at positions 0 and 1"),
     (_orders("F0 F1 B0", "F0 B0 F1 B1"), False, r"site 0: missing task B1 \(stage 0\)"),
     (_orders("F0 F1 B0 B1", "B0 F0 F1 B1"), False, r"site 1: B0 \(stage 1\) at position 0 comes before its F0"),
     (_orders("F0 W0 B0", "F0 B0 W0"), (1, True), r"site 0: W0 \(stage 0\) at position 1 comes before its B0"),
-    (_orders("F0 W0 B0", "F0 B0 W0"), (1, False), r"has kind 'W' but this schedule only has \('F', 'B'\).*split_backward"),
+    (_orders("F0 W0 B0", "F0 B0 W0"), (1, False),
+     r"has kind 'W' but this schedule only has \('F', 'B'\).*split_backward"),
     (_orders("F0 F1 B0 B1", "F0 B0 F1 B1 F2 B2"), False, r"site 1: F2 \(stage 1\) is out of range"),
     (_orders("F0 B0 F1 B1", "F1 B1 F0 B0"), False,
      r"deadlock after 1 of 8 tasks: site 0 is stuck at B0 \(stage 0\) waiting for B0 \(stage 1\) \(on site 1, "
