@@ -18,6 +18,7 @@ direction are refused as "auth".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -59,6 +60,10 @@ class LinkStats:
     send_seconds: float = 0.0  # time the sender thread spent framing + writing
 
 
+class _Refused(PeerError):
+    """The peer sent ERROR during the handshake: nothing to tell it back."""
+
+
 def _check_name(field: str, name: str) -> bytes:
     raw = name.encode() if isinstance(name, str) else b""
     if not raw or len(raw) > 255 or b"\0" in raw:
@@ -93,11 +98,15 @@ def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout
                     f"site {peer!r} failed authentication during the handshake: its HELLO does not verify with "
                     f"site {me!r}'s secret (the two sites use different secrets?)"
                 ) from None
+            if e.reason == "closed":
+                raise PeerError(f"site {peer!r} closed the connection during the handshake") from None
             raise PeerError(f"site {peer!r} sent a bad handshake frame ({e})") from None
         except TimeoutError:
             raise PeerError(f"no handshake from site {peer!r} within {timeout} s") from None
         except OSError as e:
             raise PeerError(f"site {peer!r} dropped the connection during the handshake ({e})") from None
+        if header.kind == Kind.ERROR:
+            raise _Refused(f"site {peer!r} refused the connection: {payload.decode(errors='replace')}")
         if header.kind != Kind.HELLO or header.step != step:
             raise PeerError(f"site {peer!r} sent {header.kind.name} (step {header.step}) instead of HELLO {step}")
         return payload
@@ -113,9 +122,13 @@ def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout
         expected = _mac(secret, b"hxtrain-proof", peer_b, me_b, nonce, their_nonce)
         if not hmac.compare_digest(read(1), expected):
             raise PeerError(f"site {peer!r} failed the challenge-response (wrong secret or replayed handshake)")
+    except _Refused:
+        raise
+    except PeerError as e:  # tell the peer why, so both logs say the same thing (best effort)
+        with contextlib.suppress(OSError):
+            sock.sendall(wire.encode(Kind.ERROR, str(e).encode(), secret=secret))
+        raise
     except (OSError, ValueError, KeyError) as e:  # ValueError/KeyError: malformed HELLO json
-        if isinstance(e, PeerError):
-            raise
         raise PeerError(f"handshake with site {peer!r} failed: {e}") from None
     nonces = sorted([nonce, their_nonce])
     send_key = _mac(secret, b"hxtrain-data", me_b, peer_b, *nonces)
