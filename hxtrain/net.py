@@ -81,6 +81,8 @@ def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout
     PeerError on a wrong secret, a version mismatch, an unexpected site name or a silent peer.
     """
     me_b, peer_b = _check_name("me", me), _check_name("peer", peer)
+    if me_b == peer_b:  # the proofs and session keys are bound to the (prover, verifier) order
+        raise ValueError(f"me and peer must be different sites, got {me!r} for both")
     nonce = os.urandom(_NONCE_BYTES)
     hello = json.dumps({"version": wire.FORMAT_VERSION, "site": me, "nonce": nonce.hex()}).encode()
 
@@ -117,6 +119,8 @@ def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout
         if theirs.get("site") != peer:
             raise PeerError(f"expected site {peer!r} at the other end, but site {theirs.get('site')!r} answered")
         their_nonce = bytes.fromhex(theirs["nonce"])
+        if len(their_nonce) != _NONCE_BYTES:
+            raise ValueError(f"nonce of {len(their_nonce)} bytes, expected {_NONCE_BYTES}")
         proof = _mac(secret, b"hxtrain-proof", me_b, peer_b, their_nonce, nonce)
         sock.sendall(wire.encode(Kind.HELLO, proof, secret=secret, step=1))
         expected = _mac(secret, b"hxtrain-proof", peer_b, me_b, nonce, their_nonce)
@@ -128,8 +132,8 @@ def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout
         with contextlib.suppress(OSError):
             sock.sendall(wire.encode(Kind.ERROR, str(e).encode(), secret=secret))
         raise
-    except (OSError, ValueError, KeyError) as e:  # ValueError/KeyError: malformed HELLO json
-        raise PeerError(f"handshake with site {peer!r} failed: {e}") from None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:  # socket error or malformed HELLO
+        raise PeerError(f"handshake with site {peer!r} failed: {e!r}") from None
     nonces = sorted([nonce, their_nonce])
     send_key = _mac(secret, b"hxtrain-data", me_b, peer_b, *nonces)
     recv_key = _mac(secret, b"hxtrain-data", peer_b, me_b, *nonces)

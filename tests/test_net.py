@@ -312,5 +312,28 @@ def test_bad_arguments_raise_on_the_callers_thread():
             a.send(Kind.ACTIVATION, np.array([1, np.nan], np.float32), step=0, codec="int8")
         a.send(Kind.ACTIVATION, np.ones(1, np.float32), step=5)  # the link survived all of that
         assert b.recv(step=5)[1].tolist() == [1]
-    with pytest.raises(ValueError, match="me must be a non-empty site name"):
-        net.handshake(socket.socket(), "", "a", secret=SECRET, timeout=T)
+    with socket.socket() as sock, pytest.raises(ValueError, match="me must be a non-empty site name"):
+        net.handshake(sock, "", "a", secret=SECRET, timeout=T)
+    with socket.socket() as sock, pytest.raises(ValueError, match="me and peer must be different sites, got 'a'"):
+        net.handshake(sock, "a", "a", secret=SECRET, timeout=T)
+
+
+def test_malformed_hello_refused():
+    with Listener() as listener:
+        accepted = _accept_in_thread(listener, "a", "b")
+        with socket.create_connection(("127.0.0.1", listener.port)) as sock:
+            sock.sendall(wire.encode(Kind.HELLO, b'{"site": "b", "nonce": "abcd"}', secret=SECRET))
+            with pytest.raises(PeerError, match=r"handshake with site 'b' failed: ValueError\('nonce of 2 bytes"):
+                accepted()
+
+
+def test_replayed_proof_refused():
+    """A proof recorded from another session (other nonces) does not pass."""
+    with Listener() as listener:
+        accepted = _accept_in_thread(listener, "a", "b")
+        with socket.create_connection(("127.0.0.1", listener.port)) as sock:
+            hello = b'{"site": "b", "nonce": "' + b"00" * 32 + b'"}'
+            sock.sendall(wire.encode(Kind.HELLO, hello, secret=SECRET))
+            sock.sendall(wire.encode(Kind.HELLO, b"\1" * 32, secret=SECRET, step=1))  # a stale proof
+            with pytest.raises(PeerError, match="site 'b' failed the challenge-response"):
+                accepted()

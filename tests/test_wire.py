@@ -147,3 +147,27 @@ def test_big_endian_input_is_sent_little_endian():
     x = np.arange(5, dtype=">i4")
     h, y = wire.decode(wire.encode(Kind.ACTIVATION, x, secret=SECRET), secret=SECRET, max_bytes=MAX)
     assert h.dtype == np.dtype("<i4") and y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_transport_modules_do_not_depend_on_jax():
+    """The wire format must stay framework-free: wire/codecs/net import stdlib, numpy, ml_dtypes and each other."""
+    import ast
+    import pathlib
+    import sys
+
+    allowed = set(sys.stdlib_module_names) | {"numpy", "ml_dtypes", "hxtrain", "__future__"}
+    root = pathlib.Path(wire.__file__).parent
+    for name in ("wire.py", "codecs.py", "net.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+                if node.module == "hxtrain":
+                    assert {a.name for a in node.names} <= {"wire", "codecs"}, (name, ast.dump(node))
+            else:
+                continue
+            for mod in mods:
+                assert mod.split(".")[0] in allowed, f"hxtrain/{name} imports {mod}"
+                assert not mod.startswith("hxtrain.") or mod in ("hxtrain.wire", "hxtrain.codecs"), (name, mod)
