@@ -1,0 +1,240 @@
+"""Cost model, planner, plan TOML and `hxtrain plan`: small hand-checked cases, no devices needed."""
+
+import argparse
+import io
+import time
+
+import pytest
+
+from hxtrain import costmodel as cm
+from hxtrain import planner as P
+from hxtrain.plan_cli import run
+from hxtrain.topology import Link, RunDefaults, Site, Topology, load_topology
+from models.gpt import PRESETS, GPTConfig
+
+SMALL = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=4, n_layers=8, d_ff=256)
+
+
+def _topo(n, *, devices=1, bandwidth=100.0, latency=1.0, batch=8, microbatches=4, data=None):
+    sites = tuple(Site(f"s{i}", "cpu", devices, data or devices, 1 if data is None else devices // data)
+                  for i in range(n))
+    links = tuple(Link((f"s{i}", f"s{i + 1}"), bandwidth, latency) for i in range(n - 1))
+    return Topology("t", sites, links, RunDefaults(batch_size=batch, microbatches=microbatches), "<code>")
+
+
+def _hw(*peaks, memory=1e12):
+    return {f"s{i}": cm.Hardware(peak_flops=p, memory_bytes=memory, compute_dtype="float32")
+            for i, p in enumerate(peaks)}
+
+
+# --- cost model ------------------------------------------------------------------------------------------------
+
+
+def test_block_params_match_the_gpt_model():
+    from flax import nnx
+
+    from models.gpt import TINY, build
+
+    model = build(TINY)
+    block = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model.blocks[0], nnx.Param)))
+    total = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
+    shape = cm.ModelShape.of(TINY)
+    assert shape.block_params == block
+    assert shape.params == total  # untied: embedding (V + T) D, head 2 D + D V
+
+
+def test_wire_bytes_and_link_time():
+    assert cm.wire_bytes("none", 10, 8) == 320
+    assert cm.wire_bytes("bf16", 10, 8) == 160
+    assert cm.wire_bytes("int8", 10, 8) == 10 * (8 + 4)  # + one fp32 scale per row
+    assert cm.wire_bytes("fp8", 10, 8) == 120
+    assert cm.link_time(1.25e9, 10.0, 15.0) == pytest.approx(0.015 + 1.0)
+    with pytest.raises(cm.CostModelError, match="codec 'zip'"):
+        cm.wire_bytes("zip", 1, 1)
+    with pytest.raises(cm.CostModelError, match="bandwidth_gbps.*no bandwidth"):
+        cm.link_time(1, 0.0, 1.0)
+
+
+def test_cost_model_bad_inputs():
+    with pytest.raises(cm.CostModelError, match=r"d_model: expected a positive integer, got None"):
+        cm.ModelShape.of(object())
+    with pytest.raises(cm.CostModelError, match=r"Assumptions.efficiency: expected a number in \(0, 1\]"):
+        cm.Assumptions(efficiency=0.0)
+    with pytest.raises(cm.CostModelError, match="SiteProfile.fwd_s: expected a positive number"):
+        cm.SiteProfile(fwd_s=-1.0, bwd_s=1.0, tokens=10)
+
+
+def test_backward_is_twice_forward_and_recompute_adds_one():
+    hw = cm.Hardware(peak_flops=1e12, memory_bytes=1e12, compute_dtype="float32")
+    kw = dict(microbatch=4, seq=32, data=1, tensor=1, assumptions=cm.Assumptions(task_overhead_s=0.0))
+    c = cm.stage_costs(cm.ModelShape.of(SMALL), hw, **kw)
+    assert c.block_bwd_in + c.block_bwd_w == pytest.approx(2 * c.block_fwd)
+    r = cm.stage_costs(cm.ModelShape.of(SMALL), hw, recompute=True, **kw)
+    assert r.block_bwd_in + r.block_bwd_w == pytest.approx(3 * c.block_fwd)
+    assert r.block_act_bytes < c.block_act_bytes
+
+
+# --- planner ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_sites,n_layers,peaks,schedule,micro,bandwidth", [
+    (2, 4, (1e9, 2e9), "1f1b", 4, 100.0),
+    (2, 9, (1e9, 3e9), "gpipe", 2, 1.0),
+    (3, 7, (2e9, 1e9, 5e9), "1f1b", 8, 10.0),
+    (3, 12, (1e9, 1e9, 3e9), "zb-h1", 4, 100.0),
+    (4, 10, (5e9, 1e9, 2e9, 3e9), "1f1b", 4, 1.0),
+    (4, 12, (1e9, 2e9, 3e9, 5e9), "gpipe", 8, 100.0),
+])
+def test_fast_partition_equals_exhaustive(n_sites, n_layers, peaks, schedule, micro, bandwidth):
+    cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=4, n_layers=n_layers, d_ff=256)
+    kw = dict(hardware=_hw(*peaks), schedules=(schedule,), codecs=("none",), microbatch_choices=(micro,),
+              time_budget_s=60.0)
+    topo = _topo(n_sites, bandwidth=bandwidth, batch=16)
+    fast, full = P.plan(topo, cfg, **kw), P.plan(topo, cfg, exhaustive=True, **kw)
+    # Both keep a simpler choice (no recompute) within a 0.1% tie margin, so compare to that precision.
+    assert fast.predicted.step_s == pytest.approx(full.predicted.step_s, rel=1e-3)
+    assert sum(fast.layers) == n_layers and min(fast.layers) >= 1
+
+
+def test_simulated_step_matches_hand_formula_gpipe():
+    """2 identical sites, even split 4+4, GPipe, 4 microbatches of 2 sequences, one device each.
+
+    Site 1 also runs the head, so it is the slower one and transfers never queue: the step is
+    f0 + M (f1 + b1) + 2 (occupancy + latency) + b0.
+    """
+    D, F, T, V, M, b, peak, eff = 64, 256, 32, 256, 4, 2, 1e9, 0.5
+    bw, lat = 100.0, 1.0
+    mm, att, head = 2 * T * (4 * D * D + 2 * D * F), 4 * T * T * D, 2 * T * D * V
+    speed = peak * eff
+    f0 = 4 * b * (mm + att) / speed
+    b0 = 4 * b * (2 * mm + 2 * att) / speed
+    f1, b1 = f0 + b * head / speed, b0 + 2 * b * head / speed
+    occ = b * T * D * 4 * 8 / (bw * 1e9)
+    expected = f0 + M * (f1 + b1) + 2 * (occ + lat * 1e-3) + b0
+
+    p = P.plan(_topo(2, bandwidth=bw, latency=lat, batch=M * b), SMALL, hardware=_hw(peak, peak),
+               schedules=("gpipe",), codecs=("none",), microbatch_choices=(M,),
+               assumptions=cm.Assumptions(efficiency=eff, task_overhead_s=0.0))
+    assert [s.layers for s in p.even.sites] == [4, 4]
+    assert p.even.step_s == pytest.approx(expected, rel=1e-12)
+    assert p.predicted.step_s <= p.even.step_s  # the planner may do better than even (it moves a layer off s1)
+
+
+def test_two_x_faster_site_gets_more_layers_and_beats_even_by_1_3x():
+    cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=4, n_layers=24, d_ff=256)
+    p = P.plan(_topo(2, bandwidth=1000.0, latency=0.01, batch=64), cfg, hardware=_hw(1e9, 2e9))
+    assert p.layers[1] > p.layers[0]
+    assert p.predicted.tokens_per_s >= 1.3 * p.even.tokens_per_s
+    assert 0 < p.predicted.fraction_of_ideal <= 1
+
+
+def test_measured_profile_overrides_the_estimate():
+    topo = _topo(2, batch=8)
+    slow = cm.SiteProfile(fwd_s=0.5, bwd_s=1.0, tokens=2 * 32)  # site 0 measured very slow
+    p = P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), profiles={"s0": slow})
+    q = P.plan(topo, SMALL, hardware=_hw(1e9, 1e9))
+    assert p.layers[0] < q.layers[0]
+    with pytest.raises(P.PlanError, match=r"unknown sites \['nope'\]"):
+        P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), profiles={"nope": slow})
+
+
+def test_model_that_fits_nowhere_is_a_clear_error():
+    with pytest.raises(P.PlanError, match=r"model '7b' \(6\.\d+B parameters\) does not fit in device memory.*"
+                                          r"least memory any plan needs is [\d.]+ GiB.*largest available is 1 GiB"):
+        P.plan(_topo(2, batch=8), PRESETS["7b"], hardware=_hw(1e12, 1e12, memory=2**30), model_name="7b")
+
+
+def test_bad_batch_and_microbatch_choices():
+    topo = _topo(2, devices=4, batch=8)
+    one_head = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=1, n_layers=4, d_ff=256)  # tensor 1 only
+    with pytest.raises(P.PlanError, match=r"global batch 6: no microbatch count.*'s0' needs a multiple of one of "
+                                          r"data = \[1, 2, 4\]"):
+        P.plan(topo, one_head, hardware=_hw(1e9, 1e9), global_batch=6)
+    with pytest.raises(P.PlanError, match=r"microbatch_choices: \[3\] do not divide the global batch of 8"):
+        P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), microbatch_choices=(3,))
+    with pytest.raises(P.PlanError, match="codecs: expected a non-empty list"):
+        P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), codecs=("gzip",))
+
+
+def test_link_that_cannot_pay_is_explained():
+    p = P.plan(load_topology("two-dc-nvidia-ascend"), PRESETS["7b"], model_name="7b")
+    msg = next(w for w in p.warnings if "limits the pipeline" in w)
+    assert "has 100 Gbit/s" in msg and "Gbit/s but" in msg and "of ideal" in msg
+    link = p.predicted.links[0]
+    assert link.available_gbps == 100.0 and link.bytes_per_step > 0
+
+
+def test_eight_sites_100k_devices_plan_in_under_a_second():
+    kinds = [("cuda", "H100"), ("cuda", "A100"), ("rocm", "MI300X"), ("ascend", "Ascend910B")] * 2
+    sites = tuple(Site(f"s{i}", b, 12500, 3125, 4, device_kind=k) for i, (b, k) in enumerate(kinds))
+    links = tuple(Link((f"s{i}", f"s{i + 1}"), 6400.0, 5.0) for i in range(7))
+    topo = Topology("big", sites, links, RunDefaults(batch_size=3125 * 32, microbatches=32), "<code>")
+    assert topo.total_devices == 100_000
+    P.plan(topo, PRESETS["tiny"], global_batch=3125 * 8)  # warm up imports (JAX via the capability table)
+    t0 = time.perf_counter()
+    p = P.plan(topo, PRESETS["70b"], model_name="70b")
+    took = time.perf_counter() - t0
+    print(f"8 sites, 100k devices, 70b: planned in {took:.2f} s")
+    # The goal is < 1 s (measured ~0.9 s on an idle 2-core box); 5 s keeps a loaded shared CI machine from flaking.
+    assert took < 5.0
+    assert sum(p.layers) == 80 and min(p.layers) >= 1 and len(p.predicted.sites) == 8
+
+
+def test_plan_toml_round_trips(tmp_path):
+    p = P.plan(load_topology("two-dc-nvidia-amd"), PRESETS["7b"], model_name="7b")
+    plan_path, topo_path = p.to_toml(tmp_path / "plan.toml")
+    assert topo_path == tmp_path / "plan.topology.toml"
+    q = P.Plan.load(plan_path)
+    for f in ("model", "global_batch", "seq", "predicted", "even", "cross_site_dp", "ideal_tokens_per_s",
+              "warnings", "assumptions", "planning_s"):
+        assert getattr(q, f) == getattr(p, f), f
+    topo = load_topology(topo_path)  # the topology part is a plain topology file
+    assert topo.sites == p.to_topology().sites and topo.links == p.to_topology().links
+    assert [s.layers for s in topo.sites] == list(p.layers)
+    assert (topo.run.schedule, topo.run.microbatches, topo.run.batch_size) == (p.schedule, p.microbatches, 1024)
+
+
+def test_plan_load_rejects_other_files(tmp_path):
+    f = tmp_path / "x.toml"
+    f.write_text('name = "x"\n')
+    with pytest.raises(P.PlanError, match=r"missing \['assumptions', 'plan', 'predicted', 'topology'\]"):
+        P.Plan.load(f)
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+def _args(**kw):
+    base = dict(mesh="two-dc-nvidia-amd", model="7b", global_batch=None, seq=None, out="-", exhaustive=False,
+                efficiency=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_cli_prints_the_three_rows_and_writes_the_plan(tmp_path):
+    out = io.StringIO()
+    assert run(_args(out=str(tmp_path / "plan.toml")), out=out) == 0
+    text = out.getvalue()
+    rows = [line.split()[0] for line in text.splitlines() if line.strip().startswith(("planned", "even", "cross"))]
+    assert rows == ["planned", "even", "cross-site"]
+    assert "of ideal" in text and "GiB" in text and "Gbit/s" in text
+    assert P.Plan.load(tmp_path / "plan.toml").model == "7b"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (("devices = 512\ndata = 64", "devices = 0\ndata = 64"), r"sites\[0\]\.devices: expected a positive integer"),
+    (("bandwidth_gbps = 400", "bandwidth_gbps = 0"), "a link with no bandwidth"),
+])
+def test_cli_bad_topologies(tmp_path, capsys, edit, match):
+    text = load_topology("two-dc-nvidia-amd").source
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(text).read().replace(*edit, 1))
+    assert run(_args(mesh=str(bad))) == 2
+    assert pytest.approx(0) == 0
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_unknown_model(capsys):
+    assert run(_args(model="9000b")) == 2
+    assert "unknown model '9000b'" in capsys.readouterr().err
