@@ -2,6 +2,7 @@
 
 import argparse
 import io
+import re
 import time
 
 import pytest
@@ -148,7 +149,7 @@ def test_bad_batch_and_microbatch_choices():
     topo = _topo(2, devices=4, batch=8)
     one_head = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=1, n_layers=4, d_ff=256)  # tensor 1 only
     with pytest.raises(P.PlanError, match=r"global batch 6: no microbatch count.*'s0' needs a multiple of one of "
-                                          r"data = \[1, 2, 4\]"):
+                                          r"data = \[4\]"):
         P.plan(topo, one_head, hardware=_hw(1e9, 1e9), global_batch=6)
     with pytest.raises(P.PlanError, match=r"microbatch_choices: \[3\] do not divide the global batch of 8"):
         P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), microbatch_choices=(3,))
@@ -225,13 +226,10 @@ def test_cli_prints_the_three_rows_and_writes_the_plan(tmp_path):
     (("bandwidth_gbps = 400", "bandwidth_gbps = 0"), "a link with no bandwidth"),
 ])
 def test_cli_bad_topologies(tmp_path, capsys, edit, match):
-    text = load_topology("two-dc-nvidia-amd").source
+    good = load_topology("two-dc-nvidia-amd").source
     bad = tmp_path / "bad.toml"
-    bad.write_text(open(text).read().replace(*edit, 1))
+    bad.write_text(open(good).read().replace(*edit, 1))
     assert run(_args(mesh=str(bad))) == 2
-    assert pytest.approx(0) == 0
-    import re
-
     assert re.search(match, capsys.readouterr().err)
 
 
