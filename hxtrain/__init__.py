@@ -1,0 +1,21 @@
+"""hxtrain: train one Flax NNX model across sites whose accelerators differ in brand and speed.
+
+Public API:
+    load_topology(path) -> Topology        sites, links and the default run, from meshes/*.toml
+    Pipeline(model, topology, schedule=, microbatches=, partition=)   .loss_and_grads(tokens)
+    Trainer(model, topology, ...).fit(steps)   and   train(RunConfig(...))
+"""
+
+from hxtrain.optim import OptimizerConfig
+from hxtrain.parts import ProtocolError, split_model
+from hxtrain.pipeline import Pipeline
+from hxtrain.placement import PlacementError
+from hxtrain.schedules import GPipe, OneFOneB, ScheduleError, Task, get_schedule
+from hxtrain.topology import Link, RunDefaults, Site, Topology, TopologyError, load_topology, shipped, uniform
+from hxtrain.train import NonFiniteLoss, RunConfig, Trainer, train
+
+__all__ = [
+    "GPipe", "Link", "NonFiniteLoss", "OneFOneB", "OptimizerConfig", "Pipeline", "PlacementError",
+    "ProtocolError", "RunConfig", "RunDefaults", "ScheduleError", "Site", "Task", "Topology", "TopologyError",
+    "Trainer", "get_schedule", "load_topology", "shipped", "split_model", "train", "uniform",
+]

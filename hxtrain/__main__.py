@@ -1,0 +1,5 @@
+import sys
+
+from hxtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""`hxtrain` command line: `train`, `info` (and the commands other modules register).
+
+The default of every command is the embedded local topology (`meshes/local.toml`: 2 sites x (data 2 x tensor 2)
+on 8 fake CPU devices). Local CPU runs need the fake devices before JAX starts, so `main` sets XLA_FLAGS first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _ensure_cpu_devices(n: int = 8) -> None:
+    # Must happen before JAX initialises its backends; harmless when a real accelerator serves the sites.
+    flag = f"--xla_force_host_platform_device_count={n}"
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+def _partition(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected blocks per stage like 5,3; got {text!r}") from None
+
+
+def _cmd_train(args) -> int:
+    from hxtrain.train import RunConfig, train
+
+    cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
+                    batch_size=args.batch_size, steps=args.steps, data=args.data, out=args.out,
+                    partition=args.partition, learning_rate=args.lr, seed=args.seed)
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import jax
+
+    from hxtrain import backends
+    from hxtrain.pipeline import Pipeline
+    from hxtrain.topology import load_topology
+    from hxtrain.train import build_model
+
+    print(f"jax {jax.__version__}; default backend {jax.default_backend()}; {jax.device_count()} devices")
+    for d in jax.devices():
+        print(f"  {d.id}: {d.platform} {d.device_kind}")
+    print("\nbackends:")
+    print(backends.format_table(backends.describe()))
+    topo = load_topology(args.mesh)
+    print(f"\ntopology:\n{topo.summary()}")
+    pipe = Pipeline(build_model(args.model or topo.run.model), topo, schedule=topo.run.schedule,
+                    microbatches=topo.run.microbatches)
+    print(f"\nplacement:\n{pipe.describe()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hxtrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a topology (default: meshes/local.toml, model small)")
+    t.add_argument("--mesh", default="local", help="topology TOML file or shipped name (default: local)")
+    t.add_argument("--model", help="model preset: tiny, small, ... (default: the topology's [run] model)")
+    t.add_argument("--schedule", help="gpipe, 1f1b, interleaved, zb-h1 or a table file")
+    t.add_argument("--microbatches", type=int)
+    t.add_argument("--batch-size", type=int, help="global batch in sequences")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--data", help="a text file or folder (default: this Python's standard library sources)")
+    t.add_argument("--out", help="folder for metrics.jsonl")
+    t.add_argument("--partition", type=_partition, help="blocks per stage, e.g. 5,3 (default: even)")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    t.set_defaults(func=_cmd_train)
+
+    i = sub.add_parser("info", help="devices and backends JAX sees, and the topology as it will be placed")
+    i.add_argument("--mesh", default="local")
+    i.add_argument("--model", help="model preset to place (default: the topology's [run] model)")
+    i.set_defaults(func=_cmd_info)
+
+    for name in ("plan_cli",):  # commands that live in their own modules
+        try:
+            module = __import__(f"hxtrain.{name}", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _ensure_cpu_devices()
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        # Clear input errors end the command with their message, not a traceback.
+        print(f"hxtrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The pipeline protocol: how hxtrain finds a model's embedding, block stack and head, and splits them into arrays.
+
+A model that hxtrain can pipeline is any Flax NNX module with three attributes:
+
+    model.embed   a module: tokens [B, T] int32 -> h [B, T, D]
+    model.blocks  an `nnx.List` of modules with identical structure, applied in order: h [B, T, D] -> h [B, T, D]
+    model.head    a module: (h [B, T, D], targets [B, T] int32) -> scalar loss, the mean over the B*T targets
+
+and the reference loss is `head(blocks(...(embed(tokens[:, :-1]))), tokens[:, 1:])`. Parameters are `nnx.Param`s
+whose `out_sharding` metadata holds logical axis names (missing metadata means replicated). Every parameter must
+belong to exactly one part: a weight shared between the embedding and the head (tied embeddings) would have to
+cross sites as a gradient, which hxtrain refuses rather than doing silently.
+
+Inside hxtrain the model lives as pure arrays: one pure dict for the embedding, one per block (stacked per stage
+into a leading `layers` axis), one for the head, plus the graph definitions to rebuild the modules in a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PARTS = ("embed", "blocks", "head")
+PyTree = Any
+
+
+class ProtocolError(TypeError):
+    """The model does not follow hxtrain's pipeline protocol."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """A model split into graph definitions and pure parameter dicts (one per part, one per block)."""
+
+    embed_def: Any
+    block_def: Any
+    head_def: Any
+    embed: dict
+    blocks: tuple[dict, ...]
+    head: dict
+    embed_axes: dict  # logical axis names per leaf (tuples), same structure as `embed`
+    block_axes: dict
+    head_axes: dict
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+
+def _split_part(name: str, module) -> tuple[Any, dict, dict]:
+    if not isinstance(module, nnx.Module):
+        raise ProtocolError(
+            f"model.{name}: expected an nnx.Module, got {type(module).__name__}. "
+            "A pipelined model needs `embed`, `blocks` (nnx.List of identical modules) and `head` attributes."
+        )
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    leftovers = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(rest)]
+    if leftovers:
+        raise ProtocolError(
+            f"model.{name}: stage programs are pure functions of nnx.Param, but found other state at "
+            f"{leftovers[:3]}; keep non-parameter state (batch statistics, RNG streams) out of pipelined models"
+        )
+    specs = nnx.get_partition_spec(params)
+    axes = jax.tree.map(lambda s: tuple(s), nnx.to_pure_dict(specs), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return graphdef, nnx.to_pure_dict(params), axes
+
+
+def _variable_ids(module) -> dict[int, str]:
+    return {
+        id(node): ".".join(map(str, path))
+        for path, node in nnx.iter_graph(module)
+        if isinstance(node, nnx.Variable)
+    }
+
+
+def split_model(model) -> ModelParts:
+    """Split a protocol-following NNX model into pure arrays. Raises ProtocolError naming what is wrong."""
+    missing = [p for p in PARTS if not hasattr(model, p)]
+    if missing:
+        raise ProtocolError(
+            f"{type(model).__name__} lacks {missing}: a pipelined model exposes `embed` (tokens -> h), "
+            "`blocks` (nnx.List of identical blocks, h -> h) and `head` ((h, targets) -> mean loss)"
+        )
+    blocks = list(model.blocks)
+    if not blocks:
+        raise ProtocolError(f"{type(model).__name__}.blocks is empty: a pipeline needs at least one block")
+    embed_ids, head_ids = _variable_ids(model.embed), _variable_ids(model.head)
+    shared = sorted(set(embed_ids) & set(head_ids))
+    if shared:
+        raise ProtocolError(
+            f"model.embed.{embed_ids[shared[0]]} is also model.head.{head_ids[shared[0]]} (tied embeddings). "
+            "Its gradient would have to cross from the last site to the first; hxtrain does not do that yet. "
+            "Use an untied head (e.g. GPTConfig(tie_embeddings=False))."
+        )
+    embed_def, embed, embed_axes = _split_part("embed", model.embed)
+    head_def, head, head_axes = _split_part("head", model.head)
+    block_defs, block_params, block_axes = zip(*(_split_part(f"blocks[{i}]", b) for i, b in enumerate(blocks)))
+    for i, (d, p) in enumerate(zip(block_defs, block_params)):
+        if d != block_defs[0] or jax.tree.map(jnp.shape, p) != jax.tree.map(jnp.shape, block_params[0]):
+            raise ProtocolError(
+                f"model.blocks[{i}] differs in structure or shapes from model.blocks[0]; stages stack blocks "
+                "into one scanned program, so every block must be the same module with the same shapes"
+            )
+    counted = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    split = len(jax.tree.leaves((embed, block_params, head)))
+    if counted != split:
+        raise ProtocolError(
+            f"{type(model).__name__} has {counted} parameters but embed/blocks/head hold {split}; "
+            "parameters outside those three parts would never be trained by the pipeline"
+        )
+    return ModelParts(embed_def, block_defs[0], head_def, embed, tuple(block_params), head,
+                      embed_axes, block_axes[0], head_axes)
+
+
+# ---- pure functions of the parts (used inside stage programs) ----------------------------------------------------
+
+def apply_embed(embed_def, params: dict, tokens):  # [B, T] -> [B, T, D]
+    return nnx.merge(embed_def, params)(tokens)
+
+
+def apply_blocks(block_def, stacked: dict, h):  # stacked leaves [L, ...]; [B, T, D] -> [B, T, D]
+    def body(h, block_params):
+        return nnx.merge(block_def, block_params)(h), None
+
+    return jax.lax.scan(body, h, stacked)[0]
+
+
+def apply_head(head_def, params: dict, h, targets):  # -> scalar mean loss
+    return nnx.merge(head_def, params)(h, targets)
+
+
+def stack(trees) -> dict:
+    """Stack identical pytrees along a new leading axis (the block stack of a stage)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def as_model_state(model, embed: dict, blocks: list[dict], head: dict) -> nnx.State:
+    """Pure per-part trees -> an nnx.State shaped like nnx.state(model, nnx.Param)."""
+    template = nnx.state(model, nnx.Param)
+    pure = {"embed": embed, "blocks": dict(enumerate(blocks)), "head": head}
+    nnx.replace_by_pure_dict(template, pure)
+    return template

@@ -1,0 +1,130 @@
+"""`Pipeline`: a Flax NNX model split into stages, placed on the sites of a topology, run by a schedule table.
+
+    topology = hxtrain.load_topology("meshes/local.toml")
+    pipe = hxtrain.Pipeline(model, topology, schedule="1f1b", microbatches=8, partition=None)
+    loss, grads = pipe.loss_and_grads(tokens)   # tokens int32 [B, T+1]; grads shaped like nnx.state(model, nnx.Param)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hxtrain import executor as _executor
+from hxtrain import parts as _parts
+from hxtrain import placement as _placement
+from hxtrain import schedules as _schedules
+from hxtrain import stage as _stage
+from hxtrain.topology import Topology, load_topology
+from hxtrain.transport import InProcessTransport
+
+
+class Pipeline:
+    """The model's parameters live here, split by stage, each on its own site's mesh.
+
+    Args:
+      model: an NNX model following the protocol in `hxtrain.parts` (embed / blocks / head).
+      topology: a `Topology` or a path / shipped name ("local").
+      schedule: "gpipe", "1f1b", ... or a `Schedule` object.
+      microbatches: M; the batch must be a multiple of M, and each microbatch a multiple of every site's `data`.
+      partition: blocks per stage (uneven allowed, e.g. [5, 3]), or None: the topology's `layers` shares if it
+        gives them, else an even split.
+    """
+
+    def __init__(self, model, topology: Topology | str | os.PathLike = "local", schedule: Any = "1f1b",
+                 microbatches: int = 8, partition=None, *, transport=None):
+        self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
+        self.schedule = _schedules.get_schedule(schedule) if isinstance(schedule, str) else schedule
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+            raise ValueError(f"microbatches: expected a whole number >= 1, got {microbatches!r}")
+        self.microbatches = microbatches
+        self._model = model
+        self.parts = _parts.split_model(model)
+        n_sites = self.topology.n_sites
+        n_stages = n_sites * getattr(self.schedule, "virtual", 1)
+        if partition is None and n_stages == n_sites and any(s.layers for s in self.topology.sites):
+            partition = self.topology.layer_shares(self.parts.n_layers)
+        self.ranges = _placement.partition(self.parts.n_layers, n_stages, partition,
+                                           source=f"{self.topology.source}: partition")
+        self.meshes = _placement.site_meshes(self.topology)
+        self.transport = transport if transport is not None else InProcessTransport(self.meshes)
+        self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
+        self.stages = [self._place_stage(i, lo, hi) for i, (lo, hi) in enumerate(self.ranges)]
+
+    # ---- placement ---------------------------------------------------------------------------------------------
+
+    def _place_stage(self, index: int, lo: int, hi: int) -> _executor.StageState:
+        p, n = self.parts, len(self.ranges)
+        site = index % self.topology.n_sites
+        mesh = self.meshes[site]
+        params: dict = {"blocks": _parts.stack(p.blocks[lo:hi])}
+        shard: dict = {"blocks": _placement.shardings(params["blocks"], p.block_axes, mesh, stacked=True)}
+        if index == 0:
+            params["embed"], shard["embed"] = p.embed, _placement.shardings(p.embed, p.embed_axes, mesh)
+        if index == n - 1:
+            params["head"], shard["head"] = p.head, _placement.shardings(p.head, p.head_axes, mesh)
+        params = jax.device_put(params, shard)
+        role = _stage.StageRole(p.embed_def, p.block_def, p.head_def, index == 0, index == n - 1, mesh)
+        return _executor.StageState(index, site, role, params, shard, self.topology.sites[site].data)
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens: expected an integer array [batch, seq+1], got {tokens.dtype} {tokens.shape}")
+        B, T1 = tokens.shape
+        M = self.microbatches
+        if B % M:
+            raise ValueError(f"tokens: batch {B} is not divisible by microbatches={M}; "
+                             f"use a batch that is a multiple of {M}")
+        mb = B // M
+        for site in self.topology.sites:
+            if mb % site.data:
+                raise ValueError(f"tokens: microbatch size {mb} (batch {B} / {M} microbatches) is not divisible by "
+                                 f"site {site.name!r} data={site.data}; use a batch that is a multiple of "
+                                 f"{M * site.data}")
+        return tokens.astype(np.int32).reshape(M, mb, T1)
+
+    def grads(self, tokens, *, poison: bool = False, record=None):
+        """Run the schedule over one batch. Returns (loss, per-stage grads, per-stage squared norms), on device."""
+        batch = self._check_tokens(tokens)
+        width = int(jax.eval_shape(lambda t: _parts.apply_embed(self.parts.embed_def, self.parts.embed, t),
+                                   jax.ShapeDtypeStruct(batch.shape[1:2] + (batch.shape[2] - 1,), np.int32)
+                                   ).shape[-1]) if poison else 0
+        _executor.run_step(self.stages, self.tasks, batch, self.transport, poison=poison, record=record,
+                           width=width)
+        return _executor.finish_step(self.stages)
+
+    def loss_and_grads(self, tokens, *, poison: bool = False):
+        """(loss, grads): the mean next-token loss of the batch and its gradient, as an `nnx.State` shaped like
+        `nnx.state(model, nnx.Param)`. Equal to `nnx.value_and_grad(loss)(model, tokens)` on one device."""
+        loss, grads, _ = self.grads(tokens, poison=poison)
+        return loss, self.as_state(grads)
+
+    # ---- views -------------------------------------------------------------------------------------------------
+
+    def as_state(self, per_stage: list[dict]) -> nnx.State:
+        """Per-stage trees (params or grads) -> one nnx.State shaped like nnx.state(model, nnx.Param)."""
+        blocks = []
+        for tree, (lo, hi) in zip(per_stage, self.ranges):
+            blocks += [jax.tree.map(lambda a, i=i: a[i], tree["blocks"]) for i in range(hi - lo)]
+        return _parts.as_model_state(self._model, per_stage[0]["embed"], blocks, per_stage[-1]["head"])
+
+    def params_state(self) -> nnx.State:
+        return self.as_state([s.params for s in self.stages])
+
+    def describe(self) -> str:
+        lines = [f"topology {self.topology.name!r} ({self.topology.source}), schedule {self.schedule.name}, "
+                 f"{self.microbatches} microbatches"]
+        for s, (lo, hi) in zip(self.stages, self.ranges):
+            site = self.topology.sites[s.site]
+            parts = (["embed"] if s.role.first else []) + [f"blocks[{lo}:{hi}]"] + (["head"] if s.role.last else [])
+            devs = s.role.mesh.devices.flatten()
+            lines.append(f"  stage {s.index} -> site {site.name!r} ({site.backend}, data {site.data} x tensor "
+                         f"{site.tensor}, devices {[d.id for d in devs]}): {' + '.join(parts)}")
+        return "\n".join(lines)

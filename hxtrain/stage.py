@@ -1,0 +1,150 @@
+"""Per-site stage programs: one jitted, shard_mapped program per (stage role, mesh, shapes).
+
+Inside a site, `data` is a manual shard_map axis and `tensor` is left to GSPMD (partial-manual shard_map): the
+model is ordinary NNX code with logical axes, its weights are sharded over `tensor` by the placement rules, and
+XLA inserts the tensor-parallel collectives. Data parallelism is explicit: every program computes *local*
+gradients (parameters are `pcast` to varying over `data`, so JAX does not insert a psum on their cotangent) and
+adds them into an accumulator with a leading `data` axis. One `reduce` per step sums that axis: one gradient
+reduction over `data` per step, not one per microbatch.
+
+Memory discipline: forward programs return only the stage output; backward programs get the stage *input* and
+recompute the forward inside (`jax.vjp`), so a site holds one input per in-flight microbatch. Accumulators are
+donated, so they are updated in place.
+
+Shapes: mb = microbatch size, T = sequence length, D = model width, d = data-parallel size of the site.
+    tokens/targets [mb, T] int32, sharded P('data');  h, dh [mb, T, D], P('data')
+    gacc: the stage's parameter tree with a leading [d] axis, P('data', ...);  lacc [d], P('data')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hxtrain import parts as _parts
+
+DATA = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRole:
+    """What a stage computes: embedding on the first, head + loss on the last, its blocks in between.
+
+    Hashable (graph definitions and a mesh, no arrays), so compiled programs are shared by every pipeline with the
+    same model structure and mesh.
+    """
+
+    embed_def: Any
+    block_def: Any
+    head_def: Any
+    first: bool
+    last: bool
+    mesh: Mesh
+
+
+def _forward(role: StageRole, params: dict, x):
+    """Stage input -> stage output (non-last) [mb, T, D]."""
+    h = _parts.apply_embed(role.embed_def, params["embed"], x) if role.first else x
+    return _parts.apply_blocks(role.block_def, params["blocks"], h)
+
+
+def _loss(role: StageRole, params: dict, x, targets):
+    return _parts.apply_head(role.head_def, params["head"], _forward(role, params, x), targets)
+
+
+def _varying(tree):
+    # Mark replicated weights as varying over `data` so their cotangents stay local (no implicit psum).
+    return jax.tree.map(lambda a: jax.lax.pcast(a, DATA, to="varying"), tree)
+
+
+def _accumulate(gacc, grads):
+    return jax.tree.map(lambda a, g: a + g[None].astype(a.dtype), gacc, grads)
+
+
+def _smap(role: StageRole, fn, in_specs, out_specs):
+    return jax.shard_map(fn, mesh=role.mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=frozenset({DATA}))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(role: StageRole, params, x):
+    """[mb, T] tokens or [mb, T, D] activations -> [mb, T, D] activations."""
+    return _smap(role, functools.partial(_forward, role), (P(), P(DATA)), P(DATA))(params, x)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def backward(role: StageRole, params, x, dy, gacc):
+    """Recompute the stage from its input and pull dy back. Returns (dx or None on the first stage, gacc)."""
+
+    def local(params, x, dy, gacc):
+        params = _varying(params)
+        if role.first:  # integer tokens have no cotangent
+            _, pull = jax.vjp(lambda p: _forward(role, p, x), params)
+            (grads,), dx = pull(dy), None
+        else:
+            _, pull = jax.vjp(lambda p, h: _forward(role, p, h), params, x)
+            grads, dx = pull(dy)
+        return dx, _accumulate(gacc, grads)
+
+    out_dx = None if role.first else P(DATA)
+    return _smap(role, local, (P(), P(DATA), P(DATA), P(DATA)), (out_dx, P(DATA)))(params, x, dy, gacc)
+
+
+def _loss_and_grads_local(role, params, x, targets, scale):
+    params = _varying(params)
+    argnums = (0,) if role.first else (0, 1)
+    value, grads = jax.value_and_grad(lambda p, h: _loss(role, p, h, targets) * scale, argnums=argnums)(params, x)
+    return value, grads[0], (None if role.first else grads[1])
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4, 5))
+def last_step(role: StageRole, params, x, targets, gacc, lacc, scale):
+    """Last stage, forward + loss + backward fused. `scale` (scalar) weights this microbatch's mean loss
+    (1 / (microbatches * data)). Returns (dx or None when the last stage is also the first, gacc, lacc)."""
+
+    def local(params, x, targets, gacc, lacc, scale):
+        value, grads, dx = _loss_and_grads_local(role, params, x, targets, scale)
+        return dx, _accumulate(gacc, grads), lacc + value[None]
+
+    out_dx = None if role.first else P(DATA)
+    specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P())
+    return _smap(role, local, specs, (out_dx, P(DATA), P(DATA)))(params, x, targets, gacc, lacc, scale)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3, 4))
+def whole_step(role: StageRole, params, tokens, gacc, lacc, scale):
+    """One stage holding the whole model: every microbatch in one program (a scan), no Python per microbatch.
+
+    tokens [M, mb, T+1] sharded P(None, 'data')."""
+
+    def local(params, tokens, gacc, lacc, scale):
+        def body(carry, mb_tokens):
+            gacc, lacc = carry
+            value, grads, _ = _loss_and_grads_local(role, params, mb_tokens[:, :-1], mb_tokens[:, 1:], scale)
+            return (_accumulate(gacc, grads), lacc + value[None]), None
+
+        return jax.lax.scan(body, (gacc, lacc), tokens)[0]
+
+    specs = (P(), P(None, DATA), P(DATA), P(DATA), P())
+    return _smap(role, local, specs, (P(DATA), P(DATA)))(params, tokens, gacc, lacc, scale)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def reduce(gacc):
+    """The step's one reduction over `data`: (grads, their sum of squares for the global norm)."""
+    grads = jax.tree.map(lambda a: a.sum(0), gacc)
+    sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+    return grads, sq
+
+
+def zeros_accumulator(params, shardings, data: int):
+    """A zero gradient accumulator [data, ...] per leaf, sharded like the params with `data` prepended."""
+
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((data, *p.shape), p.dtype), params)
+    out = jax.tree.map(lambda s: NamedSharding(s.mesh, P(DATA, *s.spec)), shardings)
+    return jax.jit(lambda: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes), out_shardings=out)()
