@@ -12,7 +12,7 @@ Search, per candidate (schedule x microbatch count x recompute):
     bottleneck (the classic greedy for separable min-max allocation);
  3. every (candidate, codec) is ranked by an analytic step estimate; the best few are simulated;
  4. the winner's partition is hill-climbed with the simulator (move one layer between two sites) until no move
-    helps or the time budget ends; each link's codec is then relaxed to the least lossy one within 0.1%.
+    helps or the time budget ends; each link's codec is then relaxed to the least lossy one within 1%.
 `exhaustive=True` instead simulates every partition of every candidate: small cases only (the tests check that the
 fast search finds the same step time).
 
@@ -41,6 +41,7 @@ DEFAULT_SCHEDULES = ("1f1b", "zb-h1", "interleaved", "gpipe")
 DEFAULT_CODECS = ("none", "bf16", "int8", "fp8")  # least lossy first: ties go to the earlier one
 MAX_TENSOR = 8  # tensor parallelism stays inside one node (8 accelerators per host on every shipped mesh)
 _TIE = 1e-3  # a lossier codec or a later schedule must be faster by more than this fraction to be chosen
+_CODEC_TIE = 0.01  # a less lossy codec is kept if it costs at most 1% of step time (precision is worth that)
 _SIMULATE_TOP = 4  # candidates simulated after the analytic ranking
 _MAX_EXHAUSTIVE = 200_000  # simulations an exhaustive search may run
 
@@ -710,7 +711,7 @@ def _hill_climb(ctx: _Ctx, best: _Cand, deadline: float) -> _Cand:
 
 
 def _relax_codecs(ctx: _Ctx, best: _Cand, codecs: tuple[str, ...], deadline: float) -> _Cand:
-    """Per link, the least lossy codec whose step time is within the tie margin of the best (until `deadline`)."""
+    """Per link, the least lossy codec that costs at most _CODEC_TIE of step time (until `deadline`)."""
     links = _link_list(ctx, best.opt)
     for k, (i, j, _) in enumerate(links):
         if time.perf_counter() > deadline:
@@ -721,7 +722,7 @@ def _relax_codecs(ctx: _Ctx, best: _Cand, codecs: tuple[str, ...], deadline: flo
             trial = list(best.codecs)
             trial[k] = codec
             c = _simulate(ctx, _Cand(best.opt, best.tables, best.layers, tuple(trial)))
-            if c.step <= best.step * (1 + _TIE):
+            if c.step <= best.step * (1 + _CODEC_TIE):
                 best = c
                 break
     return best
