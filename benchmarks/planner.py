@@ -6,7 +6,7 @@ For every non-CPU topology in `meshes/` (and the same topology with 10x and 100x
 the links cost from what the placement costs), prints predicted tokens/s and the fraction of the ideal (the sum of
 the sites' capacities at the same efficiency) for the plan, an even split and cross-site data parallelism; then a
 synthetic pair of sites that differ 2x in speed at three global batch sizes, and the planning wall time of the
-largest case (a synthetic 8-site, 100,000-device topology). Everything here is a *prediction* of the cost model + simulator.
+largest case (a synthetic 8-site, 100,000-device topology). Every figure is a *prediction* (cost model + simulator).
 """
 
 from __future__ import annotations
