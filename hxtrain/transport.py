@@ -3,6 +3,10 @@
 `send` moves a tensor onto the receiving site's sharding with `jax.device_put` (asynchronous: the sender's next
 program is dispatched without waiting) and leaves it in the receiver's mailbox under a key; `recv` takes it out.
 Every transfer is counted per directed link and kind, so a run can report exactly what crossed each link.
+
+A boundary codec per (src, dst, kind) (`codecs=`, e.g. from `hxtrain.net_transport.link_codecs(topology)`) makes the
+in-process path lossy exactly like the network one: the tensor is encoded and decoded on the host with the same numpy
+codec, and the *encoded* payload bytes are what is counted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hxtrain import codecs as _codecs
+
 
 @dataclasses.dataclass
 class LinkStats:
@@ -24,17 +30,26 @@ class LinkStats:
 class InProcessTransport:
     """Mailboxes between sites of one process. Keys are (kind, stage, microbatch) of the *receiving* task."""
 
-    def __init__(self, meshes):
+    def __init__(self, meshes, codecs=None):
+        """`codecs`: {(src, dst, kind): codec name or Codec} with kind "act" / "cot"; missing entries are "none"."""
         self.meshes = list(meshes)
+        self.codecs = {k: _as_codec(k, c) for k, c in (codecs or {}).items()}
         self._box: dict[tuple[int, tuple], jax.Array] = {}
         self.stats: dict[tuple[int, int, str], LinkStats] = defaultdict(LinkStats)
 
     def send(self, x: jax.Array, src: int, dst: int, key: tuple) -> None:
         """Put `x` ([mb, ...] sharded over `data` on site `src`) into site `dst`'s mailbox under `key`."""
         if src != dst:
+            codec = self.codecs.get((src, dst, key[0]))
+            nbytes = x.size * x.dtype.itemsize
+            if codec is not None and codec.name != "none":
+                # host round trip through the codec: the receiver sees exactly what the network would deliver
+                host = np.asarray(x)
+                payload = codec.encode(host)
+                x, nbytes = codec.decode(payload, host.shape, host.dtype), len(payload)
             x = jax.device_put(x, NamedSharding(self.meshes[dst], P("data")))
             s = self.stats[(src, dst, key[0])]
-            s.bytes += x.size * x.dtype.itemsize
+            s.bytes += nbytes
             s.transfers += 1
         self._box[(dst, key)] = x
 
@@ -69,3 +84,13 @@ class InProcessTransport:
 
     def reset_stats(self) -> None:
         self.stats.clear()
+
+
+def _as_codec(key, codec) -> _codecs.Codec:
+    if not isinstance(key, tuple) or len(key) != 3 or key[2] not in ("act", "cot"):
+        raise ValueError(f"codecs: keys must be (src site, dst site, 'act' | 'cot'), got {key!r}")
+    if isinstance(codec, _codecs.Codec):
+        return codec
+    if not isinstance(codec, str) or codec not in _codecs.CODEC_NAMES:
+        raise ValueError(f"codecs[{key!r}]: unknown codec {codec!r}; choose one of {list(_codecs.CODEC_NAMES)}")
+    return _codecs.get_codec(codec)

@@ -1,0 +1,166 @@
+"""`hxtrain launch --mesh FILE`: every site of a topology as a local subprocess (tests, notebooks, one machine).
+
+Each site runs `python -m hxtrain site --site NAME ...` with its own fake CPU device count, a port on loopback (its
+topology `address`, else a free one), and a fresh random secret shared through the environment. Their output is
+streamed with a `[site] ` prefix. When a site fails, the others get `grace` seconds to notice (they stop by
+themselves within their `--timeout`, naming the lost site), then are killed; the launcher exits non-zero naming
+the site that failed first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from hxtrain import site_runner as _site
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteExit:
+    """How one site process ended. `returncode` < 0 is the signal that killed it; `killed` = by the launcher."""
+
+    site: str
+    returncode: int
+    killed: bool = False
+
+    def describe(self) -> str:
+        if self.returncode < 0:
+            sig = signal.Signals(-self.returncode).name if -self.returncode in signal.Signals._value2member_map_ \
+                else str(-self.returncode)
+            who = "by the launcher" if self.killed else "from outside"
+            return f"site {self.site!r} was killed by {sig} ({who})"
+        return f"site {self.site!r} exited with code {self.returncode}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def site_addresses(topology) -> dict[str, str]:
+    """Listening address of each site: its topology `address`, else a free loopback port."""
+    return {s.name: s.address or f"127.0.0.1:{free_port()}" for s in topology.sites}
+
+
+def site_command(mesh: str, site: str, addresses: dict[str, str], site_args: list[str], timeout: float,
+                 python: str = sys.executable) -> list[str]:
+    addr = ",".join(f"{k}={v}" for k, v in addresses.items())
+    return [python, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", site, "--addresses", addr,
+            "--timeout", str(timeout), *site_args]
+
+
+def _pump(proc, prefix: str, out, lock) -> None:
+    for line in iter(proc.stdout.readline, ""):
+        with lock:
+            out.write(f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n")
+            out.flush()
+    proc.stdout.close()
+
+
+def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace: float | None = None,
+           addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
+           env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET") -> list[SiteExit]:
+    """Run every site of topology `mesh` as a subprocess and wait for all of them.
+
+    site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
+    prefix: {site: argv prefix}, e.g. ["ip", "netns", "exec", "hxa"] to run a site in a network namespace.
+    grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
+    Returns one SiteExit per site, the first failure first (all codes 0 when the run succeeded).
+    """
+    from hxtrain.topology import load_topology
+
+    topo = load_topology(mesh)
+    out = out or sys.stdout
+    grace = timeout + 5.0 if grace is None else grace
+    addresses = {**site_addresses(topo), **(addresses or {})}
+    base = dict(os.environ if env is None else env)
+    base[secret_env] = secrets.token_hex(32)  # fresh per run: a stray process of another run cannot join
+    base["PYTHONUNBUFFERED"] = "1"
+    lock = threading.Lock()
+    procs, pumps = {}, []
+    try:
+        for s in topo.sites:
+            if s.processes > 1:
+                raise _site.SiteError(f"site {s.name!r} spans {s.processes} processes; `hxtrain launch` starts one "
+                                      "process per site for now (give it processes = 1)")
+            child = dict(base)
+            if s.backend == "cpu":
+                _site.set_cpu_device_count(s.devices, child)
+            cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args), timeout)
+            cmd += ["--secret-env", secret_env]
+            procs[s.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                             env=child, start_new_session=True)
+            with lock:
+                out.write(f"[launch] site {s.name!r}: pid {procs[s.name].pid}, listens on {addresses[s.name]}\n")
+                out.flush()
+            t = threading.Thread(target=_pump, args=(procs[s.name], f"[{s.name}] ", out, lock), daemon=True)
+            t.start()
+            pumps.append(t)
+        exits = _wait(procs, grace)
+    finally:
+        for p in procs.values():  # nothing outlives the launcher, whatever happened
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for t in pumps:
+            t.join(5)
+    return exits
+
+
+def _wait(procs: dict, grace: float) -> list[SiteExit]:
+    """Poll until every site exits; after the first failure, give the rest `grace` s, then kill them."""
+    done: dict[str, SiteExit] = {}
+    failed_at = None
+    order = []
+    while len(done) < len(procs):
+        for name, p in procs.items():
+            if name not in done and p.poll() is not None:
+                done[name] = SiteExit(name, p.returncode)
+                order.append(name)
+                if p.returncode != 0 and failed_at is None:
+                    failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace:
+            for name, p in procs.items():
+                if name not in done:
+                    p.kill()
+                    p.wait()
+                    done[name] = SiteExit(name, p.returncode, killed=True)
+                    order.append(name)
+        time.sleep(0.05)
+    exits = [done[n] for n in order]
+    return sorted(exits, key=lambda e: e.returncode == 0)  # stable: the first failure stays first
+
+
+def _cmd_launch(args) -> int:
+    site_args = []
+    for flag, value in (("--model", args.model), ("--schedule", args.schedule), ("--microbatches", args.microbatches),
+                        ("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
+                        ("--seed", args.seed), ("--data", args.data), ("--out", args.out),
+                        ("--partition", args.partition)):
+        if value is not None:
+            site_args += [flag, str(value)]
+    exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env)
+    failed = [e for e in exits if e.returncode != 0]
+    if not failed:
+        print(f"[launch] all {len(exits)} sites finished")
+        return 0
+    print(f"hxtrain launch: error: {failed[0].describe()}; " + "; ".join(e.describe() for e in exits[1:]),
+          file=sys.stderr, flush=True)
+    return 1
+
+
+def register(subparsers) -> None:
+    """Add the `launch` command to hxtrain's argparse subparsers."""
+    p = subparsers.add_parser("launch", help="start every site of a topology as a local process (loopback TCP)")
+    _site.add_run_arguments(p)
+    p.add_argument("--partition", help="blocks per stage, e.g. 5,3 (default: the topology's or even)")
+    p.add_argument("--grace", type=float, help="seconds the other sites get after one fails (default timeout+5)")
+    p.set_defaults(func=_cmd_launch)

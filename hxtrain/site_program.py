@@ -1,0 +1,230 @@
+"""The JAX side of one site process: its mesh, its stages, its optimizer and its per-site schedule loop.
+
+Imported by `hxtrain.site_runner` only after the process's device count is set. Uses the same per-stage programs
+as the in-process executor (`hxtrain.stage`) and the same optimizer update (`hxtrain.optim`), so a site process
+computes bit-for-bit what the same stages compute in one process.
+
+Shapes: M microbatches, mb = batch / M, T sequence length, D model width.
+    tokens [M, mb, T+1] int32 on the host; activations / cotangents [mb, T, D] float32, P('data') on the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hxtrain import backends as _backends
+from hxtrain import data as _data
+from hxtrain import parts as _parts
+from hxtrain import placement as _placement
+from hxtrain import schedules as _schedules
+from hxtrain import stage as _stage
+from hxtrain.executor import StageState
+from hxtrain.net_transport import NetTransport, link_codecs
+from hxtrain.optim import OptimizerConfig, SiteOptimizer
+
+
+def site_mesh(site) -> Mesh:
+    """The site's Mesh(('data', 'tensor')) over the first `devices` devices of its backend in this process."""
+    devs = _backends.devices_for(site.backend, site.devices, site=site.name, plugin=site.plugin)
+    return Mesh(np.array(devs).reshape(site.data, site.tensor), ("data", "tensor"))
+
+
+class _NetOptimizer(SiteOptimizer):
+    """`SiteOptimizer` whose global norm comes from every site: per-stage squared norms travel as CONTROL frames."""
+
+    def __init__(self, config, stages, transport: NetTransport, n_stages: int):
+        super().__init__(config, stages)
+        self.transport, self.n_stages = transport, n_stages
+
+    def global_norm(self, stages, sqs):
+        vec = self.transport.exchange_norms({s.index: float(sq) for s, sq in zip(stages, sqs)}, self.n_stages)
+        total = functools.reduce(np.add, vec[1:], vec[0])  # stage order, float32: as the in-process sum
+        return [jax.device_put(jnp.float32(total), NamedSharding(s.role.mesh, P())) for s in stages]
+
+
+@dataclasses.dataclass
+class LocalSite:
+    """This process's site: its stages (index -> StageState), their task order and the shared data stream."""
+
+    topology: Any
+    index: int
+    site: Any
+    mesh: Mesh
+    stages: dict[int, StageState]
+    n_stages: int
+    order: tuple
+    microbatches: int
+    batch_size: int
+    seq: int
+    width: int
+    optimizer_config: OptimizerConfig
+    batches: Any
+    optimizer: _NetOptimizer | None = None
+
+    @classmethod
+    def build(cls, topology, index: int, cfg) -> LocalSite:
+        from hxtrain.train import build_model
+
+        site = topology.sites[index]
+        schedule = _schedules.get_schedule(cfg.schedule)
+        n_sites = topology.n_sites
+        n_stages = n_sites * getattr(schedule, "virtual", 1)
+        model = build_model(cfg.model, seed=cfg.seed)  # every site builds the same initial model from the seed
+        parts = _parts.split_model(model)
+        partition = cfg.partition
+        if partition is None and n_stages == n_sites and any(s.layers for s in topology.sites):
+            partition = topology.layer_shares(parts.n_layers)
+        ranges = _placement.partition(parts.n_layers, n_stages, partition, source=f"{topology.source}: partition")
+        mesh = site_mesh(site)
+        stages = {}
+        for i in range(index, n_stages, n_sites):
+            lo, hi = ranges[i]
+            params = {"blocks": _parts.stack(parts.blocks[lo:hi])}
+            shard = {"blocks": _placement.shardings(params["blocks"], parts.block_axes, mesh, stacked=True)}
+            if i == 0:
+                params["embed"], shard["embed"] = parts.embed, _placement.shardings(parts.embed, parts.embed_axes,
+                                                                                    mesh)
+            if i == n_stages - 1:
+                params["head"], shard["head"] = parts.head, _placement.shardings(parts.head, parts.head_axes, mesh)
+            role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, i == 0, i == n_stages - 1,
+                                    mesh)
+            stages[i] = StageState(i, index, role, jax.device_put(params, shard), shard, site.data)
+        seq = model.cfg.seq_len
+        M, B = cfg.microbatches, cfg.batch_size
+        for s in topology.sites:
+            if B % M or (B // M) % s.data:
+                raise ValueError(f"--batch-size {B}: must split into {M} microbatches each divisible by site "
+                                 f"{s.name!r} data={s.data}; use a multiple of {M * s.data}")
+        width = int(jax.eval_shape(lambda t: _parts.apply_embed(parts.embed_def, parts.embed, t),
+                                   jax.ShapeDtypeStruct((1, seq), np.int32)).shape[-1])
+        opt = OptimizerConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
+                              warmup_steps=min(20, max(cfg.steps // 10, 1)))  # as hxtrain.train.train does
+        corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)  # the Trainer's default corpus cap
+        batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)
+        order = schedule.site_orders(n_sites, M)[index]
+        return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches)
+
+    def describe(self) -> str:
+        dev = self.mesh.devices.flat[0]
+        cap = _backends.capability_for(dev.device_kind)
+        policy = _backends.dtype_policy(cap, self.site.compute_dtype)
+        note = "" if policy.compute_dtype == "float32" else " (stage programs still compute in float32)"
+        stages = ", ".join(f"stage {i}" + (" (embed)" if s.role.first else "") + (" (head)" if s.role.last else "")
+                           for i, s in self.stages.items())
+        return (f"site {self.site.name!r}: {self.site.backend} {dev.device_kind} x {self.mesh.devices.size} "
+                f"(data {self.site.data} x tensor {self.site.tensor}), pid {__import__('os').getpid()}; "
+                f"dtype policy: params {policy.param_dtype}, compute {policy.compute_dtype}{note}, "
+                f"wire {policy.wire_dtype}; runs {stages}")
+
+    def max_frame_bytes(self) -> int:
+        """Largest frame body this site accepts: one fp32 activation [mb, T, D] with room to spare."""
+        mb = self.batch_size // self.microbatches
+        return 2 * mb * self.seq * self.width * 4 + (1 << 16)
+
+    def transport(self, endpoints) -> NetTransport:
+        names = [s.name for s in self.topology.sites]
+        t = NetTransport(self.index, self.topology.n_sites, self.mesh, endpoints,
+                         codecs=link_codecs(self.topology), names=names)
+        self.optimizer = _NetOptimizer(self.optimizer_config, list(self.stages.values()), t, self.n_stages)
+        return t
+
+    def warm_up(self) -> None:
+        """Run every program of this site on zeros, twice (updated params may come back with another layout and
+        recompile), on copies of the real state. All compilation happens before the first step, so that the link
+        timeout only has to cover compute."""
+        mb = self.batch_size // self.microbatches
+        act = np.zeros((mb, self.seq, self.width), np.float32)
+        toks = np.zeros((mb, self.seq), np.int32)
+        opt = self.optimizer
+        states = [(s.params, st) for s, st in zip(self.stages.values(), opt.states)]
+        for _ in range(2):
+            new = []
+            for s, (params, state) in zip(self.stages.values(), states):
+                x = _put(toks if s.role.first else act, s)
+                gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
+                if s.role.last:
+                    lacc = _put(np.zeros((s.data,), np.float32), s)
+                    _, gacc, _ = _stage.last_step(s.role, params, x, _put(toks, s), gacc, lacc, jnp.float32(1.0))
+                else:
+                    _stage.forward(s.role, params, x)
+                    _, gacc = _stage.backward(s.role, params, x, _put(act, s), gacc)
+                g, sq = _stage.reduce(gacc)
+                copy = jax.tree.map(jnp.copy, (params, state))  # _update donates its inputs
+                new.append(opt._update(*copy, g, jax.device_put(sq, NamedSharding(s.role.mesh, P()))))
+            states = jax.block_until_ready(new)
+
+    def next_batch(self) -> np.ndarray:
+        """int32 [M, mb, T+1]: the same batch on every site (same seed), as `Pipeline` splits it."""
+        tokens = np.asarray(next(self.batches)).astype(np.int32)
+        return tokens.reshape(self.microbatches, self.batch_size // self.microbatches, tokens.shape[-1])
+
+    def train_step(self, tokens: np.ndarray, transport: NetTransport):
+        """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm)."""
+        run_site_step(self.stages, self.order, tokens, transport, self.topology.n_sites, self.n_stages,
+                      self.topology.sites[(self.n_stages - 1) % self.topology.n_sites].data)
+        loss, grads, sqs = None, [], []
+        for s in self.stages.values():
+            g, sq = _stage.reduce(s.gacc)
+            grads.append(g)
+            sqs.append(sq)
+            if s.lacc is not None:
+                loss = s.lacc.sum()
+            s.gacc = s.lacc = None
+        norm = self.optimizer.step(list(self.stages.values()), grads, sqs)
+        return loss, norm
+
+
+def _put(x: np.ndarray, stage: StageState):
+    return jax.device_put(x, NamedSharding(stage.role.mesh, P("data")))
+
+
+def run_site_step(stages: dict[int, StageState], order, tokens: np.ndarray, transport, n_sites: int,
+                  n_stages: int, last_data: int) -> None:
+    """This site's tasks of one step, in its own order; gradients accumulate in each local stage's `gacc`.
+
+    The same dataflow as `executor.run_step` (the last stage's F is fused into its B), but each site process walks
+    only its own order and blocks on `transport.recv` for what its neighbours send.
+    """
+    M = tokens.shape[0]
+    scale = jnp.float32(1.0 / (M * last_data))
+    for s in stages.values():
+        s.gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
+        if s.role.last:
+            s.lacc = _put(np.zeros((s.data,), np.float32), s)
+    transport.clear()
+    if n_stages == 1:  # the whole model on one site: one fused program
+        s = stages[0]
+        toks = jax.device_put(tokens, NamedSharding(s.role.mesh, P(None, "data")))
+        s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scale)
+        return
+    held = {}
+    for t in order:
+        st = stages[t.stage]
+        if t.kind == "F":
+            x = _put(tokens[t.microbatch, :, :-1], st) if t.stage == 0 else transport.recv(
+                st.site, ("act", t.stage, t.microbatch))
+            held[(t.stage, t.microbatch)] = x
+            if not st.role.last:
+                out = _stage.forward(st.role, st.params, x)
+                transport.send(out, st.site, (t.stage + 1) % n_sites, ("act", t.stage + 1, t.microbatch))
+        elif t.kind == "B":
+            x = held.pop((t.stage, t.microbatch))
+            if st.role.last:
+                targets = _put(tokens[t.microbatch, :, 1:], st)
+                out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, targets, st.gacc, st.lacc, scale)
+            else:
+                dy = transport.recv(st.site, ("cot", t.stage, t.microbatch))
+                out, st.gacc = _stage.backward(st.role, st.params, x, dy, st.gacc)
+            if t.stage > 0:
+                transport.send(out, st.site, (t.stage - 1) % n_sites, ("cot", t.stage - 1, t.microbatch))
+        else:
+            raise NotImplementedError(f"task kind {t.kind!r} (split weight-gradient) is not supported per site yet")
+    if held:
+        raise RuntimeError(f"site order left forwards without their backward: {sorted(held)}")
