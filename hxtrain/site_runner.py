@@ -26,6 +26,7 @@ from pathlib import Path
 
 MIN_SECRET_BYTES = 16
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_PROVISIONAL_MAX_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +104,26 @@ def check_supported(topology, name: str, schedule) -> int:
     site = topology.site(name)
     if site.processes > 1:
         raise SiteError(f"site {name!r} spans {site.processes} processes: multi-host sites (jax.distributed inside "
-                        "the site) are not wired into `hxtrain site` yet; see site_cluster.init_site_cluster and "
-                        "give the site processes = 1")
+                        "the site) are not wired into `hxtrain site` yet (init_site_cluster joins the processes; the "
+                        "per-site loop still assumes one process); give the site processes = 1")
     if schedule.split_backward:
         raise SiteError(f"schedule {schedule.name!r} splits the backward (W tasks), which the per-site loop does "
                         "not run yet; use gpipe, 1f1b or interleaved")
     return [s.name for s in topology.sites].index(name)
+
+
+def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, timeout: float = 60.0) -> None:
+    """Join this process to its site's `jax.distributed` cluster (a site spanning several hosts); call before JAX
+    initialises. Afterwards `jax.devices()` lists every process's devices and collectives span them. On CPU the
+    cross-process collectives need the gloo implementation, selected here where this JAX has the option."""
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # newer JAX: gloo is the default or the option is gone
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(timeout))
 
 
 def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, max_bytes: int) -> dict:
@@ -168,12 +183,17 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
 
     from hxtrain import site_program as _prog  # imports JAX: after the device count is set
 
-    local = _prog.LocalSite.build(topo, index, cfg)
-    log(local.describe())
-    endpoints = _connect(topo, index, cfg, secret, local.max_frame_bytes())
+    # Link first, so that a wrong secret, a version mismatch or a missing peer shows in seconds, before the model
+    # is built. The frame bound is provisional until the model's width is known; tightening it later can only
+    # leave a looser bound on the read that is already waiting, never refuse a good frame.
+    endpoints = _connect(topo, index, cfg, secret, _PROVISIONAL_MAX_BYTES)
     try:
-        transport = local.transport(endpoints)
         log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())}")
+        local = _prog.LocalSite.build(topo, index, cfg)
+        log(local.describe())
+        for ep in endpoints.values():
+            ep.max_bytes = local.max_frame_bytes()
+        transport = local.transport(endpoints)
         t0 = time.perf_counter()
         local.warm_up()  # compile every program first: afterwards, silence longer than `timeout` is a failure
         transport.barrier(cfg.connect_timeout)

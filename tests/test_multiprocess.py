@@ -1,0 +1,229 @@
+"""Sites as separate OS processes over loopback TCP: same losses as in one process, and failures that stop the
+run naming the site (never a hang). Each test starts real `python -m hxtrain` processes."""
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import hxtrain
+from hxtrain import site_runner, wire
+from hxtrain.optim import OptimizerConfig
+from hxtrain.train import build_model
+from tests.helpers import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = re.compile(r"^[WI]\d{4} |^\[Gloo\]")  # absl / gloo log lines
+
+
+def _topology(tmp_path, data=1, name="two.toml", **run):
+    text = "".join(f"""
+[[sites]]
+name = "{s}"
+backend = "cpu"
+devices = {data}
+data = {data}
+tensor = 1
+""" for s in ("a", "b"))
+    text += '[[links]]\nbetween = ["a", "b"]\nbandwidth_gbps = 100\nlatency_ms = 1.0\n'
+    run = {"model": '"tiny"', "schedule": '"1f1b"', "microbatches": 2, "batch_size": 4, "steps": 3, **run}
+    text += "[run]\n" + "".join(f"{k} = {v}\n" for k, v in run.items())
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+class _Run:
+    """A process whose merged output lines are collected by a thread, each with its arrival time."""
+
+    def __init__(self, argv, env=None):
+        env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env=env)
+        self.lines: list[tuple[float, str]] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if not NOISE.match(line):
+                item = (time.monotonic(), line.rstrip("\n"))
+                self.lines.append(item)
+                self._q.put(item)
+
+    def wait_for(self, pattern, timeout):
+        """The first output line matching `pattern` (new or already seen), waiting at most `timeout` s."""
+        deadline = time.monotonic() + timeout
+        for _, line in list(self.lines):
+            if re.search(pattern, line):
+                return line
+        while True:
+            try:
+                _, line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is not None and re.search(pattern, line):
+                return line
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n{self.text()}")
+
+    def finish(self, timeout):
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"process did not exit within {timeout} s; output:\n{self.text()}") from None
+        time.sleep(0.2)  # let the reader drain
+        return self.proc.returncode
+
+    def text(self):
+        return "\n".join(line for _, line in self.lines)
+
+
+def _launch(mesh, *args, timeout=20):
+    return _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--timeout", str(timeout),
+                 *map(str, args)])
+
+
+def test_two_site_processes_match_the_in_process_trainer(tmp_path):
+    mesh = _topology(tmp_path, data=2)
+    run = _launch(mesh, "--out", tmp_path / "out")
+    # meanwhile, the same run in this process (sites on fake devices 0-1 and 2-3)
+    topo = hxtrain.load_topology(mesh)
+    opt = OptimizerConfig(learning_rate=3e-3, total_steps=3, warmup_steps=1)  # what `site` derives for 3 steps
+    trainer = hxtrain.Trainer(build_model("tiny"), topo, schedule="1f1b", microbatches=2, batch_size=4,
+                              optimizer=opt)
+    ref = trainer.fit(3, progress=False)
+    assert run.finish(240) == 0, run.text()
+    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"metrics-{s}.jsonl").read_text().splitlines()]
+            for s in ("a", "b")}
+    assert [r["step"] for r in rows["b"]] == [1, 2, 3]
+    for got, want in zip(rows["b"], ref):
+        assert rel_err(got["loss"], want["loss"]) <= 1e-5, (got["loss"], want["loss"])
+    for s in ("a", "b"):  # the global norm (CONTROL exchange) is the same on both sites and in-process
+        for got, want in zip(rows[s], ref):
+            assert rel_err(got["grad_norm"], want["grad_norm"]) <= 1e-5
+    assert all(r["loss"] is None for r in rows["a"])  # only the last site has the loss
+    act = 2 * (wire.HEADER_SIZE + 2 * 16 * 32 * 4)  # 2 microbatches of [mb 2, T 16, D 32] fp32 frames
+    assert rows["a"][-1]["bytes_per_link"] == {"a->b": act}
+    assert rows["b"][-1]["bytes_per_link"] == {"b->a": act}
+    assert rows["a"][-1]["control_bytes"] == wire.HEADER_SIZE + 2 * 4  # 2 stages' squared norms, one hop each way
+    out = run.text()
+    for s in ("a", "b"):  # the site reports its dtype policy from the capability table (CPU: fp32)
+        assert re.search(rf"\[{s}\] site '{s}': cpu cpu x 2 .*dtype policy: params float32, compute float32", out)
+    assert "[launch] all 2 sites finished" in out
+
+
+def _pid(run, site):
+    return int(run.wait_for(rf"\[launch\] site '{site}': pid (\d+)", 30).split("pid ")[1].split(",")[0])
+
+
+@pytest.mark.parametrize("how", ["kill", "stall"])
+def test_a_lost_site_stops_its_peer_within_the_timeout_naming_it(tmp_path, how):
+    timeout = 4
+    run = _launch(_topology(tmp_path, steps=100000), "--grace", 2, timeout=timeout)
+    pid_a = _pid(run, "a")
+    run.wait_for(r"\[b\] step 2 loss", 240)
+    t0 = time.monotonic()
+    os.kill(pid_a, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    line = run.wait_for(r"\[b\] hxtrain site 'b': error: lost a peer: .*site 'a'", timeout + 10)
+    waited = time.monotonic() - t0
+    assert waited <= timeout + 3, f"site b took {waited:.1f} s to stop (timeout {timeout} s)"
+    if how == "kill":
+        assert "closed the connection" in line or "failed" in line
+    else:
+        assert f"no frame from site 'a' within {timeout}" in line
+    assert run.finish(30) == 1
+    out = run.text()
+    assert "hxtrain launch: error:" in out
+    if how == "kill":
+        assert "hxtrain launch: error: site 'a' was killed by SIGKILL (from outside)" in out
+        assert "site 'b' exited with code 3" in out
+    else:  # the stalled site is the one the launcher kills after the grace period
+        assert "hxtrain launch: error: site 'b' exited with code 3; site 'a' was killed by SIGKILL (by the launcher)" \
+            in out
+
+
+def test_sites_with_different_secrets_refuse_each_other(tmp_path):
+    mesh = _topology(tmp_path)
+    addr = f"a=127.0.0.1:{_free_port()},b=127.0.0.1:{_free_port()}"
+    runs = [_Run([sys.executable, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", s, "--addresses", addr,
+                  "--timeout", "10"], env={"HXTRAIN_SECRET": secret, "XLA_FLAGS": ""})
+            for s, secret in (("a", "secret-of-site-a-0123456789"), ("b", "secret-of-site-b-0123456789"))]
+    codes = [r.finish(120) for r in runs]
+    assert codes == [3, 3], [r.text() for r in runs]
+    text = "\n".join(r.text() for r in runs)
+    assert re.search(r"hxtrain site 'a': error: lost a peer: .*site 'b'", text)
+    assert re.search(r"hxtrain site 'b': error: lost a peer: .*site 'a'", text)
+    assert "authentication" in text or "challenge-response" in text
+    assert "step 1" not in text
+
+
+def _free_port():
+    from hxtrain.launch import free_port
+
+    return free_port()
+
+
+# ---- a site spanning two processes: jax.distributed on CPU ---------------------------------------------------
+
+_CLUSTER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from hxtrain.site_runner import init_site_cluster
+init_site_cluster(sys.argv[1], 2, int(sys.argv[2]), timeout=60)
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "tensor"))
+local = np.arange(2, dtype=np.float32).reshape(2, 1) + 2 * jax.process_index() + 1  # [1,2] and [3,4]
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(("data", "tensor"))), local.reshape(2))
+total = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, ("data", "tensor")), mesh=mesh,
+                              in_specs=P(("data", "tensor")), out_specs=P()))(x)
+print("RESULT", len(jax.devices()), len(jax.local_devices()), float(np.asarray(total.addressable_data(0))[0]))
+jax.distributed.shutdown()
+"""
+
+
+def test_one_site_over_two_processes_with_jax_distributed():
+    addr = f"127.0.0.1:{_free_port()}"
+    runs = [_Run([sys.executable, "-c", _CLUSTER, addr, str(i)], env={"XLA_FLAGS": ""}) for i in range(2)]
+    for r in runs:
+        assert r.finish(120) == 0, r.text()
+        line = r.wait_for("RESULT", 1)
+        assert line.split()[1:] == ["4", "2", "10.0"]  # 4 devices in all, 2 local, psum of 1+2+3+4
+
+
+# ---- argument and start-up errors (no processes) ----------------------------------------------------------------
+
+
+def test_site_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"--addresses: expected site=host:port\[,site=host:port...\], got 'a=x'"):
+        site_runner.parse_addresses("a=x")
+    assert site_runner.parse_addresses("a=127.0.0.1:5,b=h:6") == (("a", "127.0.0.1:5"), ("b", "h:6"))
+    with pytest.raises(site_runner.SiteError, match="environment variable HXT_NONE is not set; every site needs"):
+        site_runner.read_secret("HXT_NONE", env={})
+    with pytest.raises(site_runner.SiteError, match="HXT_S has 5 bytes"):
+        site_runner.read_secret("HXT_S", env={"HXT_S": "short"})
+    topo = hxtrain.load_topology(_topology(tmp_path))
+    with pytest.raises(site_runner.SiteError, match=r"site 'b' has no address: set `address = \"host:port\"`"):
+        site_runner.site_address(topo, "b", ())
+    with pytest.raises(hxtrain.TopologyError, match="no site named 'zz'"):
+        site_runner.check_supported(topo, "zz", hxtrain.get_schedule("1f1b"))
+    with pytest.raises(site_runner.SiteError, match="schedule 'zb-h1' splits the backward"):
+        site_runner.check_supported(topo, "a", hxtrain.get_schedule("zb-h1"))
+    multi = topo.replace_site("a", processes=2, devices=2, data=2)
+    with pytest.raises(site_runner.SiteError, match="site 'a' spans 2 processes"):
+        site_runner.check_supported(multi, "a", hxtrain.get_schedule("1f1b"))
+    env = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
+    site_runner.set_cpu_device_count(2, env)
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
