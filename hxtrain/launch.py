@@ -67,11 +67,13 @@ def _pump(proc, prefix: str, out, lock) -> None:
 
 def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace: float | None = None,
            addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
-           env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET") -> list[SiteExit]:
+           env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET",
+           extra: dict[str, list[str]] | None = None) -> list[SiteExit]:
     """Run every site of topology `mesh` as a subprocess and wait for all of them.
 
     site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
     prefix: {site: argv prefix}, e.g. ["ip", "netns", "exec", "hxa"] to run a site in a network namespace.
+    extra: {site: more `hxtrain site` arguments for that site only}, e.g. ["--connect", "b=127.0.0.1:7000"].
     grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
     Returns one SiteExit per site, the first failure first (all codes 0 when the run succeeded).
     """
@@ -95,7 +97,7 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
             if s.backend == "cpu":
                 _site.set_cpu_device_count(s.devices, child)
             cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args), timeout)
-            cmd += ["--secret-env", secret_env]
+            cmd += ["--secret-env", secret_env, *(extra or {}).get(s.name, [])]
             procs[s.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                              env=child, start_new_session=True)
             with lock:

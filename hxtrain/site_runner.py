@@ -49,6 +49,7 @@ class SiteConfig:
     connect_timeout: float = 60.0  # seconds to wait for neighbours to come up
     secret_env: str = "HXTRAIN_SECRET"
     addresses: tuple[tuple[str, str], ...] = ()  # (site, "host:port") overrides of the topology's `address`
+    connect: tuple[tuple[str, str], ...] = ()  # (site, "host:port") to dial instead of its address (proxy, tunnel)
 
 
 class SiteError(RuntimeError):
@@ -109,6 +110,9 @@ def check_supported(topology, name: str, schedule) -> int:
     if schedule.split_backward:
         raise SiteError(f"schedule {schedule.name!r} splits the backward (W tasks), which the per-site loop does "
                         "not run yet; use gpipe, 1f1b or interleaved")
+    if getattr(schedule, "virtual", 1) > 1 and topology.n_sites > 2:
+        raise SiteError(f"schedule {schedule.name!r} sends from the last site back to the first, but sites are "
+                        f"linked in a chain ({topology.n_sites} sites); use it with 2 sites or use 1f1b / gpipe")
     return [s.name for s in topology.sites].index(name)
 
 
@@ -140,7 +144,7 @@ def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, max_bytes: in
             host, port = site_address(topology, me, cfg.addresses)
             listener = Listener(host, port)
         if index + 1 < len(names):
-            host, port = site_address(topology, names[index + 1], cfg.addresses)
+            host, port = site_address(topology, names[index + 1], cfg.addresses + cfg.connect)
             ep = Endpoint.connect(me, names[index + 1], host, port, secret=secret, timeout=cfg.connect_timeout,
                                   max_bytes=max_bytes)
             ep.timeout = cfg.timeout  # the long wait was for start-up; from now on a silent peer is a failure
@@ -274,7 +278,8 @@ def _cmd_site(args) -> int:
 
     try:
         addresses = parse_addresses(args.addresses or "")
-        cfg = config_from_args(args, args.site, addresses)
+        cfg = dataclasses.replace(config_from_args(args, args.site, addresses),
+                                  connect=parse_addresses(args.connect or ""))
     except ValueError as e:
         print(f"hxtrain site: error: {e}", file=sys.stderr)
         return 2
@@ -297,5 +302,6 @@ def register(subparsers) -> None:
     add_run_arguments(p)
     p.add_argument("--site", required=True, help="the site of the topology this process runs")
     p.add_argument("--addresses", help="site=host:port,... where sites listen (default: the topology's address)")
+    p.add_argument("--connect", help="site=host:port,... to dial instead of a site's address (a proxy or tunnel)")
     p.add_argument("--partition", help="blocks per stage, e.g. 5,3 (default: the topology's or even)")
     p.set_defaults(func=_cmd_site)

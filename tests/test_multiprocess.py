@@ -224,6 +224,9 @@ def test_site_argument_errors(tmp_path):
     multi = topo.replace_site("a", processes=2, devices=2, data=2)
     with pytest.raises(site_runner.SiteError, match="site 'a' spans 2 processes"):
         site_runner.check_supported(multi, "a", hxtrain.get_schedule("1f1b"))
+    three = hxtrain.uniform(3)
+    with pytest.raises(site_runner.SiteError, match="sends from the last site back to the first.*3 sites"):
+        site_runner.check_supported(three, "s0", hxtrain.get_schedule("interleaved"))
     env = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
     site_runner.set_cpu_device_count(2, env)
     assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"

@@ -1,0 +1,219 @@
+"""Bytes and step time per link for boundary codecs none / bf16 / int8, two sites as two processes.
+
+    python benchmarks/transport.py [--model small --steps 12 --batch-size 16 --microbatches 4]
+
+For each codec (on activations and cotangents both), one run over loopback and, side by side, one over an emulated
+WAN (10 ms one way, 1 Gbit/s):
+  1. `ip netns` + veth + `tc netem delay 10ms rate 1gbit`, each site in its own network namespace, when the machine
+     allows it (root, and a kernel with sch_netem);
+  2. otherwise the reason is printed, and a user-space relay on loopback stands in: it holds every chunk for the
+     delay and paces it at the rate (both directions), so the sites see the same latency and bandwidth.
+Step time is the median over steps after the first two; bytes are per step and per directed link (frames, headers
+included) and the codec payload alone. Needs no JAX in this process: the sites are `hxtrain site` processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hxtrain.launch import free_port, launch  # noqa: E402
+
+DELAY_S, RATE_BPS = 0.010, 1e9
+NS = ("hxbench_a", "hxbench_b")
+IPS = ("10.203.7.1", "10.203.7.2")
+
+
+def _topology(folder: Path, codec: str) -> Path:
+    sites = "".join(f'[[sites]]\nname = "{n}"\nbackend = "cpu"\ndevices = 1\ndata = 1\ntensor = 1\n\n' for n in "ab")
+    link = (f'[[links]]\nbetween = ["a", "b"]\nbandwidth_gbps = 1\nlatency_ms = 10\nactivations = "{codec}"\n'
+            f'cotangents = "{codec}"\n')
+    path = folder / f"two-{codec}.toml"
+    path.write_text(f'name = "bench-{codec}"\n{sites}{link}')
+    return path
+
+
+def _run(mesh: Path, args, out: Path, **kw) -> dict:
+    site_args = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                 "--microbatches", str(args.microbatches), "--schedule", "1f1b", "--out", str(out)]
+    log = open(out.with_suffix(".log"), "w")
+    exits = launch(str(mesh), site_args, timeout=60.0, out=log, **kw)
+    log.close()
+    if any(e.returncode for e in exits):
+        raise RuntimeError(f"{exits[0].describe()}; see {out.with_suffix('.log')}")
+    rows = {s: [json.loads(x) for x in (out / f"metrics-{s}.jsonl").read_text().splitlines()] for s in "ab"}
+    steady = rows["b"][2:] or rows["b"]
+    return {"step_s": statistics.median(r["step_s"] for r in steady),
+            "bytes": {**rows["a"][-1]["bytes_per_link"], **rows["b"][-1]["bytes_per_link"]},
+            "payload": {**rows["a"][-1]["payload_bytes_per_link"], **rows["b"][-1]["payload_bytes_per_link"]},
+            "loss": rows["b"][-1]["loss"]}
+
+
+# ---- emulated WAN, 1: network namespaces + tc netem ------------------------------------------------------------
+
+
+def _sh(*cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise OSError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
+
+
+def netns_up() -> None:
+    """Two namespaces joined by a veth pair, netem on both ends; OSError saying which step failed."""
+    netns_down()
+    for ns in NS:
+        _sh("ip", "netns", "add", ns)
+    _sh("ip", "link", "add", "hxbva", "type", "veth", "peer", "name", "hxbvb")
+    for ns, dev, ip in zip(NS, ("hxbva", "hxbvb"), IPS):
+        _sh("ip", "link", "set", dev, "netns", ns)
+        _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        _sh("ip", "-n", ns, "link", "set", dev, "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay",
+            f"{DELAY_S * 1e3:g}ms", "rate", f"{RATE_BPS / 1e9:g}gbit")
+
+
+def netns_down() -> None:
+    for ns in NS:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# ---- emulated WAN, 2: a user-space relay -------------------------------------------------------------------------
+
+
+class Relay:
+    """Listens on a loopback port and forwards to `target`, holding each chunk `delay` s and pacing at `rate`
+    bit/s, in both directions (one relay = one emulated link)."""
+
+    def __init__(self, target: tuple[str, int], delay: float = DELAY_S, rate: float = RATE_BPS):
+        self.target, self.delay, self.rate = target, delay, rate
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target, timeout=60)
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst in ((client, server), (server, client)):
+                q: queue.Queue = queue.Queue()
+                threading.Thread(target=self._read, args=(src, q), daemon=True).start()
+                threading.Thread(target=self._write, args=(dst, q), daemon=True).start()
+
+    def _read(self, src, q):
+        while True:
+            try:
+                chunk = src.recv(1 << 16)
+            except OSError:
+                chunk = b""
+            q.put((time.monotonic(), chunk))
+            if not chunk:
+                return
+
+    def _write(self, dst, q):
+        free = 0.0  # when the emulated wire is next free
+        while True:
+            t, chunk = q.get()
+            if not chunk:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            start = max(t, free)
+            free = start + len(chunk) * 8 / self.rate
+            wait = start + self.delay - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                dst.sendall(chunk)
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--codecs", default="none,bf16,int8")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    wan, why = "netem", ""
+    try:
+        netns_up()
+    except OSError as e:
+        netns_down()
+        wan, why = "relay", str(e)
+        print(f"tc netem WAN skipped: {why}\n-> using a user-space relay on loopback "
+              f"({DELAY_S * 1e3:g} ms one way, {RATE_BPS / 1e9:g} Gbit/s) instead", flush=True)
+    results = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for codec in args.codecs.split(","):
+                mesh = _topology(tmp, codec)
+                local = _run(mesh, args, tmp / f"{codec}-local")
+                if wan == "netem":
+                    ports = (29511, 29512)
+                    wide = _run(mesh, args, tmp / f"{codec}-wan",
+                                addresses={n: f"{ip}:{pt}" for n, ip, pt in zip("ab", IPS, ports)},
+                                prefix={n: ["ip", "netns", "exec", ns] for n, ns in zip("ab", NS)})
+                else:
+                    b_port = free_port()
+                    relay = Relay(("127.0.0.1", b_port))
+                    try:
+                        wide = _run(mesh, args, tmp / f"{codec}-wan", addresses={"b": f"127.0.0.1:{b_port}"},
+                                    extra={"a": ["--connect", f"b=127.0.0.1:{relay.port}"]})
+                    finally:
+                        relay.close()
+                results.append({"codec": codec, "local": local, "wan": wide})
+                print(f"{codec}: local {local['step_s'] * 1e3:.1f} ms/step, WAN {wide['step_s'] * 1e3:.1f} ms/step",
+                      flush=True)
+    finally:
+        if wan == "netem":
+            netns_down()
+    _print(results, args, wan)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"wan": wan, "wan_skipped_because": why, "results": results}, indent=1))
+    return 0
+
+
+def _print(results, args, wan):
+    mb = args.batch_size // args.microbatches
+    print(f"\nmodel {args.model}, batch {args.batch_size} = {args.microbatches} x {mb}, 1F1B, 2 sites x 1 CPU "
+          f"device, {args.steps} steps; WAN = {wan} ({DELAY_S * 1e3:g} ms, {RATE_BPS / 1e9:g} Gbit/s)")
+    base = next((r for r in results if r["codec"] == "none"), results[0])
+    head = ("codec", "a->b B/step", "b->a B/step", "payload vs none", "loopback ms/step", "WAN ms/step", "WAN/loop")
+    print(" | ".join(head))
+    for r in results:
+        ratio = sum(r["local"]["payload"].values()) / max(1, sum(base["local"]["payload"].values()))
+        print(" | ".join([r["codec"], str(r["local"]["bytes"].get("a->b")), str(r["local"]["bytes"].get("b->a")),
+                          f"{ratio:.3f}", f"{r['local']['step_s'] * 1e3:.1f}", f"{r['wan']['step_s'] * 1e3:.1f}",
+                          f"{r['wan']['step_s'] / r['local']['step_s']:.2f}x"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
