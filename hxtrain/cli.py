@@ -30,7 +30,8 @@ def _cmd_train(args) -> int:
 
     cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
                     batch_size=args.batch_size, steps=args.steps, data=args.data, out=args.out,
-                    partition=args.partition, learning_rate=args.lr, seed=args.seed)
+                    partition=args.partition, learning_rate=args.lr, seed=args.seed,
+                    save_every=args.save_every, keep=args.keep, resume=args.resume, init_from=args.init_from)
     train(cfg, progress=not args.no_progress)
     return 0
 
@@ -68,11 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="global batch in sequences")
     t.add_argument("--steps", type=int)
     t.add_argument("--data", help="a text file or folder (default: this Python's standard library sources)")
-    t.add_argument("--out", help="folder for metrics.jsonl")
+    t.add_argument("--out", help="run folder: metrics.jsonl, tb/ (TensorBoard), checkpoints/")
     t.add_argument("--partition", type=_partition, help="blocks per stage, e.g. 5,3 (default: even)")
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    t.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps into OUT/checkpoints (default 0: only at the end; needs --out)")
+    t.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    t.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
+                   help="continue from the newest intact checkpoint in OUT: auto (if any, the default), must, never")
+    t.add_argument("--init-from", help="start from the parameters of an `hxtrain export` folder (or a run folder)")
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("info", help="devices and backends JAX sees, and the topology as it will be placed")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="model preset to place (default: the topology's [run] model)")
     i.set_defaults(func=_cmd_info)
 
-    for name in ("plan_cli",):  # commands that live in their own modules
+    for name in ("plan_cli", "export"):  # commands that live in their own modules
         try:
             module = __import__(f"hxtrain.{name}", fromlist=["register"])
         except ImportError:

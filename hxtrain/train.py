@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,7 +29,14 @@ class NonFiniteLoss(FloatingPointError):
 class Trainer:
     def __init__(self, model, topology="local", *, schedule="1f1b", microbatches: int = 8, partition=None,
                  batch_size: int = 32, seq: int | None = None, optimizer: OptimizerConfig | None = None,
-                 data: str | os.PathLike | None = None, seed: int = 0, max_corpus_bytes: int | None = 8_000_000):
+                 data: str | os.PathLike | None = None, seed: int = 0, max_corpus_bytes: int | None = 8_000_000,
+                 out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 3, resume: str = "auto",
+                 init_from: str | os.PathLike | None = None):
+        """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/); with it, checkpoints are saved
+        every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and `resume` ("never",
+        "auto", "must") decides whether the newest intact checkpoint in out/checkpoints is restored here
+        (`self.resumed_from` = its step or None). `init_from`: start from an exported model
+        (`hxtrain export`) or a checkpoint folder's parameters (fresh optimizer, step 0)."""
         self.pipeline = Pipeline(model, topology, schedule=schedule, microbatches=microbatches, partition=partition)
         self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
@@ -42,27 +48,41 @@ class Trainer:
         self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
         self.step = 0
+        self.seed, self.out, self.checkpoints, self.resumed_from = seed, out, None, None
+        if init_from is not None:
+            from hxtrain.export import load_params
 
-    def train_step(self, tokens) -> dict:
-        """One optimizer step on one batch; returns device values (no host sync)."""
+            load_params(self.pipeline, init_from)
+        if out is not None:
+            from hxtrain.checkpoint import Checkpoints
+
+            self.checkpoints = Checkpoints(Path(out) / "checkpoints", save_every=save_every, keep=keep)
+            self.resumed_from = self.checkpoints.resume(self, resume)
+
+    def train_step(self, tokens, *, timeline: bool = False) -> dict:
+        """One optimizer step on one batch; returns device values (no host sync). `timeline`: record the step's
+        per-site events (slower) so `metrics.busy_fractions(self.pipeline)` can report busy time."""
         pipe = self.pipeline
-        loss, grads, sqs = pipe.grads(tokens)
+        loss, grads, sqs = pipe.grads(tokens, timeline=True) if timeline else pipe.grads(tokens)
         norm = self.optimizer.step(pipe.stages, grads, sqs)
         self.step += 1
         return {"loss": loss, "grad_norm": norm}
 
     def fit(self, steps: int, *, out: str | os.PathLike | None = None, progress: bool = True,
-            log_every: int = 1) -> list[dict]:
-        """Train `steps` steps. Metrics (loss, lr, grad norm, tokens/s, bytes per link) go to `out/metrics.jsonl`
-        when `out` is given. Raises NonFiniteLoss at the first NaN/inf loss."""
+            log_every: int = 1, timeline_every: int = 0) -> list[dict]:
+        """Train `steps` steps. Metrics (loss, lr, grad norm, tokens/s, bytes per link, and per-site `busy`
+        fraction on steps that are multiples of `timeline_every`) go to `out/metrics.jsonl` and TensorBoard events
+        in `out/tb/` when `out` (default: the Trainer's `out`) is given. Checkpoints: see `__init__`; one is
+        also saved at the end. Raises NonFiniteLoss at the first NaN/inf loss; the last checkpoint saved before
+        it is sealed and intact."""
         if steps < 1:
             raise ValueError(f"steps: expected >= 1, got {steps}")
         from tqdm.auto import tqdm
 
-        metrics_file = None
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            metrics_file = open(Path(out) / "metrics.jsonl", "a")
+        from hxtrain import metrics as _metrics
+
+        out = out if out is not None else self.out
+        metrics_file = _metrics.MetricsWriter(out) if out is not None else None
         history: list[dict] = []
         tokens_per_step = self.batch_size * self.seq
         bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
@@ -71,7 +91,7 @@ class Trainer:
                 batch = next(self.batches)
                 t0 = time.perf_counter()
                 self.pipeline.transport.reset_stats()
-                m = self.train_step(batch)
+                m = self.train_step(batch, timeline=bool(timeline_every) and (self.step + 1) % timeline_every == 0)
                 loss = float(m["loss"])  # one host sync per step, for the progress bar and the NaN check
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
@@ -80,16 +100,24 @@ class Trainer:
                 row = {"step": self.step, "loss": loss, "grad_norm": float(m["grad_norm"]),
                        "lr": self.optimizer.learning_rate(self.step - 1), "tokens_per_s": tokens_per_step / dt,
                        "step_s": dt, "bytes_per_link": self.pipeline.transport.bytes_per_link()}
+                busy = _metrics.busy_fractions(self.pipeline) if timeline_every else None
+                if busy is not None and self.step % timeline_every == 0:
+                    row["busy"] = busy
                 history.append(row)
                 if metrics_file and self.step % log_every == 0:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                    metrics_file.write(row)
+                if self.checkpoints is not None:
+                    self.checkpoints.save(self)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
+            if self.checkpoints is not None:
+                self.checkpoints.save(self, force=True)  # the end of a run is always saved
         finally:
             bar.close()
             if metrics_file:
                 metrics_file.close()
+            if self.checkpoints is not None:
+                self.checkpoints.wait()  # also after NonFiniteLoss: seal what was saved before it
         return history
 
 
@@ -108,6 +136,10 @@ class RunConfig:
     partition: tuple[int, ...] | None = None
     learning_rate: float = 3e-3
     seed: int = 0
+    save_every: int = 0  # checkpoint every N steps under out/checkpoints (0: only at the end); needs `out`
+    keep: int = 3  # checkpoints kept
+    resume: str = "auto"  # never | auto | must: continue from the newest intact checkpoint in out/checkpoints
+    init_from: str | None = None  # an `hxtrain export` folder (or a run folder) to take the parameters from
 
 
 def build_model(name: str, seed: int = 0):
@@ -140,9 +172,19 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
                           warmup_steps=min(20, max(resolved.steps // 10, 1)))
     trainer = Trainer(model, topo, schedule=resolved.schedule, microbatches=resolved.microbatches,
                       partition=resolved.partition, batch_size=resolved.batch_size, optimizer=opt,
-                      data=resolved.data, seed=resolved.seed)
+                      data=resolved.data, seed=resolved.seed, out=resolved.out,
+                      save_every=resolved.save_every, keep=resolved.keep, resume=resolved.resume,
+                      init_from=resolved.init_from)
     print(trainer.pipeline.describe())
-    history = trainer.fit(resolved.steps, out=resolved.out, progress=progress)
+    if resolved.init_from is not None:
+        print(f"initialised from {resolved.init_from}")
+    if trainer.resumed_from is not None:  # --steps is the run's total: a resumed run does the rest
+        print(f"resuming from {Path(resolved.out) / 'checkpoints'} at step {trainer.resumed_from} "
+              f"({max(resolved.steps - trainer.step, 0)} of {resolved.steps} steps left)")
+        if trainer.step >= resolved.steps:
+            print(f"done: already at step {trainer.step} of {resolved.steps}; nothing to train")
+            return trainer, []
+    history = trainer.fit(resolved.steps - trainer.step, out=resolved.out, progress=progress)
     first, last = history[0]["loss"], history[-1]["loss"]
     print(f"done: {len(history)} steps, loss {first:.4f} -> {last:.4f}, "
           f"cross-site bytes/step {sum(history[-1]['bytes_per_link'].values())}")

@@ -1,0 +1,258 @@
+"""Checkpoints of a training run: orbax `CheckpointManager`, logical layout, sealed with a manifest.
+
+    ckpt = Checkpoints("runs/a/checkpoints", save_every=50, keep=3)
+    ckpt.save(trainer)             # when trainer.step % save_every == 0 (force=True: now); asynchronous
+    step = ckpt.restore(trainer)   # newest intact checkpoint, onto the trainer's *own* placement (any topology)
+    ckpt.close()
+
+`Trainer(..., out=DIR, save_every=N, keep=K, resume="auto")` does all of this itself (under DIR/checkpoints).
+
+One checkpoint (orbax step folder DIR/<step>) holds four items, saved together:
+    params   the model's parameters keyed by model path (`params/blocks/3/w1`), see `hxtrain.logical`
+    opt      optax state keyed the same way (`opt/0/mu/blocks/3/w1`, `opt/0/count`)
+    data     the grain iterator state (JSON), so the data order continues exactly
+    meta     step, seed, model class/config, parameter shapes, the placement it came from (JSON)
+Each array is written from the devices of the site that holds it; nothing is gathered on one host. After orbax has
+finished a step, `hxtrain.manifest.seal` records every file's sha256; restore verifies it and falls back to the
+previous checkpoint (with a warning naming step and file) when a file was truncated or altered, and skips steps that
+were never sealed (the run died while saving them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from hxtrain import logical as _logical
+from hxtrain import manifest as _manifest
+from hxtrain.manifest import CheckpointDamaged
+
+FORMAT = "hxtrain-checkpoint/1"
+RESUME_MODES = ("never", "auto", "must")
+__all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointMismatch", "CheckpointWarning", "Checkpoints",
+           "check_shapes", "FORMAT", "RESUME_MODES"]
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is required, or checkpoints where none may be."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint holds another model shape than the one it is restored into."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (unsealed or damaged) and an older one is used."""
+
+
+def check_shapes(saved: dict, expected: dict, where: str) -> None:
+    """Raise CheckpointMismatch at the first parameter path (model order) that is missing, extra or of another
+    shape. `saved`/`expected`: {'blocks/3/w1': (shape, dtype name)}."""
+    for path, (shape, _) in expected.items():
+        if path not in saved:
+            raise CheckpointMismatch(f"{where}: the model's parameter {path} {tuple(shape)} is not in the checkpoint; "
+                                     f"it was saved from another model")
+        if tuple(saved[path][0]) != tuple(shape):
+            raise CheckpointMismatch(f"{where}: parameter {path} has shape {tuple(saved[path][0])} in the checkpoint "
+                                     f"but {tuple(shape)} in the model; restore it into the model it was saved from")
+    extra = [p for p in saved if p not in expected]
+    if extra:
+        raise CheckpointMismatch(f"{where}: parameter {extra[0]} {tuple(saved[extra[0]][0])} is in the checkpoint but "
+                                 f"not in the model; it was saved from another model")
+
+
+def _meta(trainer) -> dict:
+    pipe = trainer.pipeline
+    cfg = getattr(pipe._model, "cfg", None)
+    return {
+        "format": FORMAT, "step": int(trainer.step), "seed": int(getattr(trainer, "seed", 0)),
+        "model": type(pipe._model).__name__,
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "shapes": {k: [list(s), d] for k, (s, d) in _logical.shapes(pipe).items()},
+        "topology": pipe.topology.name, "ranges": [list(r) for r in pipe.ranges],
+        "sites": [[s.name, s.backend, s.data, s.tensor] for s in pipe.topology.sites],
+        "schedule": pipe.schedule.name, "microbatches": pipe.microbatches,
+        "batch_size": trainer.batch_size, "seq": trainer.seq, "time": time.time(),
+    }
+
+
+class Checkpoints:
+    """A folder of checkpoints (orbax `CheckpointManager`): save every `save_every` steps, keep the last `keep`.
+
+    Args:
+      directory: the folder (created); orbax keeps one subfolder per step.
+      save_every: `save(trainer)` saves when trainer.step is a multiple of it; 0 = only `save(force=True)`.
+      keep: how many recent checkpoints to keep (>= 1).
+      async_save: write in the background (the next training steps overlap the write).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
+        if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 0:
+            raise ValueError(f"save_every: expected a whole number >= 0 (0 = only at the end), got {save_every!r}")
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise ValueError(f"keep: expected a whole number >= 1 of checkpoints to keep, got {keep!r}")
+        self.directory = Path(directory).absolute()
+        self.save_every, self.keep = save_every, keep
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True, create=True)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._unsealed: list[int] = []
+
+    # ---- listing -----------------------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Every step orbax finished (sealed or not), oldest first."""
+        self._mngr.reload()
+        return sorted(self._mngr.all_steps())
+
+    def steps(self) -> list[int]:
+        """Steps that are complete and sealed (not yet verified against their manifest), oldest first."""
+        return [s for s in self.all_steps() if _manifest.is_sealed(self.directory / str(s))]
+
+    def latest(self) -> int | None:
+        """The newest step that is sealed and intact, or None."""
+        try:
+            return self._choose(None, warn=False)
+        except CheckpointError:
+            return None
+
+    # ---- save --------------------------------------------------------------------------------------------------
+
+    def save(self, trainer, *, force: bool = False) -> bool:
+        """Save the trainer's params, optimizer state, step, seed and data position (asynchronously). Returns
+        whether a checkpoint was started (False when it is not a `save_every` step or this step is saved)."""
+        step = int(trainer.step)
+        if not force and (not self.save_every or step % self.save_every):
+            return False
+        why = _logical.supported(trainer.pipeline)
+        if why is not None:  # a warning rather than an error: the run itself is fine, it just cannot be saved
+            warnings.warn(f"step {step} not checkpointed: {why}", CheckpointWarning, stacklevel=2)
+            return False
+        self.wait()  # one save in flight at a time; seal the previous one before starting the next
+        if step in self.all_steps():
+            return False
+        items = _logical.to_logical(trainer.pipeline, trainer.optimizer.states)
+        args = ocp.args.Composite(params=ocp.args.StandardSave(items["params"]),
+                                  opt=ocp.args.StandardSave(items["opt"]),
+                                  data=ocp.args.JsonSave(trainer.batches.get_state()),
+                                  meta=ocp.args.JsonSave(_meta(trainer)))
+        self._mngr.save(step, args=args, force=True)
+        self._unsealed.append(step)
+        return True
+
+    def wait(self) -> None:
+        """Finish the save in flight and seal it (write its manifest)."""
+        self._mngr.wait_until_finished()
+        for step in self._unsealed:
+            if (self.directory / str(step)).is_dir():  # may have been rotated out already
+                _manifest.seal(self.directory / str(step))
+        self._unsealed.clear()
+
+    def close(self) -> None:
+        self.wait()
+        self._mngr.close()
+
+    # ---- restore -----------------------------------------------------------------------------------------------
+
+    def _choose(self, step: int | None, *, warn: bool = True) -> int:
+        notes = []
+        for s in reversed(self.all_steps()):
+            if step is not None and s > step:
+                continue
+            folder = self.directory / str(s)
+            if not _manifest.is_sealed(folder):
+                notes.append(f"checkpoint step {s}: not sealed (the run stopped while saving it)")
+                continue
+            try:
+                _manifest.verify(folder, s)
+            except CheckpointDamaged as e:
+                notes.append(str(e))
+                continue
+            for n in notes if warn else ():
+                warnings.warn(f"{n}; restoring step {s} instead", CheckpointWarning, stacklevel=3)
+            return s
+        wanted = "" if step is None else f" at or before step {step}"
+        raise CheckpointError(f"no complete checkpoint{wanted} in {self.directory}"
+                              + (": " + "; ".join(notes) if notes else ""))
+
+    def read_meta(self, step: int) -> dict:
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, trainer, step: int | None = None) -> int:
+        """Restore the newest intact checkpoint (at or before `step`) into `trainer`, whatever its topology,
+        partition or data x tensor shape: targets come from the trainer's own placement. Newer checkpoints that
+        were skipped are moved to `<directory>/rejected/` so that the run can save those steps again.
+        Returns the restored step."""
+        self.wait()
+        why = _logical.supported(trainer.pipeline)
+        if why is not None:
+            raise CheckpointError(f"cannot restore into this trainer: {why}")
+        chosen = self._choose(step)
+        meta = self.read_meta(chosen)
+        pipe = trainer.pipeline
+        check_shapes(meta["shapes"], _logical.shapes(pipe), f"checkpoint step {chosen} in {self.directory}")
+        fresh = trainer.optimizer.states
+        tg = _logical.targets(pipe, fresh)
+        got = self._mngr.restore(chosen, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(tg["params"]), opt=ocp.args.StandardRestore(tg["opt"]),
+            data=ocp.args.JsonRestore()))
+        params = _logical.to_stages(pipe, got["params"], [s.params for s in pipe.stages])
+        for s, p in zip(pipe.stages, params):
+            s.params = p
+        trainer.optimizer.states = _logical.to_stages(pipe, got["opt"], fresh)
+        trainer.step = int(meta["step"])
+        trainer.seed = int(meta["seed"])
+        trainer.batches = _rebuild_batches(trainer, int(meta["seed"]))
+        trainer.batches.set_state(got["data"])
+        self._set_aside([s for s in self.all_steps() if s > chosen])
+        return chosen
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        dest = self.directory / "rejected"
+        dest.mkdir(exist_ok=True)
+        for s in steps:
+            target = dest / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
+            shutil.move(str(self.directory / str(s)), str(target))
+        self._mngr.reload()
+
+    def resume(self, trainer, mode: str = "auto") -> int | None:
+        """`never`: refuse a folder that already holds checkpoints; `auto`: restore the newest intact one if any;
+        `must`: restore or raise. Returns the restored step or None."""
+        if mode not in RESUME_MODES:
+            raise ValueError(f"resume: expected one of {RESUME_MODES}, got {mode!r}")
+        found = self.all_steps()
+        if mode == "never":
+            if found:
+                raise CheckpointError(f"resume=never but {self.directory} already holds checkpoints (steps {found}); "
+                                      f"use another --out, delete them, or resume with --resume auto")
+            return None
+        if not found:
+            if mode == "must":
+                raise CheckpointError(f"resume=must but there is no checkpoint in {self.directory}; train once "
+                                      f"with --resume auto (or never) to create one, or check --out")
+            return None
+        try:
+            return self.restore(trainer)
+        except CheckpointError as e:
+            if mode == "must":
+                raise
+            warnings.warn(f"{e}; starting from scratch (the unusable steps are moved to "
+                          f"{self.directory / 'rejected'})", CheckpointWarning, stacklevel=2)
+            self._set_aside(found)
+            return None
+
+
+def _rebuild_batches(trainer, seed: int):
+    # The data order is a function of (corpus, seq, batch size, seed); the saved iterator state is a position in
+    # it, so the iterator must be rebuilt with the saved seed before the state is set.
+    from hxtrain import data as _data
+
+    return _data.batches(trainer.corpus, seq=trainer.seq, batch_size=trainer.batch_size, seed=seed)
