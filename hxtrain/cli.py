@@ -30,7 +30,7 @@ def _cmd_train(args) -> int:
 
     cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
                     batch_size=args.batch_size, steps=args.steps, data=args.data, out=args.out,
-                    partition=args.partition, learning_rate=args.lr, seed=args.seed,
+                    partition=args.partition, learning_rate=args.lr, seed=args.seed, executor=args.executor,
                     save_every=args.save_every, keep=args.keep, resume=args.resume, init_from=args.init_from)
     train(cfg, progress=not args.no_progress)
     return 0
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--partition", type=_partition, help="blocks per stage, e.g. 5,3 (default: even)")
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--executor", choices=("mpmd", "spmd"), default="mpmd",
+                   help="mpmd: per-site programs driven by the host (default); spmd: the whole pipeline as "
+                        "one program (GPipe, same backend and shape on every site)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     t.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N steps into OUT/checkpoints (default 0: only at the end; needs --out)")

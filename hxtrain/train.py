@@ -31,20 +31,30 @@ class Trainer:
                  batch_size: int = 32, seq: int | None = None, optimizer: OptimizerConfig | None = None,
                  data: str | os.PathLike | None = None, seed: int = 0, max_corpus_bytes: int | None = 8_000_000,
                  out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 3, resume: str = "auto",
-                 init_from: str | os.PathLike | None = None):
+                 init_from: str | os.PathLike | None = None, executor: str = "mpmd"):
         """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/); with it, checkpoints are saved
         every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and `resume` ("never",
         "auto", "must") decides whether the newest intact checkpoint in out/checkpoints is restored here
         (`self.resumed_from` = its step or None). `init_from`: start from an exported model
         (`hxtrain export`) or a checkpoint folder's parameters (fresh optimizer, step 0)."""
-        self.pipeline = Pipeline(model, topology, schedule=schedule, microbatches=microbatches, partition=partition)
+        if executor not in ("mpmd", "spmd"):
+            raise ValueError(f"executor: expected 'mpmd' or 'spmd', got {executor!r}")
+        if executor == "spmd":  # one program over every site (same backend and shape everywhere), GPipe only
+            from hxtrain.spmd import SpmdPipeline
+
+            self.pipeline = SpmdPipeline(model, topology, schedule=schedule, microbatches=microbatches,
+                                         partition=partition)
+        else:
+            self.pipeline = Pipeline(model, topology, schedule=schedule, microbatches=microbatches,
+                                     partition=partition)
         self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
             raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")
         self.batch_size = batch_size
         self.pipeline._check_tokens(np.zeros((batch_size, self.seq + 1), np.int32))  # fail before any work
         self.optimizer_config = optimizer or OptimizerConfig()
-        self.optimizer = SiteOptimizer(self.optimizer_config, self.pipeline.stages)
+        self.optimizer = (self.pipeline.make_optimizer(self.optimizer_config) if executor == "spmd"
+                          else SiteOptimizer(self.optimizer_config, self.pipeline.stages))
         self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
         self.step = 0
@@ -136,6 +146,7 @@ class RunConfig:
     partition: tuple[int, ...] | None = None
     learning_rate: float = 3e-3
     seed: int = 0
+    executor: str = "mpmd"  # "spmd": the whole pipeline as one program (hxtrain.spmd; GPipe, uniform sites)
     save_every: int = 0  # checkpoint every N steps under out/checkpoints (0: only at the end); needs `out`
     keep: int = 3  # checkpoints kept
     resume: str = "auto"  # never | auto | must: continue from the newest intact checkpoint in out/checkpoints
@@ -160,7 +171,9 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
     run = topo.run
     resolved = dataclasses.replace(
         config,
-        model=config.model or run.model, schedule=config.schedule or run.schedule,
+        model=config.model or run.model,
+        # the SPMD executor runs GPipe only, so it does not inherit the topology's default schedule
+        schedule=config.schedule or ('gpipe' if config.executor == 'spmd' else run.schedule),
         microbatches=config.microbatches or run.microbatches, batch_size=config.batch_size or run.batch_size,
         steps=config.steps or run.steps)
     print(f"hxtrain train: mesh={topo.source} model={resolved.model} schedule={resolved.schedule} "
@@ -172,7 +185,7 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
                           warmup_steps=min(20, max(resolved.steps // 10, 1)))
     trainer = Trainer(model, topo, schedule=resolved.schedule, microbatches=resolved.microbatches,
                       partition=resolved.partition, batch_size=resolved.batch_size, optimizer=opt,
-                      data=resolved.data, seed=resolved.seed, out=resolved.out,
+                      data=resolved.data, seed=resolved.seed, executor=resolved.executor, out=resolved.out,
                       save_every=resolved.save_every, keep=resolved.keep, resume=resolved.resume,
                       init_from=resolved.init_from)
     print(trainer.pipeline.describe())

@@ -1,0 +1,389 @@
+"""The SPMD fast path: the whole GPipe pipeline compiled as ONE program on a global mesh ('site', 'data', 'tensor').
+
+Only possible when every site has the same backend, device kind and (data, tensor) shape in one process (tests,
+one multi-slice cluster): the sites' device grids are stacked into one `Mesh`, and `jax.shard_map` is manual over
+`site` and `data` (`tensor` stays with GSPMD, as in the per-site stage programs). Each tick of a `scan` over
+M + S - 1 ticks, site s applies its stage to microbatch t - s and `ppermute`s the result to site s + 1;
+`jax.value_and_grad` through the loop gives the backward (the transposed scan sends cotangents back with the
+inverse `ppermute`). Stages are `jax.checkpoint`ed, so a site keeps only its stage input per tick (GPipe: M).
+
+Every site holds a slot of the same shape for everything (SPMD): a `[S, ...]` embedding and head (real on site 0
+and site S-1, zeros elsewhere) and `[S, L, ...]` blocks, L = the largest stage, padded with zero layers. Dummy
+slots, padded layers and bubble ticks are removed with `jnp.where` on both the values *and* the parameters they
+would meet (a NaN parameter times a zero cotangent is still NaN), so nothing in them can reach the loss or a
+gradient; `poison=True` fills them with NaN to prove it.
+
+Gradients never cross a site: parameters are sharded over `site`, and `pcast` to varying over `data` once, so the
+gradient reduction over `data` happens once per step, inside each site. The loss (a scalar) and the optimizer's
+squared norms are the only other things that cross.
+
+Shapes: S sites, M microbatches, mb microbatch size, d = data per site, T sequence, D width, L = max(blocks).
+    params   {'embed': [S, ...], 'blocks': [S, L, ...], 'head': [S, ...]}, sharded P('site', ...)
+    tokens   [M, mb, T+1] int32, P(None, 'data');   activations per site [mb/d, T, D]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hxtrain import parts as _parts
+from hxtrain import placement as _placement
+from hxtrain import schedules as _schedules
+from hxtrain.topology import Topology, load_topology
+
+SITE, DATA, TENSOR = "site", "data", "tensor"
+_SCHEDULES = ("gpipe",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The static key of the compiled step (hashable: graph definitions, a mesh, ints)."""
+
+    embed_def: Any
+    block_def: Any
+    head_def: Any
+    mesh: Mesh
+    counts: tuple[int, ...]  # real blocks per site; the rest of the L slots are padding
+    microbatches: int
+    width: int  # D, the activation width
+    dtype: Any  # activation dtype
+    poison: bool = False
+
+    @property
+    def sites(self) -> int:
+        return len(self.counts)
+
+    @property
+    def depth(self) -> int:
+        return max(self.counts)
+
+
+def _mask(cond, tree):
+    """Where `cond` is False, zeros instead of the tree's values (and zero gradients for them)."""
+    return jax.tree.map(lambda a: jnp.where(cond, a, jnp.zeros((), a.dtype)), tree)
+
+
+def _blocks(block_def, stacked: dict, live, h):
+    """Apply L stacked blocks; padded ones (live False) leave h unchanged. stacked leaves [L, ...], h [b, T, D]."""
+
+    def body(h, xs):
+        p, on = xs
+        return jnp.where(on, nnx.merge(block_def, p)(h), h), None
+
+    return jax.lax.scan(body, h, (stacked, live))[0]
+
+
+def _site_loss(prog: _Program, params: dict, tokens):
+    """One site's view (inside shard_map). params leaves [1, ...]; tokens [M, mb/d, T+1]. Returns the global loss."""
+    S, M, L = prog.sites, prog.microbatches, prog.depth
+    s = jax.lax.axis_index(SITE)
+    first, last = s == 0, s == S - 1
+    params = jax.tree.map(lambda a: a[0], params)
+    # Parameters the site must not use become zeros *before* any arithmetic, so NaN cannot leak through them.
+    live = jnp.arange(L) < jnp.asarray(prog.counts, jnp.int32)[s]  # [L]
+    blocks = jax.tree.map(lambda a: jnp.where(live.reshape((L,) + (1,) * (a.ndim - 1)), a, 0), params["blocks"])
+    embed, head = _mask(first, params["embed"]), _mask(last, params["head"])
+    # Varying over `data` once here: per-tick gradients stay local and the one psum over `data` is this pcast's
+    # transpose, at the end of the backward, not once per tick.
+    embed, blocks, head = jax.lax.pcast((embed, blocks, head), DATA, to="varying")
+    scale = jnp.float32(1.0 / (M * prog.mesh.shape[DATA]))
+
+    @jax.checkpoint  # keep only the stage input per tick; the backward recomputes the stage
+    def stage(embed, blocks, head, recv, tok, valid):
+        h = jnp.where(first, _parts.apply_embed(prog.embed_def, embed, tok[:, :-1]), recv)
+        h = jnp.where(valid, h, jnp.zeros((), h.dtype))  # a bubble computes on zeros, never on what it received
+        h = _blocks(prog.block_def, blocks, live, h)
+        return h, _parts.apply_head(prog.head_def, head, h, tok[:, 1:]) * scale
+
+    def tick(carry, t):
+        recv, lacc = carry
+        i = t - s  # this site's microbatch at tick t
+        valid = (i >= 0) & (i < M)
+        tok = jax.lax.dynamic_index_in_dim(tokens, jnp.clip(i, 0, M - 1), 0, keepdims=False)
+        h, loss = stage(embed, blocks, head, recv, tok, valid)
+        lacc = lacc + jnp.where(valid & last, loss, 0.0)
+        if prog.poison:  # what a bubble sends is NaN: the receiver must never use it
+            h = jnp.where(valid, h, jnp.full((), jnp.nan, h.dtype))
+        if S > 1:
+            h = jax.lax.ppermute(h, SITE, [(k, k + 1) for k in range(S - 1)])
+        return (h, lacc), None
+
+    shape = (tokens.shape[1], tokens.shape[2] - 1, prog.width)
+    recv0 = jnp.full(shape, jnp.nan if prog.poison else 0.0, prog.dtype)
+    carry = jax.lax.pcast((recv0, jnp.float32(0.0)), (SITE, DATA), to="varying")
+    _, lacc = jax.lax.scan(tick, carry, jnp.arange(M + S - 1))[0]
+    return jax.lax.psum(lacc, (SITE, DATA))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step(prog: _Program, params: dict, tokens):
+    """(loss, grads shaped like params, squared gradient norm per site [S])."""
+    run = jax.shard_map(functools.partial(_site_loss, prog), mesh=prog.mesh, in_specs=(P(SITE), P(None, DATA)),
+                        out_specs=P(), axis_names=frozenset({SITE, DATA}))
+    loss, grads = jax.value_and_grad(run)(params, tokens)
+    sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+             for g in jax.tree.leaves(grads))
+    return loss, grads, sq
+
+
+@dataclasses.dataclass
+class SpmdStage:
+    """The whole pipeline as one 'stage' of the optimizer's view: stacked params on the global mesh."""
+
+    params: dict
+    shardings: dict
+    mesh: Mesh
+
+
+class _PpermuteTraffic:
+    """Bytes the compiled step moves between neighbouring sites, in the `InProcessTransport` report format.
+
+    Not counted at run time (there is no host in the loop): every tick ppermutes one [mb, T, D] activation
+    forward and, in the backward, one cotangent back, bubbles included: (M + S - 1) of each per link per step."""
+
+    def __init__(self):
+        self._per_link: dict[str, int] = {}
+
+    def record(self, sites: int, ticks: int, nbytes: int) -> None:
+        for i in range(sites - 1):
+            for link in (f"{i}->{i + 1}", f"{i + 1}->{i}"):
+                self._per_link[link] = self._per_link.get(link, 0) + ticks * nbytes
+
+    def bytes_per_link(self) -> dict[str, int]:
+        return dict(self._per_link)
+
+    def total_bytes(self) -> int:
+        return sum(self._per_link.values())
+
+    def reset_stats(self) -> None:
+        self._per_link.clear()
+
+
+class SpmdOptimizer:
+    """`SiteOptimizer` for the stacked params: the same per-stage AdamW update, `vmap`ped over the site axis.
+
+    Each site's slice {'embed', 'blocks' [L, ...], 'head'} looks exactly like an MPMD stage's tree, so the
+    weight-decay mask and every elementwise update are the same; padded layers and dummy slots have zero grads
+    and zero values and stay zero. Clipping uses the global norm over every site (padding adds 0).
+    Same interface as `SiteOptimizer`: `step(stages, grads, sqs)`, `learning_rate(step)`, `states`.
+    """
+
+    def __init__(self, config, stages: list[SpmdStage]):
+        self.config = config
+        self.tx = config.transform()
+        self.states = [jax.jit(jax.vmap(self.tx.init))(s.params) for s in stages]
+        self.control_bytes = 0  # the norm's all-reduce over `site` is inside the program; 4 bytes per site
+        self._update = jax.jit(functools.partial(_update, self.tx, config.clip_norm), donate_argnums=(0, 1))
+
+    def step(self, stages: list[SpmdStage], grads: list[dict], sqs: list) -> jax.Array:
+        """Update params in place (donated). Returns the global gradient norm (device scalar)."""
+        total = sum(jnp.sum(sq) for sq in sqs)
+        for i, s in enumerate(stages):
+            s.params, self.states[i] = self._update(s.params, self.states[i], grads[i], total)
+        self.control_bytes += 4 * len(stages[0].mesh.devices) * max(len(stages[0].mesh.devices) - 1, 0)
+        return jnp.sqrt(total)
+
+    def learning_rate(self, step: int) -> float:
+        return float(self.config.schedule()(step))
+
+
+def _update(tx, clip_norm, params, opt_state, grads, total_sq):
+    """The per-site update of `hxtrain.optim`, vmapped over the leading site axis of every leaf."""
+    import optax
+
+    def one(p, st, g):
+        if clip_norm > 0:
+            g = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip_norm / (jnp.sqrt(total_sq) + 1e-6)), g)
+        updates, st = tx.update(g, st, p)
+        return optax.apply_updates(p, updates), st
+
+    return jax.vmap(one)(params, opt_state, grads)
+
+
+def _refuse_mixed(topology: Topology) -> None:
+    """The SPMD path needs one backend, device kind and (data, tensor) shape on every site."""
+    ref = topology.sites[0]
+    for i, site in enumerate(topology.sites[1:], start=1):
+        for field, want, got in (("backend", ref.backend, site.backend),
+                                 ("device_kind", ref.device_kind, site.device_kind),
+                                 ("data x tensor", f"{ref.data} x {ref.tensor}", f"{site.data} x {site.tensor}")):
+            if want != got:
+                raise ValueError(
+                    f"{topology.source}: sites[{i}] ({site.name!r}) {field}: the SPMD executor compiles one "
+                    f"program over every site, so it expected {want!r} like sites[0] ({ref.name!r}), got {got!r}; "
+                    "use executor 'mpmd' for heterogeneous sites")
+
+
+class SpmdPipeline:
+    """GPipe over every site as one SPMD program. Same numbers as `hxtrain.Pipeline(schedule='gpipe')`.
+
+    Args:
+      model: an NNX model following the protocol in `hxtrain.parts`.
+      topology: a `Topology` or a path / shipped name; every site the same backend, device kind, data x tensor.
+      schedule: "gpipe" (or a `GPipe` object); anything else is refused.
+      microbatches: M; the batch must be a multiple of M * data.
+      partition: blocks per stage (uneven allowed; stages are padded to the largest), or None as in `Pipeline`.
+    """
+
+    def __init__(self, model, topology: Topology | str | os.PathLike = "local", schedule: Any = "gpipe",
+                 microbatches: int = 8, partition=None):
+        self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
+        self.schedule = _schedules.get_schedule(schedule)
+        if self.schedule.name not in _SCHEDULES or self.schedule.virtual != 1 or self.schedule.split_backward:
+            raise ValueError(f"schedule: the SPMD executor runs {list(_SCHEDULES)}, got {self.schedule.name!r}; "
+                             "use executor 'mpmd' for other schedules")
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+            raise ValueError(f"microbatches: expected a whole number >= 1, got {microbatches!r}")
+        _refuse_mixed(self.topology)
+        self.microbatches = microbatches
+        self._model = model
+        self.parts = p = _parts.split_model(model)
+        S = self.topology.n_sites
+        if partition is None and any(s.layers for s in self.topology.sites):
+            partition = self.topology.layer_shares(p.n_layers)
+        self.ranges = _placement.partition(p.n_layers, S, partition, source=f"{self.topology.source}: partition")
+        meshes = _placement.site_meshes(self.topology)
+        kinds = sorted({d.device_kind for m in meshes for d in m.devices.flat})
+        if len(kinds) > 1:
+            raise ValueError(f"{self.topology.source}: devices: the SPMD executor needs one device kind, got "
+                             f"{kinds}; use executor 'mpmd'")
+        self.mesh = Mesh(np.stack([m.devices for m in meshes]), (SITE, DATA, TENSOR))
+        self.counts = tuple(hi - lo for lo, hi in self.ranges)
+        params = self._stack(p.embed, list(p.blocks), p.head)
+        shard = self._shardings(params)
+        self.stages = [SpmdStage(jax.device_put(params, shard), shard, self.mesh)]
+        h = jax.eval_shape(lambda e, t: _parts.apply_embed(p.embed_def, e, t), p.embed,
+                           jax.ShapeDtypeStruct((1, 1), jnp.int32))
+        self._program = _Program(p.embed_def, p.block_def, p.head_def, self.mesh, self.counts, microbatches,
+                                 int(h.shape[-1]), h.dtype)
+        self.transport = _PpermuteTraffic()
+
+    # ---- placement ---------------------------------------------------------------------------------------------
+
+    def _stack(self, embed: dict, blocks: list[dict], head: dict) -> dict:
+        """Per-part pure trees (blocks in model order) -> host arrays {'embed': [S, ...], 'blocks': [S, L, ...],
+        'head': [S, ...]}, zeros in the padded layers and the dummy slots."""
+        S, L = len(self.ranges), max(self.counts)
+        zero = lambda tree: jax.tree.map(lambda a: np.zeros(np.shape(a), np.asarray(a).dtype), tree)  # noqa: E731
+        stack = lambda *xs: np.stack([np.asarray(x) for x in xs])  # noqa: E731
+        per_site = []
+        for s, (lo, hi) in enumerate(self.ranges):
+            layers = list(blocks[lo:hi]) + [zero(blocks[0])] * (L - (hi - lo))
+            per_site.append({"embed": embed if s == 0 else zero(embed), "blocks": jax.tree.map(stack, *layers),
+                             "head": head if s == S - 1 else zero(head)})
+        return jax.tree.map(stack, *per_site)
+
+    def _shardings(self, params: dict) -> dict:
+        p = self.parts
+        axes = {"embed": p.embed_axes, "head": p.head_axes,
+                "blocks": jax.tree.map(lambda ax: ("layers",) + ax, p.block_axes, is_leaf=_is_axes)}
+
+        def one(a, ax):  # site first, then the logical->mesh rules for the rest ('tensor' only, in practice)
+            return NamedSharding(self.mesh, P(SITE, *_placement.mesh_spec(ax, a.shape[1:], self.mesh)))
+
+        return jax.tree.map(one, params, axes, is_leaf=lambda x: _is_axes(x) or isinstance(x, np.ndarray))
+
+    def stack_state(self, state) -> dict:
+        """An nnx.State (or pure dict) shaped like nnx.state(model, nnx.Param) -> the stacked layout on the global
+        mesh (the inverse of `as_state`): to load params, or to feed grads computed elsewhere to the optimizer."""
+        pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+        blocks = [pure["blocks"][i] for i in range(self.parts.n_layers)]
+        host = self._stack(pure["embed"], blocks, pure["head"])
+        return jax.device_put(host, self.stages[0].shardings)
+
+    @property
+    def params(self) -> dict:
+        return self.stages[0].params
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens: expected an integer array [batch, seq+1], got {tokens.dtype} {tokens.shape}")
+        B, T1 = tokens.shape
+        M, d = self.microbatches, self.topology.sites[0].data
+        if B % (M * d):
+            raise ValueError(f"tokens: batch {B} must be a multiple of microbatches x data = {M} x {d}; "
+                             f"use a batch that is a multiple of {M * d}")
+        return tokens.astype(np.int32).reshape(M, B // M, T1)
+
+    def grads(self, tokens, *, poison: bool = False, timeline: bool = False):
+        """One step's (loss, [grads], [squared norm per site [S]]), as one-element lists (the whole pipeline is
+        one program); grads are shaped like `self.params` (zero in padded layers and dummy slots)."""
+        if timeline:
+            raise ValueError("timeline: the SPMD executor runs the step as one program, so it has no per-task "
+                             "events to record; expected timeline=False, got True; use executor 'mpmd'")
+        batch = self._check_tokens(tokens)
+        prog, params = self._program, self.params
+        if poison:
+            prog, params = dataclasses.replace(prog, poison=True), _poison(self.counts, params)
+        loss, grads, sq = _step(prog, params, jax.device_put(batch, NamedSharding(self.mesh, P(None, DATA))))
+        M, mb, T1 = batch.shape
+        self.transport.record(prog.sites, M + prog.sites - 1, mb * (T1 - 1) * prog.width * prog.dtype.itemsize)
+        return loss, [grads], [sq]
+
+    def loss_and_grads(self, tokens, *, poison: bool = False):
+        """(loss, grads as an nnx.State shaped like nnx.state(model, nnx.Param)); equals the single-device
+        `nnx.value_and_grad(loss)(model, tokens)`. `poison` fills padded layers, dummy slots, the initial loop
+        carry and bubble sends with NaN (tests)."""
+        loss, (grads,), _ = self.grads(tokens, poison=poison)
+        return loss, self.as_state(grads)
+
+    def make_optimizer(self, config) -> SpmdOptimizer:
+        return SpmdOptimizer(config, self.stages)
+
+    # ---- views -------------------------------------------------------------------------------------------------
+
+    def as_state(self, tree: dict) -> nnx.State:
+        """A stacked tree (params or grads) -> an nnx.State shaped like nnx.state(model, nnx.Param), host arrays."""
+        host = jax.device_get(tree)
+        blocks = [jax.tree.map(lambda a, s=s, j=j: a[s, j], host["blocks"])
+                  for s, n in enumerate(self.counts) for j in range(n)]
+        return _parts.as_model_state(self._model, jax.tree.map(lambda a: a[0], host["embed"]), blocks,
+                                     jax.tree.map(lambda a: a[-1], host["head"]))
+
+    def params_state(self) -> nnx.State:
+        return self.as_state(self.params)
+
+    def describe(self) -> str:
+        site = self.topology.sites[0]
+        lines = [f"topology {self.topology.name!r} ({self.topology.source}), executor spmd (one program on mesh "
+                 f"site {len(self.ranges)} x data {site.data} x tensor {site.tensor}), schedule gpipe, "
+                 f"{self.microbatches} microbatches"]
+        L = max(self.counts)
+        for s, (lo, hi) in enumerate(self.ranges):
+            what = (["embed"] if s == 0 else []) + [f"blocks[{lo}:{hi}]"] + (["head"] if s == len(self.ranges) - 1
+                                                                               else [])
+            pad = f" (+{L - (hi - lo)} padded)" if hi - lo < L else ""
+            devs = [d.id for d in self.mesh.devices[s].flat]
+            lines.append(f"  stage {s} -> site {self.topology.sites[s].name!r} (devices {devs}): "
+                         f"{' + '.join(what)}{pad}")
+        return "\n".join(lines)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _poison(counts: tuple[int, ...], params: dict) -> dict:
+    """NaN in every slot a site must not use: padded layers, the embedding off site 0, the head off site S-1."""
+    S, L = len(counts), max(counts)
+    live = np.arange(L)[None, :] < np.asarray(counts)[:, None]  # [S, L]
+
+    def fill(a, keep):
+        return jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - keep.ndim)), a, jnp.nan)
+
+    return {"embed": jax.tree.map(lambda a: fill(a, np.arange(S) == 0), params["embed"]),
+            "blocks": jax.tree.map(lambda a: fill(a, live), params["blocks"]),
+            "head": jax.tree.map(lambda a: fill(a, np.arange(S) == S - 1), params["head"])}
