@@ -31,7 +31,8 @@ def _cmd_train(args) -> int:
     cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
                     batch_size=args.batch_size, steps=args.steps, data=args.data, out=args.out,
                     partition=args.partition, learning_rate=args.lr, seed=args.seed, executor=args.executor,
-                    save_every=args.save_every, keep=args.keep, resume=args.resume, init_from=args.init_from)
+                    save_every=args.save_every, keep=args.keep, resume=args.resume, init_from=args.init_from,
+                    plan=args.plan)
     train(cfg, progress=not args.no_progress)
     return 0
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
                    help="continue from the newest intact checkpoint in OUT: auto (if any, the default), must, never")
     t.add_argument("--init-from", help="start from the parameters of an `hxtrain export` folder (or a run folder)")
+    t.add_argument("--plan", metavar="FILE", help="run a plan written by `hxtrain plan` (its topology, model, "
+                                                  "schedule, microbatches and global batch)")
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("info", help="devices and backends JAX sees, and the topology as it will be placed")
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="model preset to place (default: the topology's [run] model)")
     i.set_defaults(func=_cmd_info)
 
-    for name in ("plan_cli", "export"):  # commands that live in their own modules
+    for name in ("plan_cli", "export", "profile"):  # commands that live in their own modules
         try:
             module = __import__(f"hxtrain.{name}", fromlist=["register"])
         except ImportError:

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="plan.toml", help="plan file to write (default: plan.toml); '-' writes none")
     p.add_argument("--exhaustive", action="store_true", help="simulate every layer partition (small cases only)")
     p.add_argument("--efficiency", type=float, help="fraction of peak FLOP/s reached (default 0.4)")
+    p.add_argument("--profile", metavar="FILE", help="measured per-block times from `hxtrain profile --out FILE` "
+                                                     "(replace the FLOP estimate for the profiled sites)")
     p.set_defaults(func=run)
 
 
@@ -36,12 +38,20 @@ def run(args, out=None) -> int:
     try:
         topo = load_topology(args.mesh)
         cfg = _model(args.model)
+        profiles = None
+        if getattr(args, "profile", None):
+            from hxtrain.profile import load_site_profiles
+
+            profiles = load_site_profiles(args.profile, topo)
         plan = planner.plan(topo, cfg, global_batch=args.global_batch, seq=args.seq, model_name=args.model,
-                            exhaustive=args.exhaustive, efficiency=args.efficiency)
+                            exhaustive=args.exhaustive, efficiency=args.efficiency, profiles=profiles)
     except (TopologyError, planner.PlanError, ValueError) as e:
         print(f"hxtrain plan: error: {e}", file=sys.stderr)
         return 2
     print(format_report(plan, cfg), file=out)
+    if profiles:
+        print(f"  block times measured ({args.profile}) on sites {', '.join(profiles)}; the rest estimated",
+              file=out)
     if args.out and args.out != "-":
         paths = plan.to_toml(args.out)
         print(f"wrote {paths[0]} (plan) and {paths[1]} (its topology: `hxtrain train --plan {paths[0]}`)", file=out)

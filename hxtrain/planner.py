@@ -18,18 +18,16 @@ fast search finds the same step time).
 
 The result is a `Plan` with three `Prediction`s (the plan, an even split, cross-site data parallelism); its TOML
 form is two files: a topology that `load_topology` reads as is (chosen data/tensor/layers/codecs and the `[run]`)
-and the plan itself (`[plan]`, `[predicted]`, ...), which names the topology file by a relative path.
+and the plan itself (`[plan]`, `[predicted]`, ...), which names the topology file by a relative path
+(`hxtrain.plan_file`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
-import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,100 +145,16 @@ class Plan:
 
     def to_toml(self, path) -> tuple[Path, Path]:
         """Write the plan to `path` and its topology next to it (`<stem>.topology.toml`); returns both paths."""
-        path = Path(path)
-        topo_path = path.with_name(path.stem + ".topology.toml")
-        p = self.predicted
-        topo_path.write_text(_topology_toml(self.to_topology(), f"planned by `hxtrain plan` (see {path.name}): "
-                                            f"{p.step_s:.4g} s per step, {p.tokens_per_s:.4g} tokens/s, "
-                                            f"{p.fraction_of_ideal:.1%} of ideal"), encoding="utf-8")
-        body = [f"# hxtrain plan: model {self.model!r} on topology {self.topology.name!r}",
-                f"# predicted {p.step_s:.4g} s per step, {p.tokens_per_s:.4g} tokens/s, {p.fraction_of_ideal:.1%} "
-                "of the sum of the sites' capacities",
-                f"topology = {_fmt(topo_path.name)}  # relative to this file; load_topology reads it as is",
-                f"warnings = {_fmt(list(self.warnings))}", ""]
-        body += _toml_table("plan", {"model": self.model or "", "global_batch": self.global_batch, "seq": self.seq,
-                                "schedule": self.schedule, "microbatches": self.microbatches,
-                                "recompute": self.recompute, "ideal_tokens_per_s": self.ideal_tokens_per_s,
-                                "planning_s": self.planning_s})
-        body += _toml_table("assumptions", dataclasses.asdict(self.assumptions))
-        for key, pred in (("predicted", self.predicted), ("even", self.even), ("cross_site_dp", self.cross_site_dp)):
-            if pred is not None:
-                body += _prediction_toml(key, pred)
-        path.write_text("\n".join(body) + "\n", encoding="utf-8")
-        return path, topo_path
+        from hxtrain.plan_file import write_plan
+
+        return write_plan(self, path)
 
     @classmethod
     def load(cls, path) -> Plan:
         """Read a plan written by `to_toml` (and the topology file it names)."""
-        from hxtrain.topology import load_topology
+        from hxtrain.plan_file import load_plan
 
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise PlanError(f"{path}: cannot read the plan: {e}") from None
-        missing = sorted({"topology", "plan", "assumptions", "predicted"} - raw.keys())
-        if missing:
-            raise PlanError(f"{path}: missing {missing}; is this a file written by `hxtrain plan`?")
-        topo = load_topology(path.parent / raw["topology"])
-        pl = raw["plan"]
-        preds = {k: _prediction_load(raw[k]) if k in raw else None for k in ("predicted", "even", "cross_site_dp")}
-        return cls(topology=topo, model=pl["model"] or None, global_batch=pl["global_batch"], seq=pl["seq"],
-                   predicted=preds["predicted"], even=preds["even"], cross_site_dp=preds["cross_site_dp"],
-                   ideal_tokens_per_s=pl["ideal_tokens_per_s"], warnings=tuple(raw.get("warnings", ())),
-                   assumptions=cm.Assumptions(**raw["assumptions"]), planning_s=pl["planning_s"])
-
-
-# --- TOML writing (tomllib only reads) ---
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} to TOML")
-
-
-def _toml_table(name: str, values: dict, array: bool = False) -> list[str]:
-    head = f"[[{name}]]" if array else f"[{name}]"
-    return [head] + [f"{k} = {_fmt(v)}" for k, v in values.items() if v is not None] + [""]
-
-
-def _prediction_toml(key: str, p: Prediction) -> list[str]:
-    scalars = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in ("sites", "links")}
-    out = _toml_table(key, scalars)
-    for s in p.sites:
-        out += _toml_table(f"{key}.sites", dataclasses.asdict(s), array=True)
-    for ln in p.links:
-        out += _toml_table(f"{key}.links", dataclasses.asdict(ln), array=True)
-    return out
-
-
-def _prediction_load(t: dict) -> Prediction:
-    sites = tuple(SitePlan(**s) for s in t.get("sites", ()))
-    links = tuple(LinkPlan(**{**ln, "sites": tuple(ln["sites"])}) for ln in t.get("links", ()))
-    rest = {k: v for k, v in t.items() if k not in ("sites", "links")}
-    return Prediction(**{**rest, "notes": tuple(rest.get("notes", ()))}, sites=sites, links=links)
-
-
-def _topology_toml(topo, comment: str) -> str:
-    """A topology file `hxtrain.topology.load_topology` reads back to an equal topology."""
-    out = [f"# {comment}", f"name = {_fmt(topo.name)}", f"description = {_fmt(topo.description)}", ""]
-    for s in topo.sites:
-        out += _toml_table("sites", {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}, array=True)
-    for ln in topo.links:
-        vals = {"between": list(ln.sites), **{f.name: getattr(ln, f.name) for f in dataclasses.fields(ln)
-                                              if f.name != "sites"}}
-        out += _toml_table("links", vals, array=True)
-    out += _toml_table("run", dataclasses.asdict(topo.run))
-    return "\n".join(out)
+        return load_plan(path)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ class RunConfig:
     keep: int = 3  # checkpoints kept
     resume: str = "auto"  # never | auto | must: continue from the newest intact checkpoint in out/checkpoints
     init_from: str | None = None  # an `hxtrain export` folder (or a run folder) to take the parameters from
+    plan: str | None = None  # a plan file from `hxtrain plan`: its topology, model, schedule, microbatches, batch
 
 
 def build_model(name: str, seed: int = 0):
@@ -163,10 +164,36 @@ def build_model(name: str, seed: int = 0):
     return gpt.build(gpt.PRESETS[key], seed=seed)
 
 
+def _from_plan(config: RunConfig) -> RunConfig:
+    """`config` with the plan file's topology, model, schedule, microbatches and global batch (the partition comes
+    from the planned topology's `layers`; interleaved schedules get each site's chunks spelled out)."""
+    from hxtrain.planner import Plan
+    from hxtrain.schedules import get_schedule
+    from models import gpt  # the registry (see build_model)
+
+    taken = [f for f in ("model", "schedule", "microbatches", "batch_size", "partition") if getattr(config, f)]
+    if taken:
+        raise ValueError(f"--plan {config.plan}: the plan fixes {', '.join(taken)}; drop those options (or edit "
+                         "the plan's topology file)")
+    plan = Plan.load(config.plan)
+    model_seq = getattr(gpt.PRESETS.get((plan.model or "").lower()), "seq_len", None)
+    if model_seq is not None and model_seq != plan.seq:
+        raise ValueError(f"--plan {config.plan}: planned for sequences of {plan.seq} tokens, but model "
+                         f"{plan.model!r} trains on {model_seq}; plan again with --seq {model_seq}")
+    topo, partition = plan.topology, None
+    v = getattr(get_schedule(plan.schedule), "virtual", 1)
+    if v > 1:  # stage k * S + i is chunk k of site i (Pipeline's order), split as the planner simulated it
+        partition = tuple(L // v + (k < L % v) for k in range(v) for L in plan.layers)
+    return dataclasses.replace(config, mesh=topo.source, model=plan.model, schedule=plan.schedule,
+                               microbatches=plan.microbatches, batch_size=plan.global_batch, partition=partition)
+
+
 def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[dict]]:
     """Resolve defaults from the topology's [run] table, print them once, build and fit."""
     from hxtrain.topology import load_topology
 
+    if config.plan is not None:
+        config = _from_plan(config)
     topo = load_topology(config.mesh)
     run = topo.run
     resolved = dataclasses.replace(
