@@ -109,13 +109,29 @@ class Relay:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.target, timeout=60)
+            server = self._dial()
+            if server is None:  # the target never came up: drop the client, which then reports it
+                client.close()
+                continue
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for src, dst in ((client, server), (server, client)):
                 q: queue.Queue = queue.Queue()
                 threading.Thread(target=self._read, args=(src, q), daemon=True).start()
                 threading.Thread(target=self._write, args=(dst, q), daemon=True).start()
+
+    def _dial(self, patience: float = 120.0):
+        # The site behind the relay may still be starting (importing JAX) when its peer dials: retry, as
+        # Endpoint.connect does for a direct link.
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)  # idle links (sites compiling) are fine; only the sites judge silence
+                return server
+            except OSError:
+                time.sleep(0.1)
+        return None
 
     def _read(self, src, q):
         while True:

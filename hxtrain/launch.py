@@ -88,6 +88,11 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
     base["PYTHONUNBUFFERED"] = "1"
     lock = threading.Lock()
     procs, pumps = {}, []
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM to the launcher must still stop the sites (they run in their own sessions): raise, so that
+        # the `finally` below kills them
+        old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         for s in topo.sites:
             if s.processes > 1:
@@ -114,7 +119,13 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
                 p.wait()
         for t in pumps:
             t.join(5)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return exits
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _wait(procs: dict, grace: float) -> list[SiteExit]:

@@ -46,7 +46,8 @@ class LinkStats:
 def link_codecs(topology) -> dict[tuple[int, int, str], _codecs.Codec]:
     """{(src, dst, kind): Codec} for every directed neighbour pair, from `Link.activations` / `Link.cotangents`.
 
-    Activations go src -> src+1 with the link's `activations` codec, cotangents src+1 -> src with `cotangents`.
+    Activations crossing a link use its `activations` codec, cotangents its `cotangents` codec, in either direction
+    (interleaved schedules also send activations from the last site back to the first).
     "fp8" is resolved by the two sites' capabilities (`backends.link_wire_dtype`): the fp8 format both share, else
     bf16 (e.g. an NVIDIA e4m3fn site next to an AMD e4m3fnuz one), else no compression.
     """
@@ -58,7 +59,8 @@ def link_codecs(topology) -> dict[tuple[int, int, str], _codecs.Codec]:
     out = {}
     for i, (a, b) in enumerate(topology.neighbours()):
         link = topology.link(a.name, b.name)
-        for src, dst, kind, name in ((i, i + 1, "act", link.activations), (i + 1, i, "cot", link.cotangents)):
+        for src, dst, kind, name in ((i, i + 1, "act", link.activations), (i + 1, i, "cot", link.cotangents),
+                                     (i + 1, i, "act", link.activations), (i, i + 1, "cot", link.cotangents)):
             if name == "fp8":
                 wire_dtype = backends.link_wire_dtype(cap(a), cap(b), "fp8")
                 if wire_dtype.startswith("float8_"):
