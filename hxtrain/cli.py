@@ -31,6 +31,7 @@ def _cmd_train(args) -> int:
     cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
                     batch_size=args.batch_size, steps=args.steps, data=args.data, out=args.out,
                     partition=args.partition, learning_rate=args.lr, seed=args.seed, executor=args.executor,
+                    timeline=args.timeline, timeline_step=args.timeline_step,
                     save_every=args.save_every, keep=args.keep, resume=args.resume, init_from=args.init_from,
                     plan=args.plan)
     train(cfg, progress=not args.no_progress)
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
                    help="continue from the newest intact checkpoint in OUT: auto (if any, the default), must, never")
     t.add_argument("--init-from", help="start from the parameters of an `hxtrain export` folder (or a run folder)")
+    t.add_argument("--timeline", metavar="FILE",
+                   help="write one step's per-site tasks and transfers as a Chrome trace (Perfetto) and print each "
+                        "site's busy/idle %% next to the analytic bubble; recording waits on every task's outputs "
+                        "(in watcher threads), so that step runs somewhat slower")
+    t.add_argument("--timeline-step", type=int, metavar="N", help="which step --timeline records (default: the last)")
     t.add_argument("--plan", metavar="FILE", help="run a plan written by `hxtrain plan` (its topology, model, "
                                                   "schedule, microbatches and global batch)")
     t.set_defaults(func=_cmd_train)

@@ -5,14 +5,24 @@ the stage input (tokens, or an activation from the mailbox), and sends the outpu
 (forward) or the input cotangent to the previous one (backward). JAX dispatch is asynchronous, so a site's next
 program is queued while a transfer is in flight; the host never waits inside a step.
 
-The last stage's forward is fused into its backward (forward + loss + backward in one program), so its "F" task
-only holds the input; every other stage keeps just its inputs between F and B (the backward recomputes).
+Task kinds:
+  F  non-last stage: run the forward, send the output on. Last stage: only hold the input (its forward is fused
+     into its backward, which needs the loss anyway).
+  B  without W tasks in the table: the whole backward (recompute, input and weight gradients, accumulate).
+     With W tasks (zero-bubble): the input gradient only, sent back at once; the stage input and the incoming
+     cotangent (on the last stage: the targets) stay held until W. The first stage's B computes nothing (tokens
+     have no gradient); its W does the whole weight gradient.
+  W  the weight gradient, accumulated into the stage's donated `gacc`; releases the held input.
+
+Every stage keeps just its inputs between F and its last backward task (the backward programs recompute), and
+`StepStats.peak_held` reports the most inputs each site held at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
@@ -21,6 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hxtrain import stage as _stage
+from hxtrain.schedules import Task
+from hxtrain.simulate import Event
 
 
 @dataclasses.dataclass
@@ -38,79 +50,251 @@ class StageState:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskRecord:
-    site: int
-    stage: int
-    microbatch: int
-    kind: str
-    start: float
-    end: float
+class StepStats:
+    """What one step did. peak_held[site]: the most stage inputs the executor held on that site at once (F done,
+    last backward task not yet). events: the step's timeline (compute and transfer `Event`s, seconds from the
+    step start), empty unless the step was recorded."""
+
+    peak_held: tuple[int, ...]
+    events: tuple[Event, ...] = ()
+
+
+@jax.jit
+def _marker(a):
+    # A tiny read of an accumulator: it becomes ready when the program that wrote the accumulator finishes, and
+    # unlike the accumulator itself it is never donated (a donated array is deleted and cannot be waited on).
+    return a.reshape(-1)[:1]
+
+
+class _Recorder:
+    """Times a step without serialising it (the host keeps dispatching ahead; nothing here blocks it).
+
+    One watcher thread per site (compute) and per directed link (transfers) waits, in dispatch order, on each
+    task's outputs / each delivered array (`block_until_ready` releases the GIL) and stamps `perf_counter()` when
+    they are ready: that is the event's *end*, measured. A task's *start* is the latest of its dispatch, its site's
+    previous task's end and the arrival of the inputs it reads: the earliest moment the device could have begun
+    it (devices run their programs in order). A transfer runs from the send's dispatch to the moment the array
+    is ready on the receiver. Costs one small extra program per task and the threads' wake-ups, so a recorded
+    step is a little slower than a plain one; on a CPU "site", the watcher threads also share the cores.
+    """
+
+    def __init__(self, n_sites: int):
+        self.t0 = time.perf_counter()
+        self.n_sites = n_sites
+        self._pools: dict[tuple, ThreadPoolExecutor] = {}
+        self._compute: list[tuple] = []  # (site, name, task, dispatch time, Future | None, input keys)
+        self._transfers: list[tuple] = []  # (src, dst, name, task, dispatch time, Future, nbytes, mailbox key)
+        self._ready: dict[tuple, Future | Task] = {}  # mailbox key -> when it is filled (a Future or a task's end)
+
+    def _watch(self, stream: tuple, arrays) -> Future | None:
+        arrays = [a for a in jax.tree.leaves(arrays) if a is not None]
+        if not arrays:
+            return None
+        pool = self._pools.get(stream)
+        if pool is None:
+            pool = self._pools[stream] = ThreadPoolExecutor(1, thread_name_prefix=f"hxtrain-watch-{stream}")
+        return pool.submit(lambda: (jax.block_until_ready(arrays), time.perf_counter())[1])
+
+    def compute(self, site: int, name: str, task: Task | None, dispatched: float, outputs, accumulators=None,
+                inputs=()) -> None:
+        """A task was dispatched at `dispatched`; `outputs` are its fresh results, `accumulators` the donated
+        ones (watched through a marker); `inputs` the mailbox keys it read."""
+        marks = [_marker(jax.tree.leaves(a)[0]) for a in (accumulators or ()) if a is not None]
+        fut = self._watch(("compute", site), [outputs, marks])
+        self._compute.append((site, name, task, dispatched, fut, tuple(inputs)))
+
+    def transfer(self, src: int, dst: int, key: tuple, task: Task, dispatched: float, x, delivered) -> None:
+        """`x` was sent from site src to dst under mailbox `key`; `delivered` is the array on the receiver."""
+        if src == dst:  # a same-site hand-over is no transfer: the input is there when its producer ends
+            self._ready[(dst, key)] = task
+            return
+        fut = self._watch(("transfer", src, dst), delivered if delivered is not None else x)
+        self._ready[(dst, key)] = fut
+        name = f"{task.token(self.n_sites)} {src}->{dst}"
+        self._transfers.append((src, dst, name, task, dispatched, fut, int(x.size * x.dtype.itemsize), key))
+
+    def finish(self) -> list[Event]:
+        """Wait for every watcher; the step's events, seconds from the step start, compute then transfers."""
+        try:
+            rows = self._compute_times()
+            consumer_end = {key: rows[i][1] for i, (*_, inputs) in enumerate(self._compute) for key in inputs}
+            events = []
+            for (site, name, task, *_), (start, end) in zip(self._compute, rows):
+                kw = dict(stage=task.stage, microbatch=task.microbatch, kind=task.kind) if task else {}
+                events.append(Event(site, name, start - self.t0, end - self.t0, **kw))
+            for src, dst, name, task, t, fut, nbytes, key in self._transfers:
+                # A watcher thread may wake late under load; the consumer finishing proves the data was there.
+                end = min(fut.result(), consumer_end.get((dst, key), float("inf")))
+                events.append(Event(src, name, t - self.t0, max(end, t) - self.t0, task.stage, task.microbatch,
+                                    task.kind, "transfer", dst, nbytes))
+            return events
+        finally:
+            self.close()
+
+    def _compute_times(self) -> list[list[float]]:
+        """[start, end] per compute record (absolute perf_counter seconds)."""
+        end_of: dict[Task, float] = {}
+        site_free = [0.0] * self.n_sites
+        rows: list[list[float]] = []
+        for site, _, task, t, fut, inputs in self._compute:
+            ready = [end_of[r] if isinstance(r, Task) else r.result() for r in map(self._ready.get, inputs)]
+            start = max([t, site_free[site]] + ready)
+            end = fut.result() if fut is not None else start  # computed nothing (last stage's F): no time
+            start = min(start, end)
+            site_free[site] = max(site_free[site], end)
+            if task is not None:
+                end_of[task] = end
+            rows.append([start, end])
+        # A task that computed nothing sits at its inputs' (watcher-stamped, possibly late) arrival; it cannot be
+        # later than the start of its site's next task, whose end was measured.
+        nxt = [float("inf")] * self.n_sites
+        for (site, _, _, _, fut, _), row in zip(reversed(self._compute), reversed(rows)):
+            if fut is None:
+                row[0] = row[1] = min(row[1], nxt[site])
+            nxt[site] = row[0]
+        return rows
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)
+
+
+def _delivered(transport, dst: int, key: tuple):
+    # The array as it sits on the receiver, to time the transfer to its arrival. `send` may return it; the
+    # in-process transport keeps it in the receiver's mailbox instead. None: the transfer is timed by the sent array.
+    box = getattr(transport, "_box", None)
+    return box.get((dst, key)) if isinstance(box, dict) else None
 
 
 def _put(x: np.ndarray, stage: StageState, spec=P("data")):
     return jax.device_put(x, NamedSharding(stage.role.mesh, spec))
 
 
-def run_step(stages: list[StageState], tasks, tokens: np.ndarray, transport, *,
-             poison: bool = False, record: Callable[[TaskRecord], None] | None = None, width: int = 0):
+def _poison(stages, tasks, transport, shape) -> None:
+    # Every slot a task will read, pre-filled with NaN; real tensors overwrite them on arrival.
+    for t in tasks:
+        st = stages[t.stage]
+        if t.kind == "F" and t.stage > 0:
+            transport.poison(st.site, ("act", t.stage, t.microbatch), shape, np.float32)
+        if t.kind == "B" and t.stage < len(stages) - 1:
+            transport.poison(st.site, ("cot", t.stage, t.microbatch), shape, np.float32)
+
+
+def run_step(stages: list[StageState], tasks, tokens: np.ndarray, transport, *, poison: bool = False,
+             record: Callable[[Event], None] | None = None, timeline: bool = False, width: int = 0) -> StepStats:
     """Run one step's forward and backward over all microbatches; gradients accumulate in each stage's `gacc`.
 
-    tokens: int32 [M, mb, T+1] on the host. `record` (timeline) forces each task to finish before the next so that
-    its start/end are real; leave it None for speed.
+    tokens: int32 [M, mb, T+1] on the host. `timeline=True` (or a `record` callback, called with each `Event` once
+    the step is done) times every task and transfer (see `_Recorder`: how, and what it costs).
     """
     M, mb, T1 = tokens.shape
+    n_sites = 1 + max(s.site for s in stages)
     last = stages[-1]
     transport.clear()  # nothing from an earlier (possibly failed) step may be read by this one
     scale = jnp.float32(1.0 / (M * last.data))
     for s in stages:
         s.gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
     last.lacc = _put(np.zeros((last.data,), np.float32), last)
+    rec = _Recorder(n_sites) if (timeline or record is not None) else None
+    try:
+        if len(stages) == 1:  # the whole model on one stage: one fused program over every microbatch
+            s = stages[0]
+            t0 = time.perf_counter()
+            s.gacc, s.lacc = _stage.whole_step(s.role, s.params, _put(tokens, s, P(None, "data")), s.gacc, s.lacc,
+                                               scale)
+            if rec is not None:
+                rec.compute(s.site, "step", None, t0, None, (s.gacc, s.lacc))
+            return _finish(rec, record, (0,) * n_sites)
+        if poison:
+            _poison(stages, tasks, transport, (mb, T1 - 1, width))
+        peak = _walk(stages, tasks, tokens, transport, rec, scale, n_sites)
+        return _finish(rec, record, peak)
+    finally:
+        if rec is not None:
+            rec.close()
 
-    if len(stages) == 1:  # the whole model on one stage: one fused program over every microbatch
-        s = stages[0]
-        s.gacc, s.lacc = _stage.whole_step(s.role, s.params, _put(tokens, s, P(None, "data")), s.gacc, s.lacc, scale)
-        return
 
-    if poison:  # every slot a task will read, pre-filled with NaN; real tensors overwrite them on arrival
-        for t in tasks:
-            st = stages[t.stage]
-            if t.kind == "F" and t.stage > 0:
-                transport.poison(st.site, ("act", t.stage, t.microbatch), (mb, T1 - 1, width), np.float32)
-            if t.kind == "B" and t.stage < len(stages) - 1:
-                transport.poison(st.site, ("cot", t.stage, t.microbatch), (mb, T1 - 1, width), np.float32)
+def _walk(stages, tasks, tokens, transport, rec, scale, n_sites) -> tuple[int, ...]:
+    """The per-task loop of `run_step`; returns the peak number of held stage inputs per site."""
+    last = stages[-1]
+    split = any(t.kind == "W" for t in tasks)
+    held: dict[tuple[int, int], jax.Array] = {}  # (stage, microbatch) -> stage input, from F to the last backward
+    cots: dict[tuple[int, int], jax.Array] = {}  # split backward: dy (targets on the last stage) from B to W
+    live, peak = [0] * n_sites, [0] * n_sites
 
-    held: dict[tuple[int, int], jax.Array] = {}
-    for t in tasks:
-        st = stages[t.stage]
+    def send(x, src: StageState, dst: StageState, key, task):
+        # Asynchronous: device_put (in-process) only enqueues the copy, so the sender's next program is dispatched
+        # at once and runs while the activation travels; the receiver's program waits for the array, not the host.
         t0 = time.perf_counter()
+        transport.send(x, src.site, dst.site, key)
+        if rec is not None:
+            rec.transfer(src.site, dst.site, key, task, t0, x, _delivered(transport, dst.site, key))
+
+    for t in tasks:
+        st, key = stages[t.stage], (t.stage, t.microbatch)
+        t0 = time.perf_counter()
+        inputs: list = []  # mailbox keys this task reads (its recorded start waits for them)
+        out = None
         if t.kind == "F":
-            x = (_put(tokens[t.microbatch, :, :-1], st) if t.stage == 0
-                 else transport.recv(st.site, ("act", t.stage, t.microbatch)))
-            held[(t.stage, t.microbatch)] = x
-            out = None
+            if t.stage == 0:
+                x = _put(tokens[t.microbatch, :, :-1], st)
+            else:
+                inputs.append((st.site, ("act", t.stage, t.microbatch)))
+                x = transport.recv(*inputs[-1])
+            held[key] = x
+            live[st.site] += 1
+            peak[st.site] = max(peak[st.site], live[st.site])
             if st is not last:
                 out = _stage.forward(st.role, st.params, x)
-                nxt = stages[t.stage + 1]
-                transport.send(out, st.site, nxt.site, ("act", nxt.index, t.microbatch))
+                send(out, st, stages[t.stage + 1], ("act", t.stage + 1, t.microbatch), t)
         elif t.kind == "B":
-            x = held.pop((t.stage, t.microbatch))
+            x = held[key] if split else held.pop(key)
             if st is last:
                 targets = _put(tokens[t.microbatch, :, 1:], st)
-                out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, targets, st.gacc, st.lacc, scale)
+                if split:
+                    out, st.lacc = _stage.last_input(st.role, st.params, x, targets, st.lacc, scale)
+                    cots[key] = targets
+                else:
+                    out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, targets, st.gacc, st.lacc,
+                                                             scale)
             else:
-                dy = transport.recv(st.site, ("cot", t.stage, t.microbatch))
-                out, st.gacc = _stage.backward(st.role, st.params, x, dy, st.gacc)
+                inputs.append((st.site, ("cot", t.stage, t.microbatch)))
+                dy = transport.recv(*inputs[-1])
+                if split:
+                    cots[key] = dy
+                    out = None if st.role.first else _stage.backward_input(st.role, st.params, x, dy)
+                else:
+                    out, st.gacc = _stage.backward(st.role, st.params, x, dy, st.gacc)
+            if not split:
+                live[st.site] -= 1
             if t.stage > 0:
-                prv = stages[t.stage - 1]
-                transport.send(out, st.site, prv.site, ("cot", prv.index, t.microbatch))
+                send(out, st, stages[t.stage - 1], ("cot", t.stage - 1, t.microbatch), t)
+        elif t.kind == "W":
+            x, c = held.pop(key), cots.pop(key)
+            live[st.site] -= 1
+            if st is last:
+                st.gacc = _stage.last_weight(st.role, st.params, x, c, st.gacc, scale)
+            else:
+                st.gacc = _stage.backward_weight(st.role, st.params, x, c, st.gacc)
         else:
-            raise NotImplementedError(
-                f"task kind {t.kind!r} (split weight-gradient) is not supported by this executor yet")
-        if record is not None:
-            jax.block_until_ready((out, st.gacc))
-            record(TaskRecord(st.site, t.stage, t.microbatch, t.kind, t0, time.perf_counter()))
+            raise ValueError(f"task {t}: kind {t.kind!r} is not one of F, B, W")
+        if rec is not None:
+            wrote_gacc = t.kind == "W" or (t.kind == "B" and not split)
+            accs = (st.gacc if wrote_gacc else None, st.lacc if st is last and t.kind == "B" else None)
+            rec.compute(st.site, t.token(n_sites), t, t0, out, accs, inputs)
     if held:
-        raise RuntimeError(f"schedule left forwards without their backward: {sorted(held)}")
+        raise RuntimeError(f"schedule left forwards without their last backward task: {sorted(held)}")
+    return tuple(peak)
+
+
+def _finish(rec: Recorder | None, record, peak) -> StepStats:
+    if rec is None:
+        return StepStats(peak)
+    events = rec.finish()
+    if record is not None:
+        for e in events:
+            record(e)
+    return StepStats(peak, tuple(events))
 
 
 def finish_step(stages: list[StageState]):

@@ -54,6 +54,7 @@ class Pipeline:
         self.transport = transport if transport is not None else InProcessTransport(self.meshes)
         self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
         self.stages = [self._place_stage(i, lo, hi) for i, (lo, hi) in enumerate(self.ranges)]
+        self.last_step_stats: _executor.StepStats | None = None  # set by every step
 
     # ---- placement ---------------------------------------------------------------------------------------------
 
@@ -90,14 +91,18 @@ class Pipeline:
                                  f"{M * site.data}")
         return tokens.astype(np.int32).reshape(M, mb, T1)
 
-    def grads(self, tokens, *, poison: bool = False, record=None):
-        """Run the schedule over one batch. Returns (loss, per-stage grads, per-stage squared norms), on device."""
+    def grads(self, tokens, *, poison: bool = False, record=None, timeline: bool = False):
+        """Run the schedule over one batch. Returns (loss, per-stage grads, per-stage squared norms), on device.
+
+        `timeline=True` records the step's per-task and per-transfer `Event`s into `last_step_stats.events`
+        (`record`, a callable, also gets each one); recording makes the step a little slower. Always:
+        `last_step_stats.peak_held[site]`, the most stage inputs that site held at once."""
         batch = self._check_tokens(tokens)
         width = int(jax.eval_shape(lambda t: _parts.apply_embed(self.parts.embed_def, self.parts.embed, t),
                                    jax.ShapeDtypeStruct(batch.shape[1:2] + (batch.shape[2] - 1,), np.int32)
                                    ).shape[-1]) if poison else 0
-        _executor.run_step(self.stages, self.tasks, batch, self.transport, poison=poison, record=record,
-                           width=width)
+        self.last_step_stats = _executor.run_step(self.stages, self.tasks, batch, self.transport, poison=poison,
+                                                  record=record, timeline=timeline, width=width)
         return _executor.finish_step(self.stages)
 
     def loss_and_grads(self, tokens, *, poison: bool = False):
@@ -117,6 +122,38 @@ class Pipeline:
 
     def params_state(self) -> nnx.State:
         return self.as_state([s.params for s in self.stages])
+
+    def analytic_bubble(self) -> float | None:
+        """The schedule's idle fraction by formula (`schedules.analytic_bubble`); None for a user table."""
+        try:
+            return _schedules.analytic_bubble(self.schedule, self.topology.n_sites, self.microbatches)
+        except _schedules.ScheduleError:
+            return None
+
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.topology.sites]
+
+    def write_timeline(self, path: str | os.PathLike, stats: _executor.StepStats | None = None) -> dict:
+        """Write a recorded step (default: the last, run with `timeline=True`) as Chrome-trace JSON (Perfetto,
+        chrome://tracing). Returns the written object."""
+        from hxtrain.timeline import to_chrome_trace
+
+        stats = stats or self.last_step_stats
+        if stats is None or not stats.events:
+            raise ValueError("write_timeline: no recorded step; run pipe.grads(tokens, timeline=True) first")
+        meta = {"schedule": self.schedule.name, "microbatches": self.microbatches, "topology": self.topology.name,
+                "analytic_bubble": self.analytic_bubble(), "peak_held": list(stats.peak_held)}
+        return to_chrome_trace(stats.events, path, site_names=self.site_names(), metadata=meta)
+
+    def timeline_summary(self, stats: _executor.StepStats | None = None) -> str:
+        """Per-site busy / idle % of a recorded step next to the schedule's analytic bubble."""
+        from hxtrain.timeline import format_summary
+
+        stats = stats or self.last_step_stats
+        if stats is None or not stats.events:
+            raise ValueError("timeline_summary: no recorded step; run pipe.grads(tokens, timeline=True) first")
+        return format_summary(stats.events, self.topology.n_sites, site_names=self.site_names(),
+                              analytic=self.analytic_bubble())
 
     def describe(self) -> str:
         lines = [f"topology {self.topology.name!r} ({self.topology.source}), schedule {self.schedule.name}, "

@@ -9,7 +9,8 @@ reduction over `data` per step, not one per microbatch.
 
 Memory discipline: forward programs return only the stage output; backward programs get the stage *input* and
 recompute the forward inside (`jax.vjp`), so a site holds one input per in-flight microbatch. Accumulators are
-donated, so they are updated in place.
+donated, so they are updated in place. Zero-bubble schedules split the backward in two programs
+(`backward_input` / `last_input` = "B", `backward_weight` / `last_weight` = "W"), each recomputing from the input.
 
 Shapes: mb = microbatch size, T = sequence length, D = model width, d = data-parallel size of the site.
     tokens/targets [mb, T] int32, sharded P('data');  h, dh [mb, T, D], P('data')
@@ -59,6 +60,9 @@ def _loss(role: StageRole, params: dict, x, targets):
 
 def _varying(tree):
     # Mark replicated weights as varying over `data` so their cotangents stay local (no implicit psum).
+    # Outside shard_map (a site with data == 1, see `_smap`) there is nothing to mark.
+    if DATA not in jax.sharding.get_abstract_mesh().manual_axes:
+        return tree
     return jax.tree.map(lambda a: jax.lax.pcast(a, DATA, to="varying"), tree)
 
 
@@ -67,6 +71,10 @@ def _accumulate(gacc, grads):
 
 
 def _smap(role: StageRole, fn, in_specs, out_specs):
+    if role.mesh.shape[DATA] == 1:
+        # One data shard: the local view is the global view, so the function runs as plain GSPMD code. A
+        # shard_map here cost ~1.4x per step on CPU (benchmarks/overhead.py), for nothing.
+        return fn
     return jax.shard_map(fn, mesh=role.mesh, in_specs=in_specs, out_specs=out_specs,
                          axis_names=frozenset({DATA}))
 
@@ -116,6 +124,67 @@ def last_step(role: StageRole, params, x, targets, gacc, lacc, scale):
     return _smap(role, local, specs, (out_dx, P(DATA), P(DATA)))(params, x, targets, gacc, lacc, scale)
 
 
+# ---- split backward (zero-bubble schedules): "B" = input gradient only, "W" = weight gradient only ----------
+# Both recompute the stage from its held input (only inputs are kept between tasks), so a split backward costs one
+# extra forward per microbatch over the fused `backward`; in exchange B, which the previous stage waits for, is
+# short and W fills the bubbles. The executor holds x (and dy, or the targets) from F until W.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def backward_input(role: StageRole, params, x, dy):
+    """Middle stage "B": recompute and pull dy back to the input only. [mb, T, D] -> dx [mb, T, D].
+
+    Not for the first stage (integer tokens have no cotangent: its B has nothing to compute)."""
+    if role.first:
+        raise ValueError("backward_input: the first stage has no input gradient (its input is tokens); "
+                         "run only backward_weight for it")
+
+    def local(params, x, dy):
+        _, pull = jax.vjp(lambda h: _forward(role, params, h), x)
+        return pull(dy)[0]
+
+    return _smap(role, local, (P(), P(DATA), P(DATA)), P(DATA))(params, x, dy)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def backward_weight(role: StageRole, params, x, dy, gacc):
+    """Non-last stage "W": recompute and pull dy back to the parameters only; adds them into gacc (donated)."""
+
+    def local(params, x, dy, gacc):
+        _, pull = jax.vjp(lambda p: _forward(role, p, x), _varying(params))
+        return _accumulate(gacc, pull(dy)[0])
+
+    return _smap(role, local, (P(), P(DATA), P(DATA), P(DATA)), P(DATA))(params, x, dy, gacc)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def last_input(role: StageRole, params, x, targets, lacc, scale):
+    """Last stage "B": forward + loss + input gradient; the loss is added into lacc (donated). -> (dx, lacc).
+
+    The last stage's B is what the previous stage waits for, so its weight gradient is left to `last_weight`."""
+    if role.first:
+        raise ValueError("last_input: a stage that is both first and last has no input gradient; use whole_step")
+
+    def local(params, x, targets, lacc, scale):
+        value, dx = jax.value_and_grad(lambda h: _loss(role, params, h, targets) * scale)(x)
+        return dx, lacc + value[None]
+
+    specs = (P(), P(DATA), P(DATA), P(DATA), P())
+    return _smap(role, local, specs, (P(DATA), P(DATA)))(params, x, targets, lacc, scale)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def last_weight(role: StageRole, params, x, targets, gacc, scale):
+    """Last stage "W": recompute forward + loss, gradient w.r.t. the parameters only, added into gacc (donated)."""
+
+    def local(params, x, targets, gacc, scale):
+        grads = jax.grad(lambda p: _loss(role, p, x, targets) * scale)(_varying(params))
+        return _accumulate(gacc, grads)
+
+    specs = (P(), P(DATA), P(DATA), P(DATA), P())
+    return _smap(role, local, specs, P(DATA))(params, x, targets, gacc, scale)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3, 4))
 def whole_step(role: StageRole, params, tokens, gacc, lacc, scale):
     """One stage holding the whole model: every microbatch in one program (a scan), no Python per microbatch.
@@ -144,7 +213,13 @@ def reduce(gacc):
 
 def zeros_accumulator(params, shardings, data: int):
     """A zero gradient accumulator [data, ...] per leaf, sharded like the params with `data` prepended."""
+    leaves, treedef = jax.tree.flatten(params)
+    shapes = tuple(jax.ShapeDtypeStruct((data, *p.shape), p.dtype) for p in leaves)
+    out = tuple(NamedSharding(s.mesh, P(DATA, *s.spec)) for s in treedef.flatten_up_to(shardings))
+    return jax.tree.unflatten(treedef, _zeros_program(shapes, out)())
 
-    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((data, *p.shape), p.dtype), params)
-    out = jax.tree.map(lambda s: NamedSharding(s.mesh, P(DATA, *s.spec)), shardings)
-    return jax.jit(lambda: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes), out_shardings=out)()
+
+@functools.lru_cache(maxsize=256)
+def _zeros_program(shapes: tuple, out: tuple):
+    # Cached: a fresh jit per call would compile again every step (half a second per stage on a CPU).
+    return jax.jit(lambda: tuple(jnp.zeros(t.shape, t.dtype) for t in shapes), out_shardings=out)

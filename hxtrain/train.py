@@ -58,6 +58,7 @@ class Trainer:
         self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
         self.step = 0
+        self.timeline_summary: str | None = None  # set by fit(timeline=...)
         self.seed, self.out, self.checkpoints, self.resumed_from = seed, out, None, None
         if init_from is not None:
             from hxtrain.export import load_params
@@ -79,14 +80,23 @@ class Trainer:
         return {"loss": loss, "grad_norm": norm}
 
     def fit(self, steps: int, *, out: str | os.PathLike | None = None, progress: bool = True,
-            log_every: int = 1, timeline_every: int = 0) -> list[dict]:
+            log_every: int = 1, timeline_every: int = 0, timeline: str | os.PathLike | None = None,
+            timeline_step: int | None = None) -> list[dict]:
         """Train `steps` steps. Metrics (loss, lr, grad norm, tokens/s, bytes per link, and per-site `busy`
         fraction on steps that are multiples of `timeline_every`) go to `out/metrics.jsonl` and TensorBoard events
         in `out/tb/` when `out` (default: the Trainer's `out`) is given. Checkpoints: see `__init__`; one is
         also saved at the end. Raises NonFiniteLoss at the first NaN/inf loss; the last checkpoint saved before
-        it is sealed and intact."""
+        it is sealed and intact.
+
+        `timeline`: write step `timeline_step` of this call (1..steps, default the last) as a Chrome trace there
+        (that step is recorded, so a little slower); its per-site busy/idle summary lands in `timeline_summary`."""
         if steps < 1:
             raise ValueError(f"steps: expected >= 1, got {steps}")
+        timeline_step = steps if timeline_step is None else timeline_step
+        if timeline is not None and not (isinstance(timeline_step, int) and 1 <= timeline_step <= steps):
+            raise ValueError(f"timeline_step: expected a step in 1..{steps}, got {timeline_step!r}")
+        if timeline is not None and not hasattr(self.pipeline, "write_timeline"):
+            raise ValueError("timeline: this executor records no timeline; use the mpmd executor")
         from tqdm.auto import tqdm
 
         from hxtrain import metrics as _metrics
@@ -97,11 +107,13 @@ class Trainer:
         tokens_per_step = self.batch_size * self.seq
         bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
         try:
-            for _ in range(steps):
+            for i in range(steps):
+                recorded = timeline is not None and i + 1 == timeline_step
                 batch = next(self.batches)
                 t0 = time.perf_counter()
                 self.pipeline.transport.reset_stats()
-                m = self.train_step(batch, timeline=bool(timeline_every) and (self.step + 1) % timeline_every == 0)
+                m = self.train_step(batch, timeline=recorded or (bool(timeline_every)
+                                                                 and (self.step + 1) % timeline_every == 0))
                 loss = float(m["loss"])  # one host sync per step, for the progress bar and the NaN check
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
@@ -114,6 +126,9 @@ class Trainer:
                 if busy is not None and self.step % timeline_every == 0:
                     row["busy"] = busy
                 history.append(row)
+                if recorded:
+                    self.pipeline.write_timeline(timeline)
+                    self.timeline_summary = f"step {self.step}:\n{self.pipeline.timeline_summary()}"
                 if metrics_file and self.step % log_every == 0:
                     metrics_file.write(row)
                 if self.checkpoints is not None:
@@ -147,6 +162,8 @@ class RunConfig:
     learning_rate: float = 3e-3
     seed: int = 0
     executor: str = "mpmd"  # "spmd": the whole pipeline as one program (hxtrain.spmd; GPipe, uniform sites)
+    timeline: str | None = None  # Chrome-trace file for one recorded step
+    timeline_step: int | None = None  # which step (default: the last)
     save_every: int = 0  # checkpoint every N steps under out/checkpoints (0: only at the end); needs `out`
     keep: int = 3  # checkpoints kept
     resume: str = "auto"  # never | auto | must: continue from the newest intact checkpoint in out/checkpoints
@@ -224,7 +241,11 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
         if trainer.step >= resolved.steps:
             print(f"done: already at step {trainer.step} of {resolved.steps}; nothing to train")
             return trainer, []
-    history = trainer.fit(resolved.steps - trainer.step, out=resolved.out, progress=progress)
+    history = trainer.fit(resolved.steps - trainer.step, out=resolved.out, progress=progress,
+                          timeline=resolved.timeline, timeline_step=resolved.timeline_step)
+    if resolved.timeline is not None:
+        print(f"timeline -> {resolved.timeline} (Chrome trace: Perfetto / chrome://tracing), "
+              f"{trainer.timeline_summary}")
     first, last = history[0]["loss"], history[-1]["loss"]
     print(f"done: {len(history)} steps, loss {first:.4f} -> {last:.4f}, "
           f"cross-site bytes/step {sum(history[-1]['bytes_per_link'].values())}")
