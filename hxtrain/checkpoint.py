@@ -99,7 +99,10 @@ class Checkpoints:
             raise ValueError(f"keep: expected a whole number >= 1 of checkpoints to keep, got {keep!r}")
         self.directory = Path(directory).absolute()
         self.save_every, self.keep = save_every, keep
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+        # Rotation is done here, not by orbax (max_to_keep=None): orbax would count a step that is written but not
+        # yet sealed, so with keep=1 a kill before the seal would leave nothing restorable. Here only sealed steps
+        # count, and old ones are deleted after the new one is sealed.
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._unsealed: list[int] = []
@@ -147,12 +150,15 @@ class Checkpoints:
         return True
 
     def wait(self) -> None:
-        """Finish the save in flight and seal it (write its manifest)."""
+        """Finish the save in flight, seal it (write its manifest), then keep only the newest `keep` sealed."""
         self._mngr.wait_until_finished()
+        if not self._unsealed:
+            return
         for step in self._unsealed:
-            if (self.directory / str(step)).is_dir():  # may have been rotated out already
-                _manifest.seal(self.directory / str(step))
+            _manifest.seal(self.directory / str(step))
         self._unsealed.clear()
+        for old in self.steps()[:-self.keep]:
+            self._mngr.delete(old)
 
     def close(self) -> None:
         self.wait()

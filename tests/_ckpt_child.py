@@ -47,7 +47,8 @@ def _die(*_):
 
 def main(argv):
     out, point, kill_step, steps = argv[0], argv[2], int(argv[4]), int(argv[6])
-    trainer = make_trainer(out, save_every=1, keep=10, resume="never")
+    # keep=1: only the newest *sealed* step may count, or a kill before the seal would leave nothing to restore
+    trainer = make_trainer(out, save_every=1, keep=1, resume="never")
     folder = Path(out) / "checkpoints"
 
     if point == "during-write":

@@ -206,6 +206,7 @@ def test_kill_during_save_restores_last_complete_checkpoint(tmp_path):
                 else _no_warning():
             trainer = child.make_trainer(tmp_path / point, seed=9)
         assert trainer.resumed_from == 2, point
+        assert not (folder / "1").exists(), point  # keep=1 rotated step 1 out, but only after step 2 was sealed
         assert child.checksum(trainer) == done[2], point
         assert not any(".orbax-checkpoint-tmp" in p.name for p in folder.iterdir())  # cleaned up
 
