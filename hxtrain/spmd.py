@@ -99,10 +99,14 @@ def _site_loss(prog: _Program, params: dict, tokens):
 
     @jax.checkpoint  # keep only the stage input per tick; the backward recomputes the stage
     def stage(embed, blocks, head, recv, tok, valid):
-        h = jnp.where(first, _parts.apply_embed(prog.embed_def, embed, tok[:, :-1]), recv)
-        h = jnp.where(valid, h, jnp.zeros((), h.dtype))  # a bubble computes on zeros, never on what it received
-        h = _blocks(prog.block_def, blocks, live, h)
-        return h, _parts.apply_head(prog.head_def, head, h, tok[:, 1:]) * scale
+        # Per-device conditionals: a site runs the embedding / head only if it owns them, and a bubble tick runs
+        # nothing (its output is zeros; the received value is never read). Only the taken branch is
+        # differentiated, and the where-masked parameters above keep even a wrong branch choice finite.
+        h = jax.lax.cond(first, lambda: _parts.apply_embed(prog.embed_def, embed, tok[:, :-1]), lambda: recv)
+        h = jax.lax.cond(valid, lambda h: _blocks(prog.block_def, blocks, live, h), jnp.zeros_like, h)
+        loss = jax.lax.cond(valid & last, lambda h: _parts.apply_head(prog.head_def, head, h, tok[:, 1:]) * scale,
+                            lambda h: jax.lax.pcast(jnp.float32(0.0), (SITE, DATA), to="varying"), h)
+        return h, loss
 
     def tick(carry, t):
         recv, lacc = carry
