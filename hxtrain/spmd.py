@@ -52,11 +52,10 @@ class _Program:
     block_def: Any
     head_def: Any
     mesh: Mesh
-    counts: tuple[int, ...]  # real blocks per site; the rest of the L slots are padding
+    counts: tuple[int, ...]  # blocks per site: S and L = max(counts) (which slots are live is a traced input)
     microbatches: int
     width: int  # D, the activation width
     dtype: Any  # activation dtype
-    poison: bool = False
 
     @property
     def sites(self) -> int:
@@ -82,14 +81,16 @@ def _blocks(block_def, stacked: dict, live, h):
     return jax.lax.scan(body, h, (stacked, live))[0]
 
 
-def _site_loss(prog: _Program, params: dict, tokens):
-    """One site's view (inside shard_map). params leaves [1, ...]; tokens [M, mb/d, T+1]. Returns the global loss."""
+def _site_loss(prog: _Program, params: dict, tokens, counts, poison):
+    """One site's view (inside shard_map). params leaves [1, ...]; tokens [M, mb/d, T+1]; counts int32 [S] (live
+    blocks per site); poison: bool scalar (NaN in the initial carry and in what bubbles send). Returns the loss.
+    counts and poison are traced, so a poisoned run uses the very program a normal one does."""
     S, M, L = prog.sites, prog.microbatches, prog.depth
     s = jax.lax.axis_index(SITE)
     first, last = s == 0, s == S - 1
     params = jax.tree.map(lambda a: a[0], params)
     # Parameters the site must not use become zeros *before* any arithmetic, so NaN cannot leak through them.
-    live = jnp.arange(L) < jnp.asarray(prog.counts, jnp.int32)[s]  # [L]
+    live = jnp.arange(L) < counts[s]  # [L]
     blocks = jax.tree.map(lambda a: jnp.where(live.reshape((L,) + (1,) * (a.ndim - 1)), a, 0), params["blocks"])
     embed, head = _mask(first, params["embed"]), _mask(last, params["head"])
     # Varying over `data` once here: per-tick gradients stay local and the one psum over `data` is this pcast's
@@ -115,25 +116,25 @@ def _site_loss(prog: _Program, params: dict, tokens):
         tok = jax.lax.dynamic_index_in_dim(tokens, jnp.clip(i, 0, M - 1), 0, keepdims=False)
         h, loss = stage(embed, blocks, head, recv, tok, valid)
         lacc = lacc + jnp.where(valid & last, loss, 0.0)
-        if prog.poison:  # what a bubble sends is NaN: the receiver must never use it
-            h = jnp.where(valid, h, jnp.full((), jnp.nan, h.dtype))
+        # Under poison, what a bubble sends is NaN: the receiver must never use it.
+        h = jnp.where(valid | jnp.logical_not(poison), h, jnp.full((), jnp.nan, h.dtype))
         if S > 1:
             h = jax.lax.ppermute(h, SITE, [(k, k + 1) for k in range(S - 1)])
         return (h, lacc), None
 
     shape = (tokens.shape[1], tokens.shape[2] - 1, prog.width)
-    recv0 = jnp.full(shape, jnp.nan if prog.poison else 0.0, prog.dtype)
+    recv0 = jnp.full(shape, jnp.where(poison, jnp.nan, 0.0), prog.dtype)
     carry = jax.lax.pcast((recv0, jnp.float32(0.0)), (SITE, DATA), to="varying")
     _, lacc = jax.lax.scan(tick, carry, jnp.arange(M + S - 1))[0]
     return jax.lax.psum(lacc, (SITE, DATA))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step(prog: _Program, params: dict, tokens):
+def _step(prog: _Program, params: dict, tokens, counts, poison):
     """(loss, grads shaped like params, squared gradient norm per site [S])."""
-    run = jax.shard_map(functools.partial(_site_loss, prog), mesh=prog.mesh, in_specs=(P(SITE), P(None, DATA)),
-                        out_specs=P(), axis_names=frozenset({SITE, DATA}))
-    loss, grads = jax.value_and_grad(run)(params, tokens)
+    run = jax.shard_map(functools.partial(_site_loss, prog), mesh=prog.mesh,
+                        in_specs=(P(SITE), P(None, DATA), P(), P()), out_specs=P(), axis_names=frozenset({SITE, DATA}))
+    loss, grads = jax.value_and_grad(run)(params, tokens, counts, poison)
     sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
              for g in jax.tree.leaves(grads))
     return loss, grads, sq
@@ -330,8 +331,9 @@ class SpmdPipeline:
         batch = self._check_tokens(tokens)
         prog, params = self._program, self.params
         if poison:
-            prog, params = dataclasses.replace(prog, poison=True), _poison(self.counts, params)
-        loss, grads, sq = _step(prog, params, jax.device_put(batch, NamedSharding(self.mesh, P(None, DATA))))
+            params = _poison(self.counts, params)
+        loss, grads, sq = _step(prog, params, jax.device_put(batch, NamedSharding(self.mesh, P(None, DATA))),
+                                np.asarray(self.counts, np.int32), np.bool_(poison))
         M, mb, T1 = batch.shape
         self.transport.record(prog.sites, M + prog.sites - 1, mb * (T1 - 1) * prog.width * prog.dtype.itemsize)
         return loss, [grads], [sq]
