@@ -8,10 +8,12 @@ M + S - 1 ticks, site s applies its stage to microbatch t - s and `ppermute`s th
 inverse `ppermute`). Stages are `jax.checkpoint`ed, so a site keeps only its stage input per tick (GPipe: M).
 
 Every site holds a slot of the same shape for everything (SPMD): a `[S, ...]` embedding and head (real on site 0
-and site S-1, zeros elsewhere) and `[S, L, ...]` blocks, L = the largest stage, padded with zero layers. Dummy
-slots, padded layers and bubble ticks are removed with `jnp.where` on both the values *and* the parameters they
-would meet (a NaN parameter times a zero cotangent is still NaN), so nothing in them can reach the loss or a
-gradient; `poison=True` fills them with NaN to prove it.
+and site S-1, zeros elsewhere) and `[S, L, ...]` blocks, L = the largest stage, padded with zero layers. Unowned
+slots and padded layers are replaced by zeros with `jnp.where` before any arithmetic (a NaN parameter times a zero
+cotangent is still NaN, so masking only the outputs would not do); per-device `lax.cond`s skip the embedding and
+head off their sites and all work on bubble ticks (only the taken branch is differentiated). Nothing in those
+slots can reach the loss or a gradient; `poison=True` fills them (and the loop carry, and what bubbles send) with
+NaN to prove it.
 
 Gradients never cross a site: parameters are sharded over `site`, and `pcast` to varying over `data` once, so the
 gradient reduction over `data` happens once per step, inside each site. The loss (a scalar) and the optimizer's
