@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -51,7 +52,11 @@ class Pipeline:
         self.ranges = _placement.partition(self.parts.n_layers, n_stages, partition,
                                            source=f"{self.topology.source}: partition")
         self.meshes = _placement.site_meshes(self.topology)
-        self.transport = transport if transport is not None else InProcessTransport(self.meshes)
+        if transport is None:  # boundary compression as the topology's links ask (default "none")
+            from hxtrain.net_transport import link_codecs
+
+            transport = InProcessTransport(self.meshes, codecs=link_codecs(self.topology))
+        self.transport = transport
         self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
         self.stages = [self._place_stage(i, lo, hi) for i, (lo, hi) in enumerate(self.ranges)]
         self.last_step_stats: _executor.StepStats | None = None  # set by every step
@@ -68,7 +73,8 @@ class Pipeline:
             params["embed"], shard["embed"] = p.embed, _placement.shardings(p.embed, p.embed_axes, mesh)
         if index == n - 1:
             params["head"], shard["head"] = p.head, _placement.shardings(p.head, p.head_axes, mesh)
-        params = jax.device_put(params, shard)
+        # Copies, not aliases: the optimizer donates these buffers, and the caller's model must survive training.
+        params = jax.tree.map(lambda a, s: jax.device_put(jnp.array(a, copy=True), s), params, shard)
         role = _stage.StageRole(p.embed_def, p.block_def, p.head_def, index == 0, index == n - 1, mesh)
         return _executor.StageState(index, site, role, params, shard, self.topology.sites[site].data)
 

@@ -130,3 +130,26 @@ def test_one_data_reduction_per_step():
     hlo = stage.backward.lower(s.role, s.params, x, dy, gacc).compile().as_text()
     assert "all-reduce" not in hlo
     assert "all-reduce" in stage.reduce.lower(gacc).compile().as_text()
+
+
+def test_training_leaves_the_callers_model_intact():
+    """The optimizer donates the pipeline's buffers; they must be copies, not the caller's model arrays."""
+    m = gpt.build(gpt.TINY, seed=1)
+    before = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    before = jax.tree.map(np.asarray, before)
+    trainer = hxtrain.Trainer(m, T.uniform(2), microbatches=2, batch_size=4, max_corpus_bytes=10_000)
+    trainer.fit(2, progress=False)
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))  # raises if a buffer was deleted
+    assert_trees_close(after, before, rtol=0.0, what="model")
+
+
+def test_link_codecs_from_the_topology_apply_by_default():
+    import dataclasses
+
+    topo = T.uniform(2)
+    topo = dataclasses.replace(topo, links=(dataclasses.replace(topo.links[0], activations="bf16"),))
+    pipe = hxtrain.Pipeline(model(), topo, microbatches=2)
+    loss, _ = pipe.loss_and_grads(batch(2 * MB))
+    per_kind = {k[2]: v.bytes for k, v in pipe.transport.stats.items()}
+    assert per_kind["act"] * 2 == per_kind["cot"]  # bf16 activations forward, fp32 cotangents back
+    assert rel_err(loss, reference(2 * MB)[0]) < 1e-2  # bf16 boundary: close, not exact
