@@ -10,12 +10,14 @@ from hxtrain.optim import OptimizerConfig
 from hxtrain.parts import ProtocolError, split_model
 from hxtrain.pipeline import Pipeline
 from hxtrain.placement import PlacementError
-from hxtrain.schedules import GPipe, OneFOneB, ScheduleError, Task, get_schedule
+from hxtrain.schedules import (ZBH1, GPipe, Interleaved, OneFOneB, ScheduleError, Task, UserTable, analytic_bubble,
+                               get_schedule)
+from hxtrain.spmd import SpmdPipeline
 from hxtrain.topology import Link, RunDefaults, Site, Topology, TopologyError, load_topology, shipped, uniform
 from hxtrain.train import NonFiniteLoss, RunConfig, Trainer, train
 
 __all__ = [
-    "GPipe", "Link", "NonFiniteLoss", "OneFOneB", "OptimizerConfig", "Pipeline", "PlacementError",
+    "GPipe", "Interleaved", "Link", "SpmdPipeline", "UserTable", "ZBH1", "analytic_bubble", "NonFiniteLoss", "OneFOneB", "OptimizerConfig", "Pipeline", "PlacementError",
     "ProtocolError", "RunConfig", "RunDefaults", "ScheduleError", "Site", "Task", "Topology", "TopologyError",
     "Trainer", "get_schedule", "load_topology", "shipped", "split_model", "train", "uniform",
 ]
