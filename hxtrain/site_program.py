@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hxtrain import backends as _backends
 from hxtrain import data as _data
+from hxtrain import executor as _executor
 from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
@@ -169,14 +170,7 @@ class LocalSite:
         """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm)."""
         run_site_step(self.stages, self.order, tokens, transport, self.topology.n_sites, self.n_stages,
                       self.topology.sites[(self.n_stages - 1) % self.topology.n_sites].data)
-        loss, grads, sqs = None, [], []
-        for s in self.stages.values():
-            g, sq = _stage.reduce(s.gacc)
-            grads.append(g)
-            sqs.append(sq)
-            if s.lacc is not None:
-                loss = s.lacc.sum()
-            s.gacc = s.lacc = None
+        loss, grads, sqs = _executor.finish_step(list(self.stages.values()))
         norm = self.optimizer.step(list(self.stages.values()), grads, sqs)
         return loss, norm
 
