@@ -27,6 +27,7 @@ from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import stage as _stage
 from hxtrain.executor import StageState
+from hxtrain.site_step import put_data as _put, run_site_step
 from hxtrain.net_transport import NetTransport, link_codecs
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
 
@@ -173,52 +174,3 @@ class LocalSite:
         loss, grads, sqs = _executor.finish_step(list(self.stages.values()))
         norm = self.optimizer.step(list(self.stages.values()), grads, sqs)
         return loss, norm
-
-
-def _put(x: np.ndarray, stage: StageState):
-    return jax.device_put(x, NamedSharding(stage.role.mesh, P("data")))
-
-
-def run_site_step(stages: dict[int, StageState], order, tokens: np.ndarray, transport, n_sites: int,
-                  n_stages: int, last_data: int) -> None:
-    """This site's tasks of one step, in its own order; gradients accumulate in each local stage's `gacc`.
-
-    The same dataflow as `executor.run_step` (the last stage's F is fused into its B), but each site process walks
-    only its own order and blocks on `transport.recv` for what its neighbours send.
-    """
-    M = tokens.shape[0]
-    scale = jnp.float32(1.0 / (M * last_data))
-    for s in stages.values():
-        s.gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
-        if s.role.last:
-            s.lacc = _put(np.zeros((s.data,), np.float32), s)
-    transport.clear()
-    if n_stages == 1:  # the whole model on one site: one fused program
-        s = stages[0]
-        toks = jax.device_put(tokens, NamedSharding(s.role.mesh, P(None, "data")))
-        s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scale)
-        return
-    held = {}
-    for t in order:
-        st = stages[t.stage]
-        if t.kind == "F":
-            x = _put(tokens[t.microbatch, :, :-1], st) if t.stage == 0 else transport.recv(
-                st.site, ("act", t.stage, t.microbatch))
-            held[(t.stage, t.microbatch)] = x
-            if not st.role.last:
-                out = _stage.forward(st.role, st.params, x)
-                transport.send(out, st.site, (t.stage + 1) % n_sites, ("act", t.stage + 1, t.microbatch))
-        elif t.kind == "B":
-            x = held.pop((t.stage, t.microbatch))
-            if st.role.last:
-                targets = _put(tokens[t.microbatch, :, 1:], st)
-                out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, targets, st.gacc, st.lacc, scale)
-            else:
-                dy = transport.recv(st.site, ("cot", t.stage, t.microbatch))
-                out, st.gacc = _stage.backward(st.role, st.params, x, dy, st.gacc)
-            if t.stage > 0:
-                transport.send(out, st.site, (t.stage - 1) % n_sites, ("cot", t.stage - 1, t.microbatch))
-        else:
-            raise NotImplementedError(f"task kind {t.kind!r} (split weight-gradient) is not supported per site yet")
-    if held:
-        raise RuntimeError(f"site order left forwards without their backward: {sorted(held)}")

@@ -107,9 +107,12 @@ def check_supported(topology, name: str, schedule) -> int:
         raise SiteError(f"site {name!r} spans {site.processes} processes: multi-host sites (jax.distributed inside "
                         "the site) are not wired into `hxtrain site` yet (init_site_cluster joins the processes; the "
                         "per-site loop still assumes one process); give the site processes = 1")
-    if schedule.split_backward:
-        raise SiteError(f"schedule {schedule.name!r} splits the backward (W tasks), which the per-site loop does "
-                        "not run yet; use gpipe, 1f1b or interleaved")
+    from hxtrain.site_step import check_schedule  # imports JAX, but does not initialise a backend
+
+    try:
+        check_schedule(schedule)
+    except ValueError as e:
+        raise SiteError(str(e)) from None
     if getattr(schedule, "virtual", 1) > 1 and topology.n_sites > 2:
         raise SiteError(f"schedule {schedule.name!r} sends from the last site back to the first, but sites are "
                         f"linked in a chain ({topology.n_sites} sites); use it with 2 sites or use 1f1b / gpipe")
