@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 
+from hxtrain import costmodel as cm
 from hxtrain import planner
+from hxtrain.planner_problem import PlanError
 
 
 def register(subparsers) -> None:
@@ -45,7 +47,7 @@ def run(args, out=None) -> int:
             profiles = load_site_profiles(args.profile, topo)
         plan = planner.plan(topo, cfg, global_batch=args.global_batch, seq=args.seq, model_name=args.model,
                             exhaustive=args.exhaustive, efficiency=args.efficiency, profiles=profiles)
-    except (TopologyError, planner.PlanError, ValueError) as e:
+    except (TopologyError, PlanError, ValueError) as e:
         print(f"hxtrain plan: error: {e}", file=sys.stderr)
         return 2
     print(format_report(plan, cfg), file=out)
@@ -70,7 +72,7 @@ def _model(name: str):
 def format_report(plan: planner.Plan, cfg=None) -> str:
     """A readable report: the chosen placement, the three rows, notes and warnings."""
     p, topo = plan.predicted, plan.topology
-    params = f" ({planner.cm.ModelShape.of(cfg).params / 1e9:.2f}B parameters)" if cfg is not None else ""
+    params = f" ({cm.ModelShape.of(cfg).params / 1e9:.2f}B parameters)" if cfg is not None else ""
     micro = plan.global_batch // p.microbatches
     lines = [f"plan: model {plan.model}{params} on {topo.name} ({len(topo.sites)} sites, "
              f"{sum(s.devices for s in topo.sites)} devices); global batch {plan.global_batch} x {plan.seq} tokens",

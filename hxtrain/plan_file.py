@@ -15,7 +15,9 @@ import tomllib
 from pathlib import Path
 
 from hxtrain import costmodel as cm
-from hxtrain.planner import LinkPlan, Plan, PlanError, Prediction, SitePlan
+from hxtrain.planner import Plan
+from hxtrain.planner_predict import LinkPlan, Prediction, SitePlan
+from hxtrain.planner_problem import PlanError
 
 
 def write_plan(plan: Plan, path) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ import pytest
 from hxtrain import costmodel as cm
 from hxtrain import planner as P
 from hxtrain.plan_cli import run
+from hxtrain.planner_problem import PlanError
 from hxtrain.topology import Link, RunDefaults, Site, Topology, load_topology
 from models.gpt import PRESETS, GPTConfig
 
@@ -135,25 +136,25 @@ def test_measured_profile_overrides_the_estimate():
     p = P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), profiles={"s0": slow})
     q = P.plan(topo, SMALL, hardware=_hw(1e9, 1e9))
     assert p.layers[0] < q.layers[0]
-    with pytest.raises(P.PlanError, match=r"unknown sites \['nope'\]"):
+    with pytest.raises(PlanError, match=r"unknown sites \['nope'\]"):
         P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), profiles={"nope": slow})
 
 
 def test_model_that_fits_nowhere_is_a_clear_error():
-    with pytest.raises(P.PlanError, match=r"model '7b' \(6\.\d+B parameters\) does not fit in device memory.*"
-                                          r"least memory any plan needs is [\d.]+ GiB.*largest available is 1 GiB"):
+    with pytest.raises(PlanError, match=r"model '7b' \(6\.\d+B parameters\) does not fit in device memory.*"
+                                        r"least memory any plan needs is [\d.]+ GiB.*largest available is 1 GiB"):
         P.plan(_topo(2, batch=8), PRESETS["7b"], hardware=_hw(1e12, 1e12, memory=2**30), model_name="7b")
 
 
 def test_bad_batch_and_microbatch_choices():
     topo = _topo(2, devices=4, batch=8)
     one_head = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=1, n_layers=4, d_ff=256)  # tensor 1 only
-    with pytest.raises(P.PlanError, match=r"global batch 6: no microbatch count.*'s0' needs a multiple of one of "
-                                          r"data = \[4\]"):
+    with pytest.raises(PlanError, match=r"global batch 6: no microbatch count.*'s0' needs a multiple of one of "
+                                        r"data = \[4\]"):
         P.plan(topo, one_head, hardware=_hw(1e9, 1e9), global_batch=6)
-    with pytest.raises(P.PlanError, match=r"microbatch_choices: \[3\] do not divide the global batch of 8"):
+    with pytest.raises(PlanError, match=r"microbatch_choices: \[3\] do not divide the global batch of 8"):
         P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), microbatch_choices=(3,))
-    with pytest.raises(P.PlanError, match="codecs: expected a non-empty list"):
+    with pytest.raises(PlanError, match="codecs: expected a non-empty list"):
         P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), codecs=("gzip",))
 
 
@@ -198,7 +199,7 @@ def test_plan_toml_round_trips(tmp_path):
 def test_plan_load_rejects_other_files(tmp_path):
     f = tmp_path / "x.toml"
     f.write_text('name = "x"\n')
-    with pytest.raises(P.PlanError, match=r"missing \['assumptions', 'plan', 'predicted', 'topology'\]"):
+    with pytest.raises(PlanError, match=r"missing \['assumptions', 'plan', 'predicted', 'topology'\]"):
         P.Plan.load(f)
 
 
