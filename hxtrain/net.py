@@ -369,6 +369,12 @@ class Endpoint:
         except OSError:
             pass
 
+    def abort(self, message: str) -> None:
+        """Fail the link from this side: record PeerError(message) (unless one is already recorded), wake a
+        waiting `recv` and shut the socket (the peer sees the connection close). For a caller that lost a frame
+        it meant to send, so the link's stream is no longer what the peer expects."""
+        self._fail(message)
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error

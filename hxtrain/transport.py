@@ -23,8 +23,28 @@ from hxtrain import codecs as _codecs
 
 @dataclasses.dataclass
 class LinkStats:
+    """What one process sent on one directed link and kind: `bytes` crossed the link (network frames with their
+    headers; in process, the codec payload), `payload_bytes` of them codec payload, `transfers` tensors."""
+
     bytes: int = 0
+    payload_bytes: int = 0
     transfers: int = 0
+
+
+def per_link(stats: dict, names=None, field: str = "bytes") -> dict[str, int]:
+    """{"a->b": sum of LinkStats.`field`} over the data kinds of `stats` {(src, dst, kind): LinkStats}; CONTROL
+    traffic (kind "control") is left out. `names[i]` names site i (default: its index)."""
+    label = str if names is None else names.__getitem__
+    out: dict[str, int] = defaultdict(int)
+    for (src, dst, kind), s in stats.items():
+        if kind != "control":
+            out[f"{label(src)}->{label(dst)}"] += getattr(s, field)
+    return dict(out)
+
+
+def data_total(stats: dict, field: str = "bytes") -> int:
+    """Sum of LinkStats.`field` over every link of `stats`, CONTROL traffic left out."""
+    return sum(getattr(s, field) for (_, _, kind), s in stats.items() if kind != "control")
 
 
 class InProcessTransport:
@@ -50,6 +70,7 @@ class InProcessTransport:
             x = jax.device_put(x, NamedSharding(self.meshes[dst], P("data")))
             s = self.stats[(src, dst, key[0])]
             s.bytes += nbytes
+            s.payload_bytes += nbytes
             s.transfers += 1
         self._box[(dst, key)] = x
 
@@ -74,13 +95,10 @@ class InProcessTransport:
         self._box.clear()
 
     def bytes_per_link(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (src, dst, _kind), s in self.stats.items():
-            out[f"{src}->{dst}"] += s.bytes
-        return dict(out)
+        return per_link(self.stats)
 
     def total_bytes(self) -> int:
-        return sum(s.bytes for s in self.stats.values())
+        return data_total(self.stats)
 
     def reset_stats(self) -> None:
         self.stats.clear()
