@@ -10,6 +10,11 @@ WAN (10 ms one way, 1 Gbit/s):
      delay and paces it at the rate (both directions), so the sites see the same latency and bandwidth.
 Step time is the median over steps after the first two; bytes are per step and per directed link (frames, headers
 included) and the codec payload alone. Needs no JAX in this process: the sites are `hxtrain site` processes.
+
+    python benchmarks/transport.py --overlap-ab 3 [--model small --codecs none]
+
+instead runs the loopback pair with overlapped sends (the default) and with synchronous ones (`NetTransport(...,
+overlap=False)`), alternating the order each round, and prints the step times side by side with their ratio.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ def _topology(folder: Path, codec: str) -> Path:
     return path
 
 
+# `hxtrain site` has no switch for synchronous sends: run it with NetTransport's `overlap` default flipped, and say
+# so on stdout so the run's log proves which mode ran. argv here: ['-c', python, '-m', 'hxtrain', 'site', ...].
+_SYNC_MARK = "[bench] NetTransport overlap=False"
+_SYNC_SITE = ("import runpy, sys; from hxtrain import net_transport as nt; "
+              "nt.NetTransport.__init__.__kwdefaults__['overlap'] = False; "
+              f"print({_SYNC_MARK!r}, flush=True); "
+              "sys.argv = ['hxtrain', *sys.argv[4:]]; runpy.run_module('hxtrain', run_name='__main__')")
+
+
 def _run(mesh: Path, args, out: Path, **kw) -> dict:
     site_args = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                  "--microbatches", str(args.microbatches), "--schedule", "1f1b", "--out", str(out)]
@@ -58,7 +72,8 @@ def _run(mesh: Path, args, out: Path, **kw) -> dict:
     return {"step_s": statistics.median(r["step_s"] for r in steady),
             "bytes": {**rows["a"][-1]["bytes_per_link"], **rows["b"][-1]["bytes_per_link"]},
             "payload": {**rows["a"][-1]["payload_bytes_per_link"], **rows["b"][-1]["payload_bytes_per_link"]},
-            "loss": rows["b"][-1]["loss"]}
+            "loss": rows["b"][-1]["loss"], "steps_s": [r["step_s"] for r in steady],
+            "log": out.with_suffix(".log").read_text()}
 
 
 # ---- emulated WAN, 1: network namespaces + tc netem ------------------------------------------------------------
@@ -175,7 +190,11 @@ def main(argv=None) -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--codecs", default="none,bf16,int8")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--overlap-ab", type=int, default=0, metavar="ROUNDS",
+                   help="instead: loopback runs with overlapped vs synchronous sends, ROUNDS of each, alternating")
     args = p.parse_args(argv)
+    if args.overlap_ab:
+        return overlap_ab(args)
 
     wan, why = "netem", ""
     try:
@@ -214,6 +233,45 @@ def main(argv=None) -> int:
     _print(results, args, wan)
     if args.json:
         Path(args.json).write_text(json.dumps({"wan": wan, "wan_skipped_because": why, "results": results}, indent=1))
+    return 0
+
+
+def overlap_ab(args) -> int:
+    """Loopback, first codec of --codecs: `rounds` runs with overlapped sends and as many synchronous, in the order
+    on/off, off/on, ... (load drifts on a shared machine). Prints per-round step medians and the ratio."""
+    codec = args.codecs.split(",")[0]
+    sync = {n: [sys.executable, "-c", _SYNC_SITE] for n in "ab"}
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        mesh = _topology(tmp, codec)
+        for i in range(args.overlap_ab):
+            got = {}
+            for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                r = _run(mesh, args, tmp / f"{codec}-{mode}-{i}", **({"prefix": sync} if mode == "off" else {}))
+                if (_SYNC_MARK in r["log"]) != (mode == "off"):
+                    raise RuntimeError(f"round {i}, overlap {mode}: the sites did not run in that mode")
+                got[mode] = r
+                print(f"round {i}: overlap {mode}: {r['step_s'] * 1e3:.1f} ms/step", flush=True)
+            if got["on"]["bytes"] != got["off"]["bytes"]:
+                raise RuntimeError(f"bytes per link differ: overlap {got['on']['bytes']}, sync {got['off']['bytes']}")
+            rounds.append(got)
+    on = [r["on"]["step_s"] for r in rounds]
+    off = [r["off"]["step_s"] for r in rounds]
+    ratio = [a / b for a, b in zip(on, off)]
+    mb = args.batch_size // args.microbatches
+    print(f"\nmodel {args.model}, batch {args.batch_size} = {args.microbatches} x {mb}, 1F1B, 2 sites x 1 CPU device, "
+          f"loopback, codec {codec}, {args.steps} steps per run (median of steps 3..), {len(rounds)} rounds; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print("round | overlap ms/step | sync ms/step | overlap/sync")
+    for i, (a, b, q) in enumerate(zip(on, off, ratio)):
+        print(f"{i} | {a * 1e3:.1f} | {b * 1e3:.1f} | {q:.3f}")
+    print(f"median | {statistics.median(on) * 1e3:.1f} | {statistics.median(off) * 1e3:.1f} | "
+          f"{statistics.median(ratio):.3f} (min {min(ratio):.3f}, max {max(ratio):.3f}); bytes per link equal: "
+          f"{rounds[0]['on']['bytes']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"codec": codec, "overlap_s": on, "sync_s": off, "ratio": ratio,
+                                               "steps_s": [{m: r[m]["steps_s"] for m in r} for r in rounds]}))
     return 0
 
 
