@@ -5,6 +5,10 @@ topology `address`, else a free one), and a fresh random secret shared through t
 streamed with a `[site] ` prefix. When a site fails, the others get `grace` seconds to notice (they stop by
 themselves within their `--timeout`, naming the lost site), then are killed; the launcher exits non-zero naming
 the site that failed first.
+
+A site with `processes = P > 1` is started as P processes `hxtrain site --process-id K --coordinator 127.0.0.1:PORT`
+(a free loopback port for the site's jax.distributed coordinator), each with `devices_per_process` fake CPU devices;
+their output is prefixed `[site/K] `, and the failure of any one of them counts as the site's failure.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ class SiteExit:
     site: str
     returncode: int
     killed: bool = False
+    process: int | None = None  # rank within a site of several processes; None for a one-process site
 
     def describe(self) -> str:
+        what = f"site {self.site!r}" + ("" if self.process is None else f" process {self.process}")
         if self.returncode < 0:
             sig = signal.Signals(-self.returncode).name if -self.returncode in signal.Signals._value2member_map_ \
                 else str(-self.returncode)
             who = "by the launcher" if self.killed else "from outside"
-            return f"site {self.site!r} was killed by {sig} ({who})"
-        return f"site {self.site!r} exited with code {self.returncode}"
+            return f"{what} was killed by {sig} ({who})"
+        return f"{what} exited with code {self.returncode}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,7 +81,8 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
     prefix: {site: argv prefix}, e.g. ["ip", "netns", "exec", "hxa"] to run a site in a network namespace.
     extra: {site: more `hxtrain site` arguments for that site only}, e.g. ["--connect", "b=127.0.0.1:7000"].
     grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
-    Returns one SiteExit per site, the first failure first (all codes 0 when the run succeeded).
+    A site with processes > 1 is started as that many processes around a coordinator on a free loopback port.
+    Returns one SiteExit per process, the first failure first (all codes 0 when the run succeeded).
     """
     from hxtrain.topology import load_topology
 
@@ -95,22 +102,30 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
         old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         for s in topo.sites:
-            if s.processes > 1:
-                raise _site.SiteError(f"site {s.name!r} spans {s.processes} processes; `hxtrain launch` starts one "
-                                      "process per site for now (give it processes = 1)")
-            child = dict(base)
-            if s.backend == "cpu":
-                _site.set_cpu_device_count(s.devices, child)
-            cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args), timeout)
-            cmd += ["--secret-env", secret_env, *(extra or {}).get(s.name, [])]
-            procs[s.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                             env=child, start_new_session=True)
-            with lock:
-                out.write(f"[launch] site {s.name!r}: pid {procs[s.name].pid}, listens on {addresses[s.name]}\n")
-                out.flush()
-            t = threading.Thread(target=_pump, args=(procs[s.name], f"[{s.name}] ", out, lock), daemon=True)
-            t.start()
-            pumps.append(t)
+            multi = s.processes > 1
+            coordinator = f"127.0.0.1:{free_port()}" if multi else None
+            for k in range(s.processes):
+                child = dict(base)
+                if s.backend == "cpu":
+                    _site.set_cpu_device_count(s.devices_per_process, child)
+                cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args),
+                                                                    timeout)
+                cmd += ["--secret-env", secret_env, *(extra or {}).get(s.name, [])]
+                if multi:
+                    cmd += ["--process-id", str(k), "--coordinator", coordinator]
+                key = (s.name, k if multi else None)
+                proc = procs[key] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, env=child, start_new_session=True)
+                what = f"site {s.name!r}" + (f" process {k} of {s.processes}" if multi else "")
+                role = f"listens on {addresses[s.name]}" if k == 0 else "follower"
+                role += f", coordinator {coordinator}" if multi else ""
+                with lock:
+                    out.write(f"[launch] {what}: pid {proc.pid}, {role}\n")
+                    out.flush()
+                label = s.name + (f"/{k}" if multi else "")
+                t = threading.Thread(target=_pump, args=(proc, f"[{label}] ", out, lock), daemon=True)
+                t.start()
+                pumps.append(t)
         exits = _wait(procs, grace)
     finally:
         for p in procs.values():  # nothing outlives the launcher, whatever happened
@@ -129,24 +144,25 @@ def _terminated(signum, frame):
 
 
 def _wait(procs: dict, grace: float) -> list[SiteExit]:
-    """Poll until every site exits; after the first failure, give the rest `grace` s, then kill them."""
-    done: dict[str, SiteExit] = {}
+    """Poll until every process exits; after the first failure, give the rest `grace` s, then kill them.
+    `procs` maps (site, process rank or None) to its Popen."""
+    done: dict[tuple, SiteExit] = {}
     failed_at = None
     order = []
     while len(done) < len(procs):
-        for name, p in procs.items():
-            if name not in done and p.poll() is not None:
-                done[name] = SiteExit(name, p.returncode)
-                order.append(name)
+        for key, p in procs.items():
+            if key not in done and p.poll() is not None:
+                done[key] = SiteExit(key[0], p.returncode, process=key[1])
+                order.append(key)
                 if p.returncode != 0 and failed_at is None:
                     failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace:
-            for name, p in procs.items():
-                if name not in done:
+            for key, p in procs.items():
+                if key not in done:
                     p.kill()
                     p.wait()
-                    done[name] = SiteExit(name, p.returncode, killed=True)
-                    order.append(name)
+                    done[key] = SiteExit(key[0], p.returncode, killed=True, process=key[1])
+                    order.append(key)
         time.sleep(0.05)
     exits = [done[n] for n in order]
     return sorted(exits, key=lambda e: e.returncode == 0)  # stable: the first failure stays first
@@ -163,7 +179,9 @@ def _cmd_launch(args) -> int:
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env)
     failed = [e for e in exits if e.returncode != 0]
     if not failed:
-        print(f"[launch] all {len(exits)} sites finished")
+        n_sites = len({e.site for e in exits})
+        procs = f" ({len(exits)} processes)" if len(exits) != n_sites else ""
+        print(f"[launch] all {n_sites} sites finished{procs}")
         return 0
     print(f"hxtrain launch: error: {failed[0].describe()}; " + "; ".join(e.describe() for e in exits[1:]),
           file=sys.stderr, flush=True)

@@ -4,6 +4,10 @@ Imported by `hxtrain.site_runner` only after the process's device count is set. 
 as the in-process executor (`hxtrain.stage`) and the same optimizer update (`hxtrain.optim`), so a site process
 computes bit-for-bit what the same stages compute in one process.
 
+A site whose topology entry has `processes > 1` runs one LocalSite per process over one `jax.distributed` cluster
+(`hxtrain.site_group`): its mesh spans every process's devices, host data is placed with `put_global`
+(`jax.make_array_from_callback`: each process fills its own shards), and only process 0 talks TCP.
+
 Shapes: M microbatches, mb = batch / M, T sequence length, D model width.
     tokens [M, mb, T+1] int32 on the host; activations / cotangents [mb, T, D] float32, P('data') on the site.
 """
@@ -25,30 +29,40 @@ from hxtrain import executor as _executor
 from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
+from hxtrain import site_group as _group
 from hxtrain import stage as _stage
 from hxtrain.executor import StageState
-from hxtrain.site_step import put_data as _put, run_site_step
+from hxtrain.site_step import put_data as _put, run_site_step, warm_up_split
 from hxtrain.net_transport import NetTransport, link_codecs
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
 
 
 def site_mesh(site) -> Mesh:
-    """The site's Mesh(('data', 'tensor')) over the first `devices` devices of its backend in this process."""
+    """The site's Mesh(('data', 'tensor')) over the first `devices` devices of its backend: this process's, or,
+    for a site of several processes, the whole cluster's (`jax.devices()` lists them process by process)."""
     devs = _backends.devices_for(site.backend, site.devices, site=site.name, plugin=site.plugin)
-    return Mesh(np.array(devs).reshape(site.data, site.tensor), ("data", "tensor"))
+    mesh = Mesh(np.array(devs).reshape(site.data, site.tensor), ("data", "tensor"))
+    if site.processes > 1:
+        _group.check_mesh(mesh, site)
+    return mesh
+
+
+def _device_put_tree(tree, shardings):
+    return jax.device_put(tree, shardings)
 
 
 class _NetOptimizer(SiteOptimizer):
     """`SiteOptimizer` whose global norm comes from every site: per-stage squared norms travel as CONTROL frames."""
 
-    def __init__(self, config, stages, transport: NetTransport, n_stages: int):
+    def __init__(self, config, stages, transport, n_stages: int, put_tree=_device_put_tree):
         super().__init__(config, stages)
-        self.transport, self.n_stages = transport, n_stages
+        self.transport, self.n_stages, self.put_tree = transport, n_stages, put_tree
 
     def global_norm(self, stages, sqs):
+        # float() of a replicated scalar works on every process, also when the site spans several
         vec = self.transport.exchange_norms({s.index: float(sq) for s, sq in zip(stages, sqs)}, self.n_stages)
         total = functools.reduce(np.add, vec[1:], vec[0])  # stage order, float32: as the in-process sum
-        return [jax.device_put(jnp.float32(total), NamedSharding(s.role.mesh, P())) for s in stages]
+        return [self.put_tree(np.float32(total), NamedSharding(s.role.mesh, P())) for s in stages]
 
 
 @dataclasses.dataclass
@@ -69,6 +83,12 @@ class LocalSite:
     optimizer_config: OptimizerConfig
     batches: Any
     optimizer: _NetOptimizer | None = None
+    put: Any = _put  # put(host, stage, spec): host data onto a stage's site (run_site_step's `put`)
+    put_tree: Any = _device_put_tree  # put_tree(values, shardings): the same for a tree or one value
+
+    @property
+    def processes(self) -> int:
+        return self.site.processes
 
     @classmethod
     def build(cls, topology, index: int, cfg) -> LocalSite:
@@ -85,6 +105,8 @@ class LocalSite:
             partition = topology.layer_shares(parts.n_layers)
         ranges = _placement.partition(parts.n_layers, n_stages, partition, source=f"{topology.source}: partition")
         mesh = site_mesh(site)
+        multi = site.processes > 1
+        put, put_tree = (_group.put_stage, _group.put_tree) if multi else (_put, _device_put_tree)
         stages = {}
         for i in range(index, n_stages, n_sites):
             lo, hi = ranges[i]
@@ -97,7 +119,7 @@ class LocalSite:
                 params["head"], shard["head"] = parts.head, _placement.shardings(parts.head, parts.head_axes, mesh)
             role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, i == 0, i == n_stages - 1,
                                     mesh)
-            stages[i] = StageState(i, index, role, jax.device_put(params, shard), shard, site.data)
+            stages[i] = StageState(i, index, role, put_tree(params, shard), shard, site.data)
         seq = model.cfg.seq_len
         M, B = cfg.microbatches, cfg.batch_size
         for s in topology.sites:
@@ -111,7 +133,8 @@ class LocalSite:
         corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)  # the Trainer's default corpus cap
         batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)
         order = schedule.site_orders(n_sites, M)[index]
-        return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches)
+        return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches,
+                   put=put, put_tree=put_tree)
 
     def describe(self) -> str:
         dev = self.mesh.devices.flat[0]
@@ -120,8 +143,9 @@ class LocalSite:
         note = "" if policy.compute_dtype == "float32" else " (stage programs still compute in float32)"
         stages = ", ".join(f"stage {i}" + (" (embed)" if s.role.first else "") + (" (head)" if s.role.last else "")
                            for i, s in self.stages.items())
+        procs = f", process {jax.process_index()} of {self.processes}" if self.processes > 1 else ""
         return (f"site {self.site.name!r}: {self.site.backend} {dev.device_kind} x {self.mesh.devices.size} "
-                f"(data {self.site.data} x tensor {self.site.tensor}), pid {__import__('os').getpid()}; "
+                f"(data {self.site.data} x tensor {self.site.tensor}{procs}), pid {__import__('os').getpid()}; "
                 f"dtype policy: params {policy.param_dtype}, compute {policy.compute_dtype}{note}, "
                 f"wire {policy.wire_dtype}; runs {stages}")
 
@@ -130,11 +154,25 @@ class LocalSite:
         mb = self.batch_size // self.microbatches
         return 2 * mb * self.seq * self.width * 4 + (1 << 16)
 
-    def transport(self, endpoints) -> NetTransport:
+    def transport(self, endpoints):
+        """The site's transport: a NetTransport over `endpoints`; for a site of several processes a
+        `GroupTransport` around it on process 0 (the only one with endpoints) and around nothing elsewhere."""
         names = [s.name for s in self.topology.sites]
-        t = NetTransport(self.index, self.topology.n_sites, self.mesh, endpoints,
-                         codecs=link_codecs(self.topology), names=names)
-        self.optimizer = _NetOptimizer(self.optimizer_config, list(self.stages.values()), t, self.n_stages)
+        multi = self.processes > 1
+        t = None
+        if not multi or jax.process_index() == 0:
+            mesh = _group.leader_mesh(self.mesh) if multi else self.mesh
+            t = NetTransport(self.index, self.topology.n_sites, mesh, endpoints, codecs=link_codecs(self.topology),
+                             names=names)
+        elif endpoints:
+            raise ValueError(f"site {self.site.name!r} process {jax.process_index()}: only process 0 links to "
+                             f"other sites, got endpoints to {sorted(endpoints)}")
+        if multi:
+            mb = self.batch_size // self.microbatches
+            shape = ((mb, self.seq, self.width), np.dtype(np.float32))
+            t = _group.GroupTransport(t, self.index, self.site.name, self.mesh, lambda key: shape)
+        self.optimizer = _NetOptimizer(self.optimizer_config, list(self.stages.values()), t, self.n_stages,
+                                       self.put_tree)
         return t
 
     def warm_up(self) -> None:
@@ -146,21 +184,28 @@ class LocalSite:
         toks = np.zeros((mb, self.seq), np.int32)
         opt = self.optimizer
         states = [(s.params, st) for s, st in zip(self.stages.values(), opt.states)]
+        put = self.put
+        split = any(t.kind == "W" for t in self.order)  # zero-bubble: B and W run their own programs
         for _ in range(2):
             new = []
             for s, (params, state) in zip(self.stages.values(), states):
-                x = _put(toks if s.role.first else act, s)
+                if split:
+                    warm_up_split(s, params, put, act, toks)
+                x = put(toks if s.role.first else act, s)
                 gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
                 if s.role.last:
-                    lacc = _put(np.zeros((s.data,), np.float32), s)
-                    _, gacc, _ = _stage.last_step(s.role, params, x, _put(toks, s), gacc, lacc, jnp.float32(1.0))
+                    lacc = put(np.zeros((s.data,), np.float32), s)
+                    _, gacc, _ = _stage.last_step(s.role, params, x, put(toks, s), gacc, lacc, jnp.float32(1.0))
                 else:
                     _stage.forward(s.role, params, x)
-                    _, gacc = _stage.backward(s.role, params, x, _put(act, s), gacc)
+                    _, gacc = _stage.backward(s.role, params, x, put(act, s), gacc)
                 g, sq = _stage.reduce(gacc)
                 copy = jax.tree.map(jnp.copy, (params, state))  # _update donates its inputs
-                new.append(opt._update(*copy, g, jax.device_put(sq, NamedSharding(s.role.mesh, P()))))
+                new.append(opt._update(*copy, g, self.put_tree(np.float32(float(sq)),
+                                                               NamedSharding(s.role.mesh, P()))))
             states = jax.block_until_ready(new)
+        if isinstance(opt.transport, _group.GroupTransport):
+            opt.transport.warm_up(("act", 0, 0))
 
     def next_batch(self) -> np.ndarray:
         """int32 [M, mb, T+1]: the same batch on every site (same seed), as `Pipeline` splits it."""
@@ -170,7 +215,7 @@ class LocalSite:
     def train_step(self, tokens: np.ndarray, transport: NetTransport):
         """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm)."""
         run_site_step(self.stages, self.order, tokens, transport, self.topology.n_sites, self.n_stages,
-                      self.topology.sites[(self.n_stages - 1) % self.topology.n_sites].data)
+                      self.topology.sites[(self.n_stages - 1) % self.topology.n_sites].data, put=self.put)
         loss, grads, sqs = _executor.finish_step(list(self.stages.values()))
         norm = self.optimizer.step(list(self.stages.values()), grads, sqs)
         return loss, norm

@@ -9,8 +9,19 @@ Each step ends with the optimizer, as in `hxtrain.optim` but with the per-stage 
 as CONTROL frames (global-norm clipping across processes). With the same topology, model, seed and batch, the
 per-step losses equal those of the in-process `Trainer` (fp32, <= 1e-5 relative).
 
+A site with `processes = P > 1` in its topology entry runs as P processes (hosts), started as
+`hxtrain site --site NAME --process-id K --coordinator host:port` for K = 0 .. P-1 (`hxtrain launch` does this on
+one machine). Each process exposes `devices_per_process` devices, joins the site's `jax.distributed` cluster at the
+coordinator (process 0 hosts it) before JAX starts, and runs the same programs on a mesh over every process's
+devices. Only process 0, the site's leader, links to the neighbouring sites and writes `metrics-<site>.jsonl`;
+every process logs its steps. See `hxtrain.site_group`.
+
 Failure: a peer that dies, stalls or sends a bad frame raises `PeerError` naming it within `timeout` seconds; the
-process prints the error and exits non-zero, closing its own links so that its other neighbours stop too.
+process prints the error and exits non-zero, closing its own links so that its other neighbours stop too. Inside a
+multi-process site, a process that dies makes the next collective of the others fail at once (exit code 3), or,
+if it stalls, the cluster's heartbeat (max(10, timeout) seconds) aborts them all; the leader's exit then stops the
+neighbouring sites. A failing process of such a site exits at once (`os._exit`), skipping JAX's shutdown barrier,
+which would wait for the dead process.
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ class SiteConfig:
     secret_env: str = "HXTRAIN_SECRET"
     addresses: tuple[tuple[str, str], ...] = ()  # (site, "host:port") overrides of the topology's `address`
     connect: tuple[tuple[str, str], ...] = ()  # (site, "host:port") to dial instead of its address (proxy, tunnel)
+    process_id: int | None = None  # rank within a site of several processes (0: the leader); None = 0 / missing
+    coordinator: str | None = None  # "host:port" of the site's jax.distributed coordinator (processes > 1)
 
 
 class SiteError(RuntimeError):
@@ -100,13 +113,33 @@ def site_address(topology, name: str, overrides: tuple[tuple[str, str], ...]) ->
     return parsed
 
 
+def check_processes(site, process_id: int | None, coordinator: str | None) -> int:
+    """This process's rank in the site (0 for a one-process site); SiteError unless `--process-id` and
+    `--coordinator` fit the site's `processes`."""
+    n = site.processes
+    if n == 1:
+        if process_id not in (None, 0):
+            raise SiteError(f"--process-id {process_id}: site {site.name!r} runs in one process (processes = 1); "
+                            "leave --process-id out")
+        if coordinator is not None:
+            raise SiteError(f"--coordinator {coordinator}: site {site.name!r} runs in one process (processes = 1) "
+                            "and has no jax.distributed cluster; leave --coordinator out")
+        return 0
+    if process_id is None or not 0 <= process_id < n:
+        got = "is missing" if process_id is None else f"is {process_id}"
+        raise SiteError(f"--process-id {got}: site {site.name!r} spans {n} processes; start one `hxtrain site` per "
+                        f"process with --process-id 0 .. {n - 1} (0 is the leader, which links to the other sites)")
+    if coordinator is None or _split_address(coordinator) is None:
+        got = "is missing" if coordinator is None else f"{coordinator!r} is not host:port"
+        raise SiteError(f"--coordinator {got}: site {site.name!r} spans {n} processes, which meet at a "
+                        "jax.distributed coordinator; pass the same --coordinator host:port (on the host of "
+                        "process 0) to each of them")
+    return process_id
+
+
 def check_supported(topology, name: str, schedule) -> int:
     """The site's index; SiteError for what this runner cannot do yet."""
-    site = topology.site(name)
-    if site.processes > 1:
-        raise SiteError(f"site {name!r} spans {site.processes} processes: multi-host sites (jax.distributed inside "
-                        "the site) are not wired into `hxtrain site` yet (init_site_cluster joins the processes; the "
-                        "per-site loop still assumes one process); give the site processes = 1")
+    topology.site(name)  # TopologyError naming the known sites
     from hxtrain.site_step import check_schedule  # imports JAX, but does not initialise a backend
 
     try:
@@ -119,10 +152,15 @@ def check_supported(topology, name: str, schedule) -> int:
     return [s.name for s in topology.sites].index(name)
 
 
-def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, timeout: float = 60.0) -> None:
+def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, timeout: float = 60.0,
+                      heartbeat_timeout: float = 100.0, shutdown_timeout: float = 300.0) -> None:
     """Join this process to its site's `jax.distributed` cluster (a site spanning several hosts); call before JAX
     initialises. Afterwards `jax.devices()` lists every process's devices and collectives span them. On CPU the
-    cross-process collectives need the gloo implementation, selected here where this JAX has the option."""
+    cross-process collectives need the gloo implementation, selected here where this JAX has the option.
+
+    timeout: seconds to wait for every process to join. heartbeat_timeout: a process silent this long is declared
+    dead and the coordination service aborts every process. shutdown_timeout: the most a clean exit waits for the
+    others at JAX's shutdown barrier."""
     import jax
 
     try:
@@ -130,7 +168,8 @@ def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, 
     except (AttributeError, KeyError, ValueError):  # newer JAX: gloo is the default or the option is gone
         pass
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=int(timeout))
+                               initialization_timeout=int(timeout), heartbeat_timeout_seconds=int(heartbeat_timeout),
+                               shutdown_timeout_seconds=int(shutdown_timeout))
 
 
 def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, max_bytes: int) -> dict:
@@ -183,19 +222,28 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
         steps=cfg.steps or run.steps)
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
-    secret = read_secret(cfg.secret_env)
     site = topo.sites[index]
+    cfg = dataclasses.replace(cfg, process_id=check_processes(site, cfg.process_id, cfg.coordinator))
+    secret = read_secret(cfg.secret_env)
     if site.backend == "cpu":
         set_cpu_device_count(site.devices_per_process)
+    if site.processes > 1:
+        beat = max(10.0, math.ceil(cfg.timeout))  # the coordination service's floor for a stalled process
+        init_site_cluster(cfg.coordinator, site.processes, cfg.process_id, timeout=cfg.connect_timeout,
+                          heartbeat_timeout=beat, shutdown_timeout=beat)
+        log(f"site {site.name!r}: process {cfg.process_id} of {site.processes} joined the site's cluster at "
+            f"{cfg.coordinator}")
 
     from hxtrain import site_program as _prog  # imports JAX: after the device count is set
 
     # Link first, so that a wrong secret, a version mismatch or a missing peer shows in seconds, before the model
     # is built. The frame bound is provisional until the model's width is known; tightening it later can only
-    # leave a looser bound on the read that is already waiting, never refuse a good frame.
-    endpoints = _connect(topo, index, cfg, secret, _PROVISIONAL_MAX_BYTES)
+    # leave a looser bound on the read that is already waiting, never refuse a good frame. Only a site's leader
+    # (process 0) links to other sites.
+    endpoints = _connect(topo, index, cfg, secret, _PROVISIONAL_MAX_BYTES) if cfg.process_id == 0 else {}
     try:
-        log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())}")
+        if cfg.process_id == 0:
+            log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())}")
         local = _prog.LocalSite.build(topo, index, cfg)
         log(local.describe())
         for ep in endpoints.values():
@@ -214,7 +262,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
 def _loop(local, transport, cfg: SiteConfig, log) -> list[dict]:
     name = local.site.name
     out = None
-    if cfg.out:
+    if cfg.out and cfg.process_id == 0:  # one metrics file per site, by its leader
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         out = open(Path(cfg.out) / f"metrics-{name}.jsonl", "a")
     history = []
@@ -273,12 +321,11 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       microbatches=args.microbatches, steps=args.steps, batch_size=args.batch_size,
                       partition=partition, learning_rate=args.lr, seed=args.seed, data=args.data, out=args.out,
                       timeout=args.timeout, connect_timeout=max(60.0, args.timeout), secret_env=args.secret_env,
-                      addresses=addresses)
+                      addresses=addresses, process_id=getattr(args, "process_id", None),
+                      coordinator=getattr(args, "coordinator", None))
 
 
 def _cmd_site(args) -> int:
-    from hxtrain.net import PeerError
-
     try:
         addresses = parse_addresses(args.addresses or "")
         cfg = dataclasses.replace(config_from_args(args, args.site, addresses),
@@ -287,16 +334,53 @@ def _cmd_site(args) -> int:
         print(f"hxtrain site: error: {e}", file=sys.stderr)
         return 2
     log = lambda msg: print(f"{msg}", flush=True)  # noqa: E731
+    code = _run_site_command(cfg, log)
+    jax = sys.modules.get("jax")
+    if code != 0 and jax is not None and jax.distributed.is_initialized():
+        # This process joined its site's cluster: leave now. A normal exit would wait in JAX's shutdown barrier
+        # for the other processes of the site, which may be dead or blocked in a collective with this one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run_site_command(cfg: SiteConfig, log) -> int:
+    from hxtrain.net import PeerError
+    from hxtrain.site_group import GroupError
+
+    who = f"hxtrain site {cfg.site!r}" + (f" process {cfg.process_id}" if cfg.coordinator is not None else "")
     try:
         run_site(cfg, log=log)
     except PeerError as e:
-        print(f"hxtrain site {args.site!r}: error: lost a peer: {e}", file=sys.stderr, flush=True)
+        print(f"{who}: error: lost a peer: {e}", file=sys.stderr, flush=True)
+        return 3
+    except GroupError as e:  # names the site, the process and the collective
+        print(f"{who}: error: lost a process of the site: {e}", file=sys.stderr, flush=True)
         return 3
     except SiteError as e:
-        print(f"hxtrain site {args.site!r}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{who}: error: {e}", file=sys.stderr, flush=True)
         return 2
-    log(f"site {args.site!r}: done")
+    except Exception as e:
+        if cfg.coordinator is None:
+            raise
+        if _lost_process(e):  # a collective inside a stage program, or reading its result, found a peer gone
+            print(f"{who}: error: lost a process of the site: {type(e).__name__}: {str(e).splitlines()[0]}",
+                  file=sys.stderr, flush=True)
+            return 3
+        import traceback
+
+        traceback.print_exc()  # e.g. a collective inside a stage program that failed: the exit must not hang
+        print(f"{who}: error: failed (traceback above)", file=sys.stderr, flush=True)
+        return 1
+    log(f"site {cfg.site!r}: done" + (f" (process {cfg.process_id})" if cfg.coordinator is not None else ""))
     return 0
+
+
+def _lost_process(e: BaseException) -> bool:
+    """Whether `e` says that a collective lost one of the site's processes (gloo on CPU; NCCL on GPUs)."""
+    text = str(e).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "heartbeat"))
 
 
 def register(subparsers) -> None:
@@ -307,4 +391,9 @@ def register(subparsers) -> None:
     p.add_argument("--addresses", help="site=host:port,... where sites listen (default: the topology's address)")
     p.add_argument("--connect", help="site=host:port,... to dial instead of a site's address (a proxy or tunnel)")
     p.add_argument("--partition", help="blocks per stage, e.g. 5,3 (default: the topology's or even)")
+    p.add_argument("--process-id", type=int,
+                   help="this process's rank in a site of several processes (0 = the leader, which links to the "
+                        "other sites); required when the site has processes > 1")
+    p.add_argument("--coordinator", help="host:port of the site's jax.distributed coordinator (on the host of "
+                                         "process 0); required when the site has processes > 1")
     p.set_defaults(func=_cmd_site)
