@@ -13,8 +13,8 @@ included) and the codec payload alone. Needs no JAX in this process: the sites a
 
     python benchmarks/transport.py --overlap-ab 3 [--model small --codecs none]
 
-instead runs the loopback pair with overlapped sends (the default) and with synchronous ones (`NetTransport(...,
-overlap=False)`), alternating the order each round, and prints the step times side by side with their ratio.
+instead runs the loopback pair with overlapped sends (the default) and with synchronous ones (`hxtrain site
+--sync-sends`), alternating the order each round, and prints the step times side by side with their ratio.
 """
 
 from __future__ import annotations
@@ -50,17 +50,11 @@ def _topology(folder: Path, codec: str) -> Path:
     return path
 
 
-# `hxtrain site` has no switch for synchronous sends: run it with NetTransport's `overlap` default flipped, and say
-# so on stdout so the run's log proves which mode ran. argv here: ['-c', python, '-m', 'hxtrain', 'site', ...].
-_SYNC_MARK = "[bench] NetTransport overlap=False"
-_SYNC_SITE = ("import runpy, sys; from hxtrain import net_transport as nt; "
-              "nt.NetTransport.__init__.__kwdefaults__['overlap'] = False; "
-              f"print({_SYNC_MARK!r}, flush=True); "
-              "sys.argv = ['hxtrain', *sys.argv[4:]]; runpy.run_module('hxtrain', run_name='__main__')")
+_SYNC_MARK = "sends synchronous"  # what `hxtrain site --sync-sends` logs
 
 
-def _run(mesh: Path, args, out: Path, **kw) -> dict:
-    site_args = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+def _run(mesh: Path, args, out: Path, extra_args=(), **kw) -> dict:
+    site_args = [*extra_args, "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                  "--microbatches", str(args.microbatches), "--schedule", "1f1b", "--out", str(out)]
     log = open(out.with_suffix(".log"), "w")
     exits = launch(str(mesh), site_args, timeout=60.0, out=log, **kw)
@@ -240,7 +234,6 @@ def overlap_ab(args) -> int:
     """Loopback, first codec of --codecs: `rounds` runs with overlapped sends and as many synchronous, in the order
     on/off, off/on, ... (load drifts on a shared machine). Prints per-round step medians and the ratio."""
     codec = args.codecs.split(",")[0]
-    sync = {n: [sys.executable, "-c", _SYNC_SITE] for n in "ab"}
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -248,7 +241,7 @@ def overlap_ab(args) -> int:
         for i in range(args.overlap_ab):
             got = {}
             for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
-                r = _run(mesh, args, tmp / f"{codec}-{mode}-{i}", **({"prefix": sync} if mode == "off" else {}))
+                r = _run(mesh, args, tmp / f"{codec}-{mode}-{i}", extra_args=["--sync-sends"] if mode == "off" else [])
                 if (_SYNC_MARK in r["log"]) != (mode == "off"):
                     raise RuntimeError(f"round {i}, overlap {mode}: the sites did not run in that mode")
                 got[mode] = r

@@ -176,6 +176,7 @@ def _cmd_launch(args) -> int:
                         ("--partition", args.partition)):
         if value is not None:
             site_args += [flag, str(value)]
+    site_args += ["--sync-sends"] if args.sync_sends else []
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env)
     failed = [e for e in exits if e.returncode != 0]
     if not failed:

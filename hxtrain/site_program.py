@@ -154,16 +154,17 @@ class LocalSite:
         mb = self.batch_size // self.microbatches
         return 2 * mb * self.seq * self.width * 4 + (1 << 16)
 
-    def transport(self, endpoints):
+    def transport(self, endpoints, overlap: bool = True):
         """The site's transport: a NetTransport over `endpoints`; for a site of several processes a
-        `GroupTransport` around it on process 0 (the only one with endpoints) and around nothing elsewhere."""
+        `GroupTransport` around it on process 0 (the only one with endpoints) and around nothing elsewhere.
+        overlap=False makes sends synchronous (for side-by-side measurement; see `NetTransport`)."""
         names = [s.name for s in self.topology.sites]
         multi = self.processes > 1
         t = None
         if not multi or jax.process_index() == 0:
             mesh = _group.leader_mesh(self.mesh) if multi else self.mesh
             t = NetTransport(self.index, self.topology.n_sites, mesh, endpoints, codecs=link_codecs(self.topology),
-                             names=names)
+                             names=names, overlap=overlap)
         elif endpoints:
             raise ValueError(f"site {self.site.name!r} process {jax.process_index()}: only process 0 links to "
                              f"other sites, got endpoints to {sorted(endpoints)}")

@@ -59,6 +59,7 @@ class SiteConfig:
     timeout: float = 30.0  # seconds a peer may stay silent before this site stops, naming it
     connect_timeout: float = 60.0  # seconds to wait for neighbours to come up
     secret_env: str = "HXTRAIN_SECRET"
+    sync_sends: bool = False  # True: each send waits until its frame is on the wire (no overlap with compute)
     addresses: tuple[tuple[str, str], ...] = ()  # (site, "host:port") overrides of the topology's `address`
     connect: tuple[tuple[str, str], ...] = ()  # (site, "host:port") to dial instead of its address (proxy, tunnel)
     process_id: int | None = None  # rank within a site of several processes (0: the leader); None = 0 / missing
@@ -248,7 +249,8 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
         log(local.describe())
         for ep in endpoints.values():
             ep.max_bytes = local.max_frame_bytes()
-        transport = local.transport(endpoints)
+        transport = local.transport(endpoints, overlap=not cfg.sync_sends)
+        log(f"site {site.name!r}: sends {'synchronous' if cfg.sync_sends else 'overlapped with compute'}")
         t0 = time.perf_counter()
         local.warm_up()  # compile every program first: afterwards, silence longer than `timeout` is a failure
         transport.barrier(cfg.connect_timeout)
@@ -301,7 +303,7 @@ def add_run_arguments(p) -> None:
     """Arguments shared by `hxtrain site` and `hxtrain launch`."""
     p.add_argument("--mesh", default="local", help="topology TOML file or shipped name (default: local)")
     p.add_argument("--model", help="model preset (default: the topology's [run] model)")
-    p.add_argument("--schedule", help="gpipe, 1f1b or interleaved (default: the topology's)")
+    p.add_argument("--schedule", help="gpipe, 1f1b, interleaved or zb-h1 (default: the topology's)")
     p.add_argument("--microbatches", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, help="global batch in sequences")
@@ -313,6 +315,8 @@ def add_run_arguments(p) -> None:
                    help="seconds a peer may stay silent before this site stops and names it (default 30)")
     p.add_argument("--secret-env", default="HXTRAIN_SECRET",
                    help="environment variable holding the shared secret (default HXTRAIN_SECRET)")
+    p.add_argument("--sync-sends", action="store_true",
+                   help="send synchronously (wait for each frame to leave) instead of overlapping sends with compute")
 
 
 def config_from_args(args, site: str, addresses=()) -> SiteConfig:
@@ -321,7 +325,8 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       microbatches=args.microbatches, steps=args.steps, batch_size=args.batch_size,
                       partition=partition, learning_rate=args.lr, seed=args.seed, data=args.data, out=args.out,
                       timeout=args.timeout, connect_timeout=max(60.0, args.timeout), secret_env=args.secret_env,
-                      addresses=addresses, process_id=getattr(args, "process_id", None),
+                      sync_sends=getattr(args, "sync_sends", False), addresses=addresses,
+                      process_id=getattr(args, "process_id", None),
                       coordinator=getattr(args, "coordinator", None))
 
 
