@@ -1,8 +1,14 @@
-"""Shared test helpers: leaf-by-leaf comparison that names the pytree path of the first leaf that differs."""
+"""Shared test helpers: leaf-by-leaf comparison that names the pytree path of the first leaf that differs, and the
+cached TINY model, batches and single-device reference that the pipeline tests compare against."""
+
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from models import gpt
 
 
 def rel_err(a, b) -> float:
@@ -24,3 +30,27 @@ def assert_trees_close(actual, expected, rtol=1e-5, what="grads"):
         assert np.shape(a) == np.shape(e), f"{what}{jax.tree_util.keystr(path)}: shape {np.shape(a)} != {np.shape(e)}"
         err = rel_err(a, e)
         assert err <= rtol, f"{what}{jax.tree_util.keystr(path)}: relative error {err:.3g} > {rtol}"
+
+
+# Cached, and shared by every test file that imports them, so that a session builds one model and one reference per
+# batch size (each costs seconds on 2 cores). A test must not donate or mutate them: one that trains (donating the
+# stage buffers) builds its own model, as test_spmd's optimizer test does.
+
+
+@functools.cache
+def model():
+    """gpt.TINY built with seed 0."""
+    return gpt.build(gpt.TINY, seed=0)
+
+
+@functools.cache
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    """[n, seq_len + 1] int32 tokens in [0, 256)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, gpt.TINY.seq_len + 1)).astype(np.int32)
+
+
+@functools.cache
+def reference(n: int):
+    """(loss, grads): nnx.value_and_grad of the plain model loss on batch(n), on one device."""
+    with jax.default_device(jax.devices()[0]):
+        return nnx.value_and_grad(gpt.loss)(model(), jnp.asarray(batch(n)))

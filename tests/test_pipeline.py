@@ -1,7 +1,5 @@
 """Every parallel path equals the unsplit model on one device (loss and every gradient leaf, fp32 rel <= 1e-5)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,28 +9,11 @@ from flax import nnx
 import hxtrain
 from hxtrain import topology as T
 from models import gpt, toy
-from tests.helpers import assert_trees_close, rel_err
+from tests.helpers import assert_trees_close, batch, model, reference, rel_err
 
 MB = 4  # microbatch size, fixed so that compiled stage programs are shared across cases
 SHAPES = [(1, 1), (2, 1), (1, 2), (2, 2)]
 UNEVEN = {2: [5, 3], 4: [3, 2, 2, 1]}
-
-
-@functools.cache
-def model():
-    return gpt.build(gpt.TINY, seed=0)
-
-
-@functools.cache
-def batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, gpt.TINY.seq_len + 1)).astype(np.int32)
-
-
-@functools.cache
-def reference(n: int):
-    """nnx.value_and_grad of the plain model loss, on one device."""
-    with jax.default_device(jax.devices()[0]):
-        return nnx.value_and_grad(gpt.loss)(model(), jnp.asarray(batch(n)))
 
 
 def _cases():

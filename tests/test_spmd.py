@@ -1,12 +1,9 @@
 """The SPMD fast path (one program over every site) equals the single-device reference and the MPMD pipeline."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hxtrain
@@ -14,27 +11,11 @@ from hxtrain import spmd
 from hxtrain import topology as T
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
 from models import gpt
-from tests.helpers import assert_trees_close, rel_err
+from tests.helpers import assert_trees_close, batch, model, reference, rel_err
 
 MB = 4  # microbatch size
 UNEVEN = {2: [5, 3], 4: [3, 2, 2, 1]}
 SHAPES = {2: [(2, 2), (1, 2)], 4: [(2, 1), (1, 2)]}  # (data, tensor); each S gets a data- and a tensor-parallel one
-
-
-@functools.cache
-def model():
-    return gpt.build(gpt.TINY, seed=0)
-
-
-@functools.cache
-def batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, gpt.TINY.seq_len + 1)).astype(np.int32)
-
-
-@functools.cache
-def reference(n: int):
-    with jax.default_device(jax.devices()[0]):
-        return nnx.value_and_grad(gpt.loss)(model(), jnp.asarray(batch(n)))
 
 
 def _cases():
