@@ -171,13 +171,15 @@ def _put(x: np.ndarray, stage: StageState, spec=P("data")):
 
 
 def _poison(stages, tasks, transport, shape) -> None:
-    # Every slot a task will read, pre-filled with NaN; real tensors overwrite them on arrival.
+    # Every slot a task will read, pre-filled with NaN; real tensors overwrite them on arrival. A slot holds what
+    # stage s - 1 (activation) or stage s (cotangent of its output) computes, so it takes that stage's dtype.
     for t in tasks:
         st = stages[t.stage]
         if t.kind == "F" and t.stage > 0:
-            transport.poison(st.site, ("act", t.stage, t.microbatch), shape, np.float32)
+            dtype = jnp.dtype(stages[t.stage - 1].role.compute_dtype)
+            transport.poison(st.site, ("act", t.stage, t.microbatch), shape, dtype)
         if t.kind == "B" and t.stage < len(stages) - 1:
-            transport.poison(st.site, ("cot", t.stage, t.microbatch), shape, np.float32)
+            transport.poison(st.site, ("cot", t.stage, t.microbatch), shape, jnp.dtype(st.role.compute_dtype))
 
 
 def run_step(stages: list[StageState], tasks, tokens: np.ndarray, transport, *, poison: bool = False,

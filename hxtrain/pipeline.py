@@ -75,7 +75,8 @@ class Pipeline:
             params["head"], shard["head"] = p.head, _placement.shardings(p.head, p.head_axes, mesh)
         # Copies, not aliases: the optimizer donates these buffers, and the caller's model must survive training.
         params = jax.tree.map(lambda a, s: jax.device_put(jnp.array(a, copy=True), s), params, shard)
-        role = _stage.StageRole(p.embed_def, p.block_def, p.head_def, index == 0, index == n - 1, mesh)
+        dtype = _placement.site_compute_dtype(self.topology.sites[site], mesh)
+        role = _stage.StageRole(p.embed_def, p.block_def, p.head_def, index == 0, index == n - 1, mesh, dtype)
         return _executor.StageState(index, site, role, params, shard, self.topology.sites[site].data)
 
     # ---- one step ----------------------------------------------------------------------------------------------
@@ -169,5 +170,6 @@ class Pipeline:
             parts = (["embed"] if s.role.first else []) + [f"blocks[{lo}:{hi}]"] + (["head"] if s.role.last else [])
             devs = s.role.mesh.devices.flatten()
             lines.append(f"  stage {s.index} -> site {site.name!r} ({site.backend}, data {site.data} x tensor "
-                         f"{site.tensor}, devices {[d.id for d in devs]}): {' + '.join(parts)}")
+                         f"{site.tensor}, devices {[d.id for d in devs]}, compute {s.role.compute_dtype}): "
+                         f"{' + '.join(parts)}")
         return "\n".join(lines)

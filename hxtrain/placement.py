@@ -45,6 +45,18 @@ def site_meshes(topology) -> list[Mesh]:
     return meshes
 
 
+def site_compute_dtype(site, mesh: Mesh | None = None) -> str:
+    """The dtype `site`'s stage programs compute in ("float32", "bfloat16", "float16"): its `compute_dtype` if the
+    topology sets one (checked against the device), else the default of its devices (`backends.dtype_policy`:
+    float32 on CPU, the fastest 16-bit float elsewhere). The device kind is read from `mesh`, the devices that
+    actually run the site; without one (a site of another process), from the topology: `device_kind`, else the
+    backend, as the cost model does (an unknown kind gets the conservative float32)."""
+    from hxtrain.backends import capability_for, dtype_policy
+
+    kind = mesh.devices.flat[0].device_kind if mesh is not None else (site.device_kind or site.backend)
+    return dtype_policy(capability_for(kind), site.compute_dtype).compute_dtype
+
+
 def mesh_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
               rules=DEFAULT_RULES) -> P:
     """Logical axis names of one array -> a PartitionSpec on `mesh`.

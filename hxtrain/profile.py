@@ -103,8 +103,9 @@ def _timed_rounds(programs: dict, repeats: int, warmup: bool = True) -> dict[str
     return times
 
 
-def _place(parts, mesh, blocks: int, first: bool, last: bool):
-    """A stage of `blocks` blocks on `mesh` (like `Pipeline._place_stage`): (role, params, shardings)."""
+def _place(parts, mesh, blocks: int, first: bool, last: bool, dtype: str = "float32"):
+    """A stage of `blocks` blocks on `mesh` computing in `dtype` (like `Pipeline._place_stage`):
+    (role, params, shardings)."""
     import jax
 
     from hxtrain import parts as _parts
@@ -117,7 +118,7 @@ def _place(parts, mesh, blocks: int, first: bool, last: bool):
         params["embed"], shard["embed"] = parts.embed, _placement.shardings(parts.embed, parts.embed_axes, mesh)
     if last:
         params["head"], shard["head"] = parts.head, _placement.shardings(parts.head, parts.head_axes, mesh)
-    role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, first, last, mesh)
+    role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, first, last, mesh, dtype)
     return role, jax.device_put(params, shard), shard
 
 
@@ -129,12 +130,14 @@ def _site_programs(parts, mesh, site, *, microbatch: int, seq: int, width: int, 
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from hxtrain import placement as _placement
     from hxtrain import stage as _stage
 
+    dtype = _placement.site_compute_dtype(site, mesh)  # what the site's stage programs compute (and send) in
     rng = np.random.default_rng(seed)
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
-    x = put(rng.standard_normal((microbatch, seq, width), np.float32))
-    dy = put(rng.standard_normal((microbatch, seq, width), np.float32) * 1e-2)
+    x = put(rng.standard_normal((microbatch, seq, width), np.float32).astype(jnp.dtype(dtype)))
+    dy = put((rng.standard_normal((microbatch, seq, width), np.float32) * 1e-2).astype(jnp.dtype(dtype)))
     tokens = put(rng.integers(0, vocab, (microbatch, seq), dtype=np.int32))
     scale = jnp.float32(1.0 / microbatch)
 
@@ -159,11 +162,11 @@ def _site_programs(parts, mesh, site, *, microbatch: int, seq: int, width: int, 
 
     programs = {}
     for n in (1, 2):
-        role, params, shard = _place(parts, mesh, n, first=False, last=False)
+        role, params, shard = _place(parts, mesh, n, first=False, last=False, dtype=dtype)
         programs[f"fwd{n}"], programs[f"bwd{n}"] = fwd(role, params, x), bwd(role, params, shard, x)
-    role, params, shard = _place(parts, mesh, 1, first=True, last=False)
+    role, params, shard = _place(parts, mesh, 1, first=True, last=False, dtype=dtype)
     programs["first_fwd"], programs["first_bwd"] = fwd(role, params, tokens), bwd(role, params, shard, tokens)
-    programs["last_step"] = last(*_place(parts, mesh, 1, first=False, last=True))
+    programs["last_step"] = last(*_place(parts, mesh, 1, first=False, last=True, dtype=dtype))
     return programs
 
 
@@ -187,8 +190,8 @@ def profile_sites(model, topology, *, microbatch: int | None = None, seq: int | 
     model: an NNX model following `hxtrain.parts`'s protocol, with at least 2 blocks (only the first two are
     used). microbatch: sequences per microbatch (default: the topology's run.batch_size / run.microbatches);
     it must split over every site's `data`. seq: tokens per sequence (default: model.cfg.seq_len).
-    share_identical: sites with the same backend, device kind and data x tensor run the same programs on the
-    same kind of device, so only the first of them is measured and the others reuse its times.
+    share_identical: sites with the same backend, device kind, data x tensor and compute_dtype run the same
+    programs on the same kind of device, so only the first of them is measured and the others reuse its times.
     Returns one `StageTimes` per site, in the topology's order.
     """
     import jax
@@ -221,7 +224,7 @@ def profile_sites(model, topology, *, microbatch: int | None = None, seq: int | 
     vocab = int(getattr(getattr(model, "cfg", None), "vocab_size", 2))
     out, seen = [], {}
     for i, (site, mesh) in enumerate(zip(topo.sites, _placement.site_meshes(topo))):
-        key = (site.backend, site.device_kind, site.data, site.tensor)
+        key = (site.backend, site.device_kind, site.data, site.tensor, site.compute_dtype)
         if share_identical and key in seen:
             out.append(dataclasses.replace(seen[key], site=site.name))
             continue

@@ -7,6 +7,11 @@ M + S - 1 ticks, site s applies its stage to microbatch t - s and `ppermute`s th
 `jax.value_and_grad` through the loop gives the backward (the transposed scan sends cotangents back with the
 inverse `ppermute`). Stages are `jax.checkpoint`ed, so a site keeps only its stage input per tick (GPipe: M).
 
+Dtypes: every site computes in one dtype, its `compute_dtype` policy (`placement.site_compute_dtype`: float32 on
+CPU by default); sites that differ are refused (the MPMD executor runs them). As in `hxtrain.stage`, the float32
+params are cast inside the differentiated function, so gradients come back in float32; activations, the loop carry
+and what `ppermute` sends are in the compute dtype; the loss is float32. A float32 run has no cast at all.
+
 Every site holds a slot of the same shape for everything (SPMD): a `[S, ...]` embedding and head (real on site 0
 and site S-1, zeros elsewhere) and `[S, L, ...]` blocks, L = the largest stage, padded with zero layers. Unowned
 slots and padded layers are replaced by zeros with `jnp.where` before any arithmetic (a NaN parameter times a zero
@@ -57,7 +62,7 @@ class _Program:
     counts: tuple[int, ...]  # blocks per site: S and L = max(counts) (which slots are live is a traced input)
     microbatches: int
     width: int  # D, the activation width
-    dtype: Any  # activation dtype
+    dtype: Any  # activation (compute) dtype; float32 params are cast to it inside the step
 
     @property
     def sites(self) -> int:
@@ -73,12 +78,19 @@ def _mask(cond, tree):
     return jax.tree.map(lambda a: jnp.where(cond, a, jnp.zeros((), a.dtype)), tree)
 
 
+def _cast(dtype, tree):
+    """Floating leaves -> `dtype`; other leaves and leaves already in it unchanged (no op in a float32 run)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype
+                        else a, tree)
+
+
 def _blocks(block_def, stacked: dict, live, h):
     """Apply L stacked blocks; padded ones (live False) leave h unchanged. stacked leaves [L, ...], h [b, T, D]."""
 
     def body(h, xs):
         p, on = xs
-        return jnp.where(on, nnx.merge(block_def, p)(h), h), None
+        return jnp.where(on, _cast(h.dtype, nnx.merge(block_def, p)(h)), h), None
 
     return jax.lax.scan(body, h, (stacked, live))[0]
 
@@ -98,6 +110,8 @@ def _site_loss(prog: _Program, params: dict, tokens, counts, poison):
     # Varying over `data` once here: per-tick gradients stay local and the one psum over `data` is this pcast's
     # transpose, at the end of the backward, not once per tick.
     embed, blocks, head = jax.lax.pcast((embed, blocks, head), DATA, to="varying")
+    # float32 masters -> the compute dtype here, inside the differentiated function: gradients return in float32.
+    embed, blocks, head = _cast(prog.dtype, (embed, blocks, head))
     scale = jnp.float32(1.0 / (M * prog.mesh.shape[DATA]))
 
     @jax.checkpoint  # keep only the stage input per tick; the backward recomputes the stage
@@ -105,9 +119,11 @@ def _site_loss(prog: _Program, params: dict, tokens, counts, poison):
         # Per-device conditionals: a site runs the embedding / head only if it owns them, and a bubble tick runs
         # nothing (its output is zeros; the received value is never read). Only the taken branch is
         # differentiated, and the where-masked parameters above keep even a wrong branch choice finite.
-        h = jax.lax.cond(first, lambda: _parts.apply_embed(prog.embed_def, embed, tok[:, :-1]), lambda: recv)
+        h = jax.lax.cond(first, lambda: _cast(prog.dtype, _parts.apply_embed(prog.embed_def, embed, tok[:, :-1])),
+                         lambda: recv)
         h = jax.lax.cond(valid, lambda h: _blocks(prog.block_def, blocks, live, h), jnp.zeros_like, h)
-        loss = jax.lax.cond(valid & last, lambda h: _parts.apply_head(prog.head_def, head, h, tok[:, 1:]) * scale,
+        loss = jax.lax.cond(valid & last, lambda h: _cast(jnp.float32, _parts.apply_head(prog.head_def, head, h,
+                                                                                         tok[:, 1:])) * scale,
                             lambda h: jax.lax.pcast(jnp.float32(0.0), (SITE, DATA), to="varying"), h)
         return h, loss
 
@@ -216,6 +232,21 @@ def _update(tx, clip_norm, params, opt_state, grads, total_sq):
     return jax.vmap(one)(params, opt_state, grads)
 
 
+def _one_compute_dtype(topology: Topology, meshes) -> str:
+    """The compute dtype every site shares (`placement.site_compute_dtype`); ValueError naming the first site
+    whose policy differs from sites[0]'s: one program cannot compute in two dtypes."""
+    dtypes = [_placement.site_compute_dtype(s, m) for s, m in zip(topology.sites, meshes)]
+    ref = topology.sites[0]
+    for i, (site, got) in enumerate(zip(topology.sites, dtypes)):
+        if got != dtypes[0]:
+            raise ValueError(
+                f"{topology.source}: sites[{i}] ({site.name!r}) compute_dtype: the SPMD executor compiles one "
+                f"program over every site, so every site computes in one dtype; expected {dtypes[0]!r} like "
+                f"sites[0] ({ref.name!r}), got {got!r}; set the same compute_dtype on every site or use "
+                "--executor mpmd (per-site dtypes)")
+    return dtypes[0]
+
+
 def _refuse_mixed(topology: Topology) -> None:
     """The SPMD path needs one backend, device kind and (data, tensor) shape on every site."""
     ref = topology.sites[0]
@@ -263,6 +294,7 @@ class SpmdPipeline:
         if len(kinds) > 1:
             raise ValueError(f"{self.topology.source}: devices: the SPMD executor needs one device kind, got "
                              f"{kinds}; use executor 'mpmd'")
+        compute = jnp.dtype(_one_compute_dtype(self.topology, meshes))
         self.mesh = Mesh(np.stack([m.devices for m in meshes]), (SITE, DATA, TENSOR))
         self.counts = tuple(hi - lo for lo, hi in self.ranges)
         params = self._stack(p.embed, list(p.blocks), p.head)
@@ -271,7 +303,7 @@ class SpmdPipeline:
         h = jax.eval_shape(lambda e, t: _parts.apply_embed(p.embed_def, e, t), p.embed,
                            jax.ShapeDtypeStruct((1, 1), jnp.int32))
         self._program = _Program(p.embed_def, p.block_def, p.head_def, self.mesh, self.counts, microbatches,
-                                 int(h.shape[-1]), h.dtype)
+                                 int(h.shape[-1]), h.dtype if compute == jnp.float32 else compute)
         self.transport = _PpermuteTraffic()
 
     # ---- placement ---------------------------------------------------------------------------------------------

@@ -12,9 +12,16 @@ recompute the forward inside (`jax.vjp`), so a site holds one input per in-fligh
 donated, so they are updated in place. Zero-bubble schedules split the backward in two programs
 (`backward_input` / `last_input` = "B", `backward_weight` / `last_weight` = "W"), each recomputing from the input.
 
-Shapes: mb = microbatch size, T = sequence length, D = model width, d = data-parallel size of the site.
-    tokens/targets [mb, T] int32, sharded P('data');  h, dh [mb, T, D], P('data')
-    gacc: the stage's parameter tree with a leading [d] axis, P('data', ...);  lacc [d], P('data')
+Dtypes: params stay float32 (the master weights the optimizer updates); `StageRole.compute_dtype` (the site's
+`dtype_policy`) is what the stage computes in. The cast of params and floating stage inputs to it happens *inside*
+the differentiated function, so its transpose brings gradients back in float32 (into the float32 `gacc`) and the
+input cotangent dx back in the dtype of the input that was received. The loss is float32 (the head's output is
+cast before scaling). With compute_dtype float32 no cast is inserted: the programs are the plain fp32 ones.
+
+Shapes: mb = microbatch size, T = sequence length, D = model width, d = data-parallel size of the site; c = the
+compute dtype, c_in = the dtype of the received activation (the previous stage's compute dtype).
+    tokens/targets [mb, T] int32, sharded P('data');  x [mb, T, D] c_in;  h, dh [mb, T, D] c;  dx like x
+    gacc: the stage's parameter tree with a leading [d] axis, float32, P('data', ...);  lacc [d] float32, P('data')
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ DATA = "data"
 class StageRole:
     """What a stage computes: embedding on the first, head + loss on the last, its blocks in between.
 
-    Hashable (graph definitions and a mesh, no arrays), so compiled programs are shared by every pipeline with the
+    Hashable (graph definitions, a mesh and a dtype name, no arrays), so compiled programs are shared by every pipeline with the
     same model structure and mesh.
     """
 
@@ -46,16 +53,30 @@ class StageRole:
     first: bool
     last: bool
     mesh: Mesh
+    compute_dtype: str = "float32"  # the site's `dtype_policy(...).compute_dtype`; params stay float32
+
+
+def _to_compute(role: StageRole, tree):
+    """Floating leaves -> the role's compute dtype. Integer leaves (tokens) and leaves already in it are returned
+    as they are, so a float32 role adds no op at all."""
+    dtype = jnp.dtype(role.compute_dtype)
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a, tree)
 
 
 def _forward(role: StageRole, params: dict, x):
-    """Stage input -> stage output (non-last) [mb, T, D]."""
+    """Stage input (tokens [mb, T] or [mb, T, D]) -> stage output [mb, T, D] in the compute dtype (non-last)."""
+    params, x = _to_compute(role, params), _to_compute(role, x)
     h = _parts.apply_embed(role.embed_def, params["embed"], x) if role.first else x
-    return _parts.apply_blocks(role.block_def, params["blocks"], h)
+    # A block may widen internally (softmax in fp32); what leaves the stage is in the compute dtype.
+    return _to_compute(role, _parts.apply_blocks(role.block_def, params["blocks"], h))
 
 
 def _loss(role: StageRole, params: dict, x, targets):
-    return _parts.apply_head(role.head_def, params["head"], _forward(role, params, x), targets)
+    """Scalar float32 mean loss of the microbatch, computed in the compute dtype up to the head's output."""
+    params = _to_compute(role, params)
+    loss = _parts.apply_head(role.head_def, params["head"], _forward(role, params, x), targets)
+    return loss if loss.dtype == jnp.float32 else loss.astype(jnp.float32)
 
 
 def _varying(tree):
@@ -81,13 +102,14 @@ def _smap(role: StageRole, fn, in_specs, out_specs):
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(role: StageRole, params, x):
-    """[mb, T] tokens or [mb, T, D] activations -> [mb, T, D] activations."""
+    """[mb, T] tokens or [mb, T, D] activations -> [mb, T, D] activations in `role.compute_dtype`."""
     return _smap(role, functools.partial(_forward, role), (P(), P(DATA)), P(DATA))(params, x)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
 def backward(role: StageRole, params, x, dy, gacc):
-    """Recompute the stage from its input and pull dy back. Returns (dx or None on the first stage, gacc)."""
+    """Recompute the stage from its input and pull dy (compute dtype, like the output) back.
+    Returns (dx, in x's dtype, or None on the first stage; gacc)."""
 
     def local(params, x, dy, gacc):
         params = _varying(params)
