@@ -43,8 +43,8 @@ DATA = "data"
 class StageRole:
     """What a stage computes: embedding on the first, head + loss on the last, its blocks in between.
 
-    Hashable (graph definitions, a mesh and a dtype name, no arrays), so compiled programs are shared by every pipeline with the
-    same model structure and mesh.
+    Hashable (graph definitions, a mesh and a dtype name, no arrays), so compiled programs are shared by every
+    pipeline with the same model structure, mesh and compute dtype.
     """
 
     embed_def: Any

@@ -140,14 +140,21 @@ def test_spmd_refuses_sites_with_different_compute_dtypes():
         spmd.SpmdPipeline(model(), topo((None, "bfloat16")), microbatches=M)
 
 
-def test_spmd_computes_in_the_shared_dtype():
-    def text(dtypes):
+def test_spmd_computes_in_the_shared_dtype_and_matches_the_reference():
+    def pipe_and_text(dtypes):
         p = spmd.SpmdPipeline(model(), topo(dtypes), microbatches=M)
         tokens = jax.ShapeDtypeStruct((M, MB, SEQ + 1), jnp.int32, sharding=NamedSharding(p.mesh, P(None, "data")))
-        return p._program.dtype, spmd._step.lower(p._program, p.params, tokens, np.asarray(p.counts, np.int32),
-                                                  np.bool_(False)).as_text()
+        return p, spmd._step.lower(p._program, p.params, tokens, np.asarray(p.counts, np.int32),
+                                   np.bool_(False)).as_text()
 
-    dtype, fp32 = text((None, None))
-    assert dtype == jnp.float32 and "bf16" not in fp32
-    dtype, bf16 = text(("bfloat16", "bfloat16"))
-    assert dtype == jnp.bfloat16 and BF16_DOT.search(bf16)
+    p, text = pipe_and_text((None, None))
+    assert p._program.dtype == jnp.float32 and "bf16" not in text
+    p, text = pipe_and_text(("bfloat16", "bfloat16"))
+    assert p._program.dtype == jnp.bfloat16 and BF16_DOT.search(text)
+    loss, grads = p.loss_and_grads(batch())
+    ref_loss, ref_grads = reference()
+    assert loss.dtype == jnp.float32 and rel_err(loss, ref_loss) <= 2e-3
+    assert {a.dtype for a in jax.tree.leaves(grads)} == {np.dtype(np.float32)}
+    assert_trees_close(grads, ref_grads, rtol=6e-2)
+    ticks = M + 2 - 1  # every tick ppermutes one bf16 activation each way, bubbles included
+    assert p.transport.bytes_per_link() == {"0->1": ticks * MB * SEQ * WIDTH * 2, "1->0": ticks * MB * SEQ * WIDTH * 2}
