@@ -9,7 +9,8 @@ A site whose topology entry has `processes > 1` runs one LocalSite per process o
 (`jax.make_array_from_callback`: each process fills its own shards), and only process 0 talks TCP.
 
 Shapes: M microbatches, mb = batch / M, T sequence length, D model width.
-    tokens [M, mb, T+1] int32 on the host; activations / cotangents [mb, T, D] float32, P('data') on the site.
+    tokens [M, mb, T+1] int32 on the host; activations / cotangents [mb, T, D], P('data') on the site, in the
+    compute dtype of the stage that produced them (`placement.site_compute_dtype`; float32 on CPU by default).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class LocalSite:
             if i == n_stages - 1:
                 params["head"], shard["head"] = parts.head, _placement.shardings(parts.head, parts.head_axes, mesh)
             role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, i == 0, i == n_stages - 1,
-                                    mesh)
+                                    mesh, _placement.site_compute_dtype(site, mesh))
             stages[i] = StageState(i, index, role, put_tree(params, shard), shard, site.data)
         seq = model.cfg.seq_len
         M, B = cfg.microbatches, cfg.batch_size
@@ -140,13 +141,12 @@ class LocalSite:
         dev = self.mesh.devices.flat[0]
         cap = _backends.capability_for(dev.device_kind)
         policy = _backends.dtype_policy(cap, self.site.compute_dtype)
-        note = "" if policy.compute_dtype == "float32" else " (stage programs still compute in float32)"
         stages = ", ".join(f"stage {i}" + (" (embed)" if s.role.first else "") + (" (head)" if s.role.last else "")
                            for i, s in self.stages.items())
         procs = f", process {jax.process_index()} of {self.processes}" if self.processes > 1 else ""
         return (f"site {self.site.name!r}: {self.site.backend} {dev.device_kind} x {self.mesh.devices.size} "
                 f"(data {self.site.data} x tensor {self.site.tensor}{procs}), pid {__import__('os').getpid()}; "
-                f"dtype policy: params {policy.param_dtype}, compute {policy.compute_dtype}{note}, "
+                f"dtype policy: params {policy.param_dtype}, compute {policy.compute_dtype}, "
                 f"wire {policy.wire_dtype}; runs {stages}")
 
     def max_frame_bytes(self) -> int:
@@ -169,19 +169,28 @@ class LocalSite:
             raise ValueError(f"site {self.site.name!r} process {jax.process_index()}: only process 0 links to "
                              f"other sites, got endpoints to {sorted(endpoints)}")
         if multi:
-            mb = self.batch_size // self.microbatches
-            shape = ((mb, self.seq, self.width), np.dtype(np.float32))
-            t = _group.GroupTransport(t, self.index, self.site.name, self.mesh, lambda key: shape)
+            t = _group.GroupTransport(t, self.index, self.site.name, self.mesh, self.arrival)
         self.optimizer = _NetOptimizer(self.optimizer_config, list(self.stages.values()), t, self.n_stages,
                                        self.put_tree)
         return t
+
+    def stage_dtype(self, stage: int) -> np.dtype:
+        """The compute dtype of stage `stage` (of any site): the dtype of the activations it sends."""
+        site = self.topology.sites[stage % self.topology.n_sites]
+        return np.dtype(_placement.site_compute_dtype(site, self.mesh if site is self.site else None))
+
+    def arrival(self, key: tuple) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of what arrives under `key` = (kind, stage, microbatch): activations come in the
+        previous stage's compute dtype, cotangents in this stage's (the dtype of the output they belong to)."""
+        kind, stage, _ = key
+        shape = (self.batch_size // self.microbatches, self.seq, self.width)
+        return shape, self.stage_dtype(stage - 1 if kind == "act" else stage)
 
     def warm_up(self) -> None:
         """Run every program of this site on zeros, twice (updated params may come back with another layout and
         recompile), on copies of the real state. All compilation happens before the first step, so that the link
         timeout only has to cover compute."""
         mb = self.batch_size // self.microbatches
-        act = np.zeros((mb, self.seq, self.width), np.float32)
         toks = np.zeros((mb, self.seq), np.int32)
         opt = self.optimizer
         states = [(s.params, st) for s, st in zip(self.stages.values(), opt.states)]
@@ -190,8 +199,10 @@ class LocalSite:
         for _ in range(2):
             new = []
             for s, (params, state) in zip(self.stages.values(), states):
+                act = np.zeros(*self.arrival(("act", s.index, 0)))  # this stage's input
+                dy = np.zeros(*self.arrival(("cot", s.index, 0)))  # the cotangent of its output
                 if split:
-                    warm_up_split(s, params, put, act, toks)
+                    warm_up_split(s, params, put, act, dy, toks)
                 x = put(toks if s.role.first else act, s)
                 gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
                 if s.role.last:
@@ -199,7 +210,7 @@ class LocalSite:
                     _, gacc, _ = _stage.last_step(s.role, params, x, put(toks, s), gacc, lacc, jnp.float32(1.0))
                 else:
                     _stage.forward(s.role, params, x)
-                    _, gacc = _stage.backward(s.role, params, x, put(act, s), gacc)
+                    _, gacc = _stage.backward(s.role, params, x, put(dy, s), gacc)
                 g, sq = _stage.reduce(gacc)
                 copy = jax.tree.map(jnp.copy, (params, state))  # _update donates its inputs
                 new.append(opt._update(*copy, g, self.put_tree(np.float32(float(sq)),

@@ -118,11 +118,12 @@ def _take(box: dict, key: tuple, task, needs: str):
                            "order (a schedule table bug)") from None
 
 
-def warm_up_split(stage: StageState, params, put, act: np.ndarray, toks: np.ndarray) -> None:
+def warm_up_split(stage: StageState, params, put, act: np.ndarray, dy: np.ndarray, toks: np.ndarray) -> None:
     """Compile (by running once, on zeros) the split-backward programs `stage` runs in a zero-bubble step.
 
     `params`: the stage's parameters (or a copy with the layout a later step will see); `put(host, stage)` places
-    host data on the stage's site; act float32 [mb, T, D] zeros; toks int32 [mb, T] zeros. Nothing of the real
+    host data on the stage's site; act [mb, T, D] zeros in the dtype of the stage's input, dy [mb, T, D] zeros in
+    the dtype of its output (its compute dtype); toks int32 [mb, T] zeros. Nothing of the real
     state is touched: accumulators are fresh zeros and only `gacc`/`lacc` are donated."""
     gacc = _stage.zeros_accumulator(params, stage.shardings, stage.data)
     x = put(toks if stage.role.first else act, stage)
@@ -135,7 +136,7 @@ def warm_up_split(stage: StageState, params, put, act: np.ndarray, toks: np.ndar
         outs = (_stage.last_input(stage.role, params, x, targets, lacc, one),
                 _stage.last_weight(stage.role, params, x, targets, gacc, one))
     else:
-        dy = put(act, stage)
+        dy = put(dy, stage)
         outs = (None if stage.role.first else _stage.backward_input(stage.role, params, x, dy),
                 _stage.backward_weight(stage.role, params, x, dy, gacc))
     jax.block_until_ready(outs)

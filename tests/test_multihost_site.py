@@ -29,9 +29,10 @@ processes = {n}
 """
 
 
-def _topology(tmp_path, steps=3):
+def _topology(tmp_path, steps=3, a_dtype=None):
     """Site a: data 2 over 2 processes (1 CPU device each); site b: one process, one device."""
-    text = _SITE.format(name="a", n=2) + _SITE.format(name="b", n=1)
+    text = _SITE.format(name="a", n=2) + (f'compute_dtype = "{a_dtype}"\n' if a_dtype else "")
+    text += _SITE.format(name="b", n=1)
     text += '[[links]]\nbetween = ["a", "b"]\nbandwidth_gbps = 100\nlatency_ms = 1.0\n'
     text += f'[run]\nmodel = "tiny"\nschedule = "1f1b"\nmicrobatches = 2\nbatch_size = 4\nsteps = {steps}\n'
     path = tmp_path / "multihost.toml"
@@ -40,7 +41,9 @@ def _topology(tmp_path, steps=3):
 
 
 def test_a_site_over_two_processes_matches_the_in_process_trainer(tmp_path):
-    mesh = _topology(tmp_path)
+    # Site a computes in bf16 (its policy, fp32 master weights), so bf16 activations cross the link and bf16
+    # cotangents come back to a site of two processes; the in-process Trainer runs the same programs.
+    mesh = _topology(tmp_path, a_dtype="bfloat16")
     run = _launch(mesh, "--out", tmp_path / "out")
     # meanwhile, the same run in this process (site a on fake devices 0-1, site b on device 2)
     topo = hxtrain.load_topology(mesh)
@@ -59,11 +62,12 @@ def test_a_site_over_two_processes_matches_the_in_process_trainer(tmp_path):
     for s in ("a", "b"):
         for got, want in zip(rows[s], ref):
             assert rel_err(got["grad_norm"], want["grad_norm"]) <= 1e-5
-    act = 2 * (wire.HEADER_SIZE + 2 * 16 * 32 * 4)  # 2 microbatches of [mb 2, T 16, D 32] fp32 frames, as 1 process
+    act = 2 * (wire.HEADER_SIZE + 2 * 16 * 32 * 2)  # 2 microbatches of [mb 2, T 16, D 32] bf16 frames, as 1 process
     assert rows["a"][-1]["bytes_per_link"] == {"a->b": act}
     out = run.text()
     for k in (0, 1):  # every process of the site logs its steps, with the global norm
-        assert re.search(rf"\[a/{k}\] site 'a': cpu cpu x 2 \(data 2 x tensor 1, process {k} of 2\)", out)
+        assert re.search(rf"\[a/{k}\] site 'a': cpu cpu x 2 \(data 2 x tensor 1, process {k} of 2\).*compute "
+                         r"bfloat16", out)
         for want in ref:
             assert re.search(rf"\[a/{k}\] step {want['step']} grad_norm {want['grad_norm']:.4f}", out), out
     assert re.search(r"\[a/1\] step 3 grad_norm \S+ step_s \S+ sent - control 0 B", out)  # no TCP: the leader's

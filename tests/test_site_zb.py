@@ -139,7 +139,7 @@ def test_per_site_zero_bubble_accumulates_the_fused_backward():
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     try:
         for s in zb.stages:
-            warm_up_split(s, s.params, put_data, act, toks)
+            warm_up_split(s, s.params, put_data, act, act, toks)
         jax.jit(canary)(np.float32(0))
         warmed = len(compiled)
         _site_threads(zb, tokens, orders)
