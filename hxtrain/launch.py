@@ -25,6 +25,8 @@ import time
 
 from hxtrain import site_runner as _site
 
+LOST_PEER = 3  # the exit code of `hxtrain site` when it stopped because a peer site or a process of its site was lost
+
 
 @dataclasses.dataclass(frozen=True)
 class SiteExit:
@@ -165,7 +167,10 @@ def _wait(procs: dict, grace: float) -> list[SiteExit]:
                     order.append(key)
         time.sleep(0.05)
     exits = [done[n] for n in order]
-    return sorted(exits, key=lambda e: e.returncode == 0)  # stable: the first failure stays first
+    # Failures first: the likely cause, then the sites that stopped because they lost a peer (exit code LOST_PEER),
+    # then those the launcher killed after the grace period; within each group in the order they ended (sorted is
+    # stable). One poll can see a killed process and the peer that stopped for it in either order.
+    return sorted(exits, key=lambda e: (e.returncode == 0, e.killed, e.returncode == LOST_PEER))
 
 
 def _cmd_launch(args) -> int:
