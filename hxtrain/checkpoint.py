@@ -36,7 +36,7 @@ from hxtrain.manifest import CheckpointDamaged
 FORMAT = "hxtrain-checkpoint/1"
 RESUME_MODES = ("never", "auto", "must")
 __all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointMismatch", "CheckpointWarning", "Checkpoints",
-           "check_shapes", "FORMAT", "RESUME_MODES"]
+           "check_shapes", "FORMAT", "RESUME_MODES", "run_meta"]
 
 
 class CheckpointError(RuntimeError):
@@ -67,19 +67,26 @@ def check_shapes(saved: dict, expected: dict, where: str) -> None:
                                  f"not in the model; it was saved from another model")
 
 
+def run_meta(step: int, seed: int, model, ranges, topology, schedule: str, microbatches: int, batch_size: int,
+             seq: int, shapes: dict, **extra) -> dict:
+    """The `meta` item (JSON): what a checkpoint was saved from. `model`: the model object or (class name, config
+    object); `shapes`: `hxtrain.logical.shapes` of the stages saved; `extra`: more JSON fields."""
+    name, cfg = model if isinstance(model, tuple) else (type(model).__name__, getattr(model, "cfg", None))
+    return {
+        "format": FORMAT, "step": int(step), "seed": int(seed), "model": name,
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "shapes": {k: [list(s), d] for k, (s, d) in shapes.items()},
+        "topology": topology.name, "ranges": [list(r) for r in ranges],
+        "sites": [[s.name, s.backend, s.data, s.tensor] for s in topology.sites],
+        "schedule": schedule, "microbatches": microbatches, "batch_size": batch_size, "seq": seq,
+        "time": time.time(), **extra,
+    }
+
+
 def _meta(trainer) -> dict:
     pipe = trainer.pipeline
-    cfg = getattr(pipe._model, "cfg", None)
-    return {
-        "format": FORMAT, "step": int(trainer.step), "seed": int(getattr(trainer, "seed", 0)),
-        "model": type(pipe._model).__name__,
-        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
-        "shapes": {k: [list(s), d] for k, (s, d) in _logical.shapes(pipe).items()},
-        "topology": pipe.topology.name, "ranges": [list(r) for r in pipe.ranges],
-        "sites": [[s.name, s.backend, s.data, s.tensor] for s in pipe.topology.sites],
-        "schedule": pipe.schedule.name, "microbatches": pipe.microbatches,
-        "batch_size": trainer.batch_size, "seq": trainer.seq, "time": time.time(),
-    }
+    return run_meta(trainer.step, getattr(trainer, "seed", 0), pipe._model, pipe.ranges, pipe.topology,
+                    pipe.schedule.name, pipe.microbatches, trainer.batch_size, trainer.seq, _logical.shapes(pipe))
 
 
 class Checkpoints:
@@ -127,38 +134,58 @@ class Checkpoints:
 
     # ---- save --------------------------------------------------------------------------------------------------
 
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `step` is one to save: a multiple of `save_every`, or any step when forced."""
+        return force or bool(self.save_every and step % self.save_every == 0)
+
     def save(self, trainer, *, force: bool = False) -> bool:
         """Save the trainer's params, optimizer state, step, seed and data position (asynchronously). Returns
         whether a checkpoint was started (False when it is not a `save_every` step or this step is saved)."""
         step = int(trainer.step)
-        if not force and (not self.save_every or step % self.save_every):
+        if not self.due(step, force):
             return False
         why = _logical.supported(trainer.pipeline)
         if why is not None:  # a warning rather than an error: the run itself is fine, it just cannot be saved
             warnings.warn(f"step {step} not checkpointed: {why}", CheckpointWarning, stacklevel=2)
             return False
+        return self.save_stages(step, trainer.pipeline, trainer.optimizer.states, trainer.batches.get_state(),
+                                _meta(trainer))
+
+    def save_stages(self, step: int, pipeline, states: list, data: dict, meta: dict) -> bool:
+        """Start saving `pipeline`'s stages (anything with `.stages` and `.ranges`, see `hxtrain.logical`), their
+        optax `states`, the iterator state `data` and `meta` as checkpoint `step`. False if that step exists."""
         self.wait()  # one save in flight at a time; seal the previous one before starting the next
         if step in self.all_steps():
             return False
-        items = _logical.to_logical(trainer.pipeline, trainer.optimizer.states)
+        items = _logical.to_logical(pipeline, states)
         args = ocp.args.Composite(params=ocp.args.StandardSave(items["params"]),
                                   opt=ocp.args.StandardSave(items["opt"]),
-                                  data=ocp.args.JsonSave(trainer.batches.get_state()),
-                                  meta=ocp.args.JsonSave(_meta(trainer)))
+                                  data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
         self._mngr.save(step, args=args, force=True)
         self._unsealed.append(step)
         return True
 
-    def wait(self) -> None:
-        """Finish the save in flight, seal it (write its manifest), then keep only the newest `keep` sealed."""
+    def wait(self) -> list[int]:
+        """Finish the save in flight, seal it (write its manifest), then keep only the newest `keep` sealed.
+        Returns the steps sealed now. Under jax.distributed (a site of several processes) every process calls it:
+        process 0 seals, the others wait for it, then all delete the same old steps (orbax's delete is a
+        collective)."""
         self._mngr.wait_until_finished()
         if not self._unsealed:
-            return
-        for step in self._unsealed:
-            _manifest.seal(self.directory / str(step))
-        self._unsealed.clear()
+            return []
+        import jax
+
+        sealed, self._unsealed = self._unsealed, []
+        if jax.process_index() == 0:
+            for step in sealed:
+                _manifest.seal(self.directory / str(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"hxtrain: sealed {self.directory} {sealed}")
         for old in self.steps()[:-self.keep]:
             self._mngr.delete(old)
+        return sealed
 
     def close(self) -> None:
         self.wait()
@@ -203,30 +230,42 @@ class Checkpoints:
         meta = self.read_meta(chosen)
         pipe = trainer.pipeline
         check_shapes(meta["shapes"], _logical.shapes(pipe), f"checkpoint step {chosen} in {self.directory}")
-        fresh = trainer.optimizer.states
-        tg = _logical.targets(pipe, fresh)
-        got = self._mngr.restore(chosen, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(tg["params"]), opt=ocp.args.StandardRestore(tg["opt"]),
-            data=ocp.args.JsonRestore()))
-        params = _logical.to_stages(pipe, got["params"], [s.params for s in pipe.stages])
+        params, trainer.optimizer.states, data = self.load_stages(chosen, pipe, trainer.optimizer.states)
         for s, p in zip(pipe.stages, params):
             s.params = p
-        trainer.optimizer.states = _logical.to_stages(pipe, got["opt"], fresh)
         trainer.step = int(meta["step"])
         trainer.seed = int(meta["seed"])
         trainer.batches = _rebuild_batches(trainer, int(meta["seed"]))
-        trainer.batches.set_state(got["data"])
-        self._set_aside([s for s in self.all_steps() if s > chosen])
+        trainer.batches.set_state(data)
+        self.set_aside([s for s in self.all_steps() if s > chosen])
         return chosen
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def load_stages(self, step: int, pipeline, fresh: list) -> tuple[list, list, dict]:
+        """Checkpoint `step` read onto `pipeline`'s own placement: (per-stage params, per-stage optax states shaped
+        like `fresh`, the iterator state). Checks nothing: choose the step and compare its meta first."""
+        tg = _logical.targets(pipeline, fresh)
+        got = self._mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(tg["params"]), opt=ocp.args.StandardRestore(tg["opt"]),
+            data=ocp.args.JsonRestore()))
+        params = _logical.to_stages(pipeline, got["params"], [s.params for s in pipeline.stages])
+        return params, _logical.to_stages(pipeline, got["opt"], fresh), got["data"]
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Move `steps` to `<directory>/rejected/` (kept for inspection; the run may save those steps again)."""
         if not steps:
             return
-        dest = self.directory / "rejected"
-        dest.mkdir(exist_ok=True)
-        for s in steps:
-            target = dest / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
-            shutil.move(str(self.directory / str(s)), str(target))
+        import jax
+
+        if jax.process_index() == 0:  # under jax.distributed, one process moves the folders for all
+            dest = self.directory / "rejected"
+            dest.mkdir(exist_ok=True)
+            for s in steps:
+                target = dest / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
+                shutil.move(str(self.directory / str(s)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"hxtrain: set aside {self.directory} {steps}")
         self._mngr.reload()
 
     def resume(self, trainer, mode: str = "auto") -> int | None:
@@ -252,7 +291,7 @@ class Checkpoints:
                 raise
             warnings.warn(f"{e}; starting from scratch (the unusable steps are moved to "
                           f"{self.directory / 'rejected'})", CheckpointWarning, stacklevel=2)
-            self._set_aside(found)
+            self.set_aside(found)
             return None
 
 
