@@ -22,7 +22,8 @@ Failure: a collective whose peer process died raises at once on CPU (gloo: "Conn
 (a stalled host) is declared dead by the coordination service after `heartbeat_timeout` seconds, which then
 aborts every process of the cluster.
 
-Shapes: mb microbatch size, T sequence length, D model width; activations / cotangents [mb, T, D] float32.
+Shapes: mb microbatch size, T sequence length, D model width; activations / cotangents [mb, T, D] in the compute
+dtype of the stage that produced them (`LocalSite.arrival`).
 """
 
 from __future__ import annotations
