@@ -178,7 +178,8 @@ def _cmd_launch(args) -> int:
     for flag, value in (("--model", args.model), ("--schedule", args.schedule), ("--microbatches", args.microbatches),
                         ("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
                         ("--seed", args.seed), ("--data", args.data), ("--out", args.out),
-                        ("--partition", args.partition)):
+                        ("--partition", args.partition), ("--checkpoint-dir", args.checkpoint_dir),
+                        ("--save-every", args.save_every), ("--keep", args.keep), ("--resume", args.resume)):
         if value is not None:
             site_args += [flag, str(value)]
     site_args += ["--sync-sends"] if args.sync_sends else []

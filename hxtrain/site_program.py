@@ -86,6 +86,12 @@ class LocalSite:
     optimizer: _NetOptimizer | None = None
     put: Any = _put  # put(host, stage, spec): host data onto a stage's site (run_site_step's `put`)
     put_tree: Any = _device_put_tree  # put_tree(values, shardings): the same for a tree or one value
+    # what a checkpoint's meta records (`hxtrain.site_checkpoint`)
+    ranges: tuple = ()  # (lo, hi) blocks of every stage, of all sites
+    seed: int = 0
+    schedule_name: str = ""
+    model_name: str = ""
+    model_config: Any = None
 
     @property
     def processes(self) -> int:
@@ -135,7 +141,8 @@ class LocalSite:
         batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)
         order = schedule.site_orders(n_sites, M)[index]
         return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches,
-                   put=put, put_tree=put_tree)
+                   put=put, put_tree=put_tree, ranges=tuple(ranges), seed=cfg.seed, schedule_name=schedule.name,
+                   model_name=type(model).__name__, model_config=model.cfg)
 
     def describe(self) -> str:
         dev = self.mesh.devices.flat[0]

@@ -64,6 +64,10 @@ class SiteConfig:
     connect: tuple[tuple[str, str], ...] = ()  # (site, "host:port") to dial instead of its address (proxy, tunnel)
     process_id: int | None = None  # rank within a site of several processes (0: the leader); None = 0 / missing
     coordinator: str | None = None  # "host:port" of the site's jax.distributed coordinator (processes > 1)
+    checkpoint_dir: str | None = None  # checkpoints under checkpoint_dir/<site> (None: none saved)
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep: int = 3  # checkpoints kept per site
+    resume: str = "auto"  # never | auto | must
 
 
 class SiteError(RuntimeError):
@@ -253,23 +257,36 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
         log(f"site {site.name!r}: sends {'synchronous' if cfg.sync_sends else 'overlapped with compute'}")
         t0 = time.perf_counter()
         local.warm_up()  # compile every program first: afterwards, silence longer than `timeout` is a failure
+        ckpt = newest = None
+        if cfg.checkpoint_dir:
+            from hxtrain.site_checkpoint import SiteCheckpoints
+
+            ckpt = SiteCheckpoints(local, cfg.checkpoint_dir, save_every=cfg.save_every, keep=cfg.keep,
+                                   resume=cfg.resume, log=log)
+            newest = ckpt.newest()  # before the barrier: verifying it may take longer than the link timeout
         transport.barrier(cfg.connect_timeout)
         log(f"site {site.name!r}: compiled in {time.perf_counter() - t0:.1f} s; all sites ready")
-        return _loop(local, transport, cfg, log)
+        start = 0
+        if ckpt is not None:
+            start = ckpt.resume(transport, newest)  # the same step on every site
+            transport.barrier(cfg.connect_timeout)  # restoring may take longer than the link timeout
+        return _loop(local, transport, cfg, log, start, ckpt)
     finally:
         for ep in endpoints.values():
             ep.close()
 
 
-def _loop(local, transport, cfg: SiteConfig, log) -> list[dict]:
+def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None) -> list[dict]:
+    """Steps start+1 .. cfg.steps; `ckpt` (SiteCheckpoints or None) saves the due ones and the last."""
     name = local.site.name
     out = None
     if cfg.out and cfg.process_id == 0:  # one metrics file per site, by its leader
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         out = open(Path(cfg.out) / f"metrics-{name}.jsonl", "a")
     history = []
+    finished = False
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             tokens = local.next_batch()
             t0 = time.perf_counter()
             transport.reset_stats()
@@ -290,9 +307,16 @@ def _loop(local, transport, cfg: SiteConfig, log) -> list[dict]:
             sent = " ".join(f"{k} {v} B" for k, v in row["bytes_per_link"].items())
             log(f"step {step}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
                 f"sent {sent or '-'} control {row['control_bytes']} B")
+            if ckpt is not None:
+                ckpt.save(step, force=step == cfg.steps)  # the end of a run is always saved
+        finished = True
     finally:
         if out:
             out.close()
+        # Seal what was saved, also after a failure, but not in a site of several processes that lost one:
+        # sealing waits for every process there.
+        if ckpt is not None and (finished or local.processes == 1):
+            ckpt.close()
     return history
 
 
@@ -317,6 +341,13 @@ def add_run_arguments(p) -> None:
                    help="environment variable holding the shared secret (default HXTRAIN_SECRET)")
     p.add_argument("--sync-sends", action="store_true",
                    help="send synchronously (wait for each frame to leave) instead of overlapping sends with compute")
+    p.add_argument("--checkpoint-dir", help="save checkpoints under DIR/<site> (default: none saved)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps (default 0: only at the end); needs --checkpoint-dir")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per site (default 3)")
+    p.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
+                   help="continue from the newest step every site has sealed in --checkpoint-dir: never, auto "
+                        "(if there is one; default) or must")
 
 
 def config_from_args(args, site: str, addresses=()) -> SiteConfig:
@@ -327,7 +358,8 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       timeout=args.timeout, connect_timeout=max(60.0, args.timeout), secret_env=args.secret_env,
                       sync_sends=getattr(args, "sync_sends", False), addresses=addresses,
                       process_id=getattr(args, "process_id", None),
-                      coordinator=getattr(args, "coordinator", None))
+                      coordinator=getattr(args, "coordinator", None), checkpoint_dir=args.checkpoint_dir,
+                      save_every=args.save_every, keep=args.keep, resume=args.resume)
 
 
 def _cmd_site(args) -> int:
@@ -367,6 +399,9 @@ def _run_site_command(cfg: SiteConfig, log) -> int:
         print(f"{who}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
+        if _checkpoint_error(e):  # no checkpoint with --resume must, another run's checkpoint, ...
+            print(f"{who}: error: {e}", file=sys.stderr, flush=True)
+            return 2
         if cfg.coordinator is None:
             raise
         if _lost_process(e):  # a collective inside a stage program, or reading its result, found a peer gone
@@ -380,6 +415,12 @@ def _run_site_command(cfg: SiteConfig, log) -> int:
         return 1
     log(f"site {cfg.site!r}: done" + (f" (process {cfg.process_id})" if cfg.coordinator is not None else ""))
     return 0
+
+
+def _checkpoint_error(e: BaseException) -> bool:
+    # hxtrain.checkpoint imports orbax, hence JAX: look its errors up only if the run got that far
+    mod = sys.modules.get("hxtrain.checkpoint")
+    return mod is not None and isinstance(e, (mod.CheckpointError, mod.CheckpointMismatch))
 
 
 def _lost_process(e: BaseException) -> bool:
