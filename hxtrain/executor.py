@@ -166,7 +166,8 @@ def _delivered(transport, dst: int, key: tuple):
     return box.get((dst, key)) if isinstance(box, dict) else None
 
 
-def _put(x: np.ndarray, stage: StageState, spec=P("data")):
+def put_data(x: np.ndarray, stage: StageState, spec=P("data")):
+    """A host array onto the stage's site, sharded over `data` on its leading axis (or laid out by `spec`)."""
     return jax.device_put(x, NamedSharding(stage.role.mesh, spec))
 
 
@@ -180,6 +181,30 @@ def _poison(stages, tasks, transport, shape) -> None:
             transport.poison(st.site, ("act", t.stage, t.microbatch), shape, dtype)
         if t.kind == "B" and t.stage < len(stages) - 1:
             transport.poison(st.site, ("cot", t.stage, t.microbatch), shape, jnp.dtype(st.role.compute_dtype))
+
+
+def backward_task(st: StageState, x, c, split: bool, scale):
+    """Task B of stage `st` on its held input `x`; `c` is the targets on the last stage, else the cotangent dy of
+    its output. Adds into st.gacc (unless `split`: the weight gradient waits for W) and st.lacc (last stage).
+    Returns the input cotangent dx, None on the first stage. Shared by both executors (`hxtrain.site_step`)."""
+    if st.role.last:
+        if split:  # input gradient and loss now; the weight gradient at W
+            out, st.lacc = _stage.last_input(st.role, st.params, x, c, st.lacc, scale)
+        else:
+            out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, c, st.gacc, st.lacc, scale)
+    elif split:  # the first stage's input is tokens: no input gradient, its W does all the work
+        out = None if st.role.first else _stage.backward_input(st.role, st.params, x, c)
+    else:
+        out, st.gacc = _stage.backward(st.role, st.params, x, c, st.gacc)
+    return out
+
+
+def weight_task(st: StageState, x, c, scale) -> None:
+    """Task W of a split backward: the weight gradient of stage `st` from its input and the `c` its B held."""
+    if st.role.last:
+        st.gacc = _stage.last_weight(st.role, st.params, x, c, st.gacc, scale)
+    else:
+        st.gacc = _stage.backward_weight(st.role, st.params, x, c, st.gacc)
 
 
 def run_step(stages: list[StageState], tasks, tokens: np.ndarray, transport, *, poison: bool = False,
@@ -196,14 +221,14 @@ def run_step(stages: list[StageState], tasks, tokens: np.ndarray, transport, *, 
     scale = jnp.float32(1.0 / (M * last.data))
     for s in stages:
         s.gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
-    last.lacc = _put(np.zeros((last.data,), np.float32), last)
+    last.lacc = put_data(np.zeros((last.data,), np.float32), last)
     rec = _Recorder(n_sites) if (timeline or record is not None) else None
     try:
         if len(stages) == 1:  # the whole model on one stage: one fused program over every microbatch
             s = stages[0]
             t0 = time.perf_counter()
-            s.gacc, s.lacc = _stage.whole_step(s.role, s.params, _put(tokens, s, P(None, "data")), s.gacc, s.lacc,
-                                               scale)
+            toks = put_data(tokens, s, P(None, "data"))
+            s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scale)
             if rec is not None:
                 rec.compute(s.site, "step", None, t0, None, (s.gacc, s.lacc))
             return _finish(rec, record, (0,) * n_sites)
@@ -239,7 +264,7 @@ def _walk(stages, tasks, tokens, transport, rec, scale, n_sites) -> tuple[int, .
         out = None
         if t.kind == "F":
             if t.stage == 0:
-                x = _put(tokens[t.microbatch, :, :-1], st)
+                x = put_data(tokens[t.microbatch, :, :-1], st)
             else:
                 inputs.append((st.site, ("act", t.stage, t.microbatch)))
                 x = transport.recv(*inputs[-1])
@@ -252,32 +277,20 @@ def _walk(stages, tasks, tokens, transport, rec, scale, n_sites) -> tuple[int, .
         elif t.kind == "B":
             x = held[key] if split else held.pop(key)
             if st is last:
-                targets = _put(tokens[t.microbatch, :, 1:], st)
-                if split:
-                    out, st.lacc = _stage.last_input(st.role, st.params, x, targets, st.lacc, scale)
-                    cots[key] = targets
-                else:
-                    out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, targets, st.gacc, st.lacc,
-                                                             scale)
+                c = put_data(tokens[t.microbatch, :, 1:], st)
             else:
                 inputs.append((st.site, ("cot", t.stage, t.microbatch)))
-                dy = transport.recv(*inputs[-1])
-                if split:
-                    cots[key] = dy
-                    out = None if st.role.first else _stage.backward_input(st.role, st.params, x, dy)
-                else:
-                    out, st.gacc = _stage.backward(st.role, st.params, x, dy, st.gacc)
+                c = transport.recv(*inputs[-1])
+            if split:
+                cots[key] = c
+            out = backward_task(st, x, c, split, scale)
             if not split:
                 live[st.site] -= 1
             if t.stage > 0:
                 send(out, st, stages[t.stage - 1], ("cot", t.stage - 1, t.microbatch), t)
         elif t.kind == "W":
-            x, c = held.pop(key), cots.pop(key)
             live[st.site] -= 1
-            if st is last:
-                st.gacc = _stage.last_weight(st.role, st.params, x, c, st.gacc, scale)
-            else:
-                st.gacc = _stage.backward_weight(st.role, st.params, x, c, st.gacc)
+            weight_task(st, held.pop(key), cots.pop(key), scale)
         else:
             raise ValueError(f"task {t}: kind {t.kind!r} is not one of F, B, W")
         if rec is not None:
@@ -289,7 +302,7 @@ def _walk(stages, tasks, tokens, transport, rec, scale, n_sites) -> tuple[int, .
     return tuple(peak)
 
 
-def _finish(rec: Recorder | None, record, peak) -> StepStats:
+def _finish(rec: _Recorder | None, record, peak) -> StepStats:
     if rec is None:
         return StepStats(peak)
     events = rec.finish()

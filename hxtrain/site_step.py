@@ -17,10 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from hxtrain import stage as _stage
-from hxtrain.executor import StageState
+from hxtrain.executor import StageState, backward_task, put_data, weight_task
 
 
 def check_schedule(schedule) -> None:
@@ -32,11 +32,6 @@ def check_schedule(schedule) -> None:
     if not callable(getattr(schedule, "site_orders", None)):
         raise ValueError(f"schedule: expected a Schedule with per-site task orders (site_orders), got "
                          f"{type(schedule).__name__}")
-
-
-def put_data(x: np.ndarray, stage: StageState, spec=P("data")):
-    """A host array onto the stage's site, sharded over `data` on its leading axis."""
-    return jax.device_put(x, NamedSharding(stage.role.mesh, spec))
 
 
 def run_site_step(stages: dict[int, StageState], order, tokens: np.ndarray, transport, n_sites: int,
@@ -76,29 +71,15 @@ def run_site_step(stages: dict[int, StageState], order, tokens: np.ndarray, tran
                 x = _take(held, key, t, "its F")
                 if split:  # W recomputes from the same input
                     held[key] = x
-                if st.role.last:
-                    targets = put(tokens[t.microbatch, :, 1:], st)
-                    if split:  # input gradient and loss now; the weight gradient at W
-                        out, st.lacc = _stage.last_input(st.role, st.params, x, targets, st.lacc, scale)
-                        cots[key] = targets
-                    else:
-                        out, st.gacc, st.lacc = _stage.last_step(st.role, st.params, x, targets, st.gacc, st.lacc,
-                                                                 scale)
-                else:
-                    dy = transport.recv(st.site, ("cot", t.stage, t.microbatch))
-                    if split:  # the first stage's input is tokens: no input gradient, its W does all the work
-                        cots[key] = dy
-                        out = None if st.role.first else _stage.backward_input(st.role, st.params, x, dy)
-                    else:
-                        out, st.gacc = _stage.backward(st.role, st.params, x, dy, st.gacc)
+                c = (put(tokens[t.microbatch, :, 1:], st) if st.role.last  # targets on the last stage
+                     else transport.recv(st.site, ("cot", t.stage, t.microbatch)))
+                if split:
+                    cots[key] = c
+                out = backward_task(st, x, c, split, scale)
                 if t.stage > 0:
                     transport.send(out, st.site, (t.stage - 1) % n_sites, ("cot", t.stage - 1, t.microbatch))
             elif t.kind == "W":
-                x, c = _take(held, key, t, "its F"), _take(cots, key, t, "its B")
-                if st.role.last:
-                    st.gacc = _stage.last_weight(st.role, st.params, x, c, st.gacc, scale)
-                else:
-                    st.gacc = _stage.backward_weight(st.role, st.params, x, c, st.gacc)
+                weight_task(st, _take(held, key, t, "its F"), _take(cots, key, t, "its B"), scale)
             else:
                 raise ValueError(f"task of stage {t.stage} microbatch {t.microbatch}: kind {t.kind!r} is not one "
                                  "of F, B, W")

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 import hxtrain
@@ -94,24 +93,33 @@ def _launch(mesh, *args, timeout=20):
                  *map(str, args)])
 
 
+def _reference(mesh, schedule="1f1b", microbatches=2, batch_size=4, steps=3):
+    """The same run in this process: the Trainer's per-step rows, with the optimizer `hxtrain site` derives."""
+    opt = OptimizerConfig(learning_rate=3e-3, total_steps=steps, warmup_steps=1)  # what `site` derives for 3 steps
+    trainer = hxtrain.Trainer(build_model("tiny"), hxtrain.load_topology(mesh), schedule=schedule,
+                              microbatches=microbatches, batch_size=batch_size, optimizer=opt)
+    return trainer.fit(steps, progress=False)
+
+
+def _check_rows(out, ref) -> dict:
+    """The sites' metrics-<site>.jsonl in `out` vs the reference rows: the last site's losses and every site's
+    global grad norm (the CONTROL exchange) within 1e-5. Returns {site: rows}."""
+    rows = {s: [json.loads(x) for x in (out / f"metrics-{s}.jsonl").read_text().splitlines()] for s in ("a", "b")}
+    assert [r["step"] for r in rows["b"]] == [r["step"] for r in ref]
+    for got, want in zip(rows["b"], ref):
+        assert rel_err(got["loss"], want["loss"]) <= 1e-5, (got["loss"], want["loss"])
+    for s in ("a", "b"):
+        for got, want in zip(rows[s], ref):
+            assert rel_err(got["grad_norm"], want["grad_norm"]) <= 1e-5, (s, got["grad_norm"], want["grad_norm"])
+    return rows
+
+
 def test_two_site_processes_match_the_in_process_trainer(tmp_path):
     mesh = _topology(tmp_path, data=2)
     run = _launch(mesh, "--out", tmp_path / "out")
-    # meanwhile, the same run in this process (sites on fake devices 0-1 and 2-3)
-    topo = hxtrain.load_topology(mesh)
-    opt = OptimizerConfig(learning_rate=3e-3, total_steps=3, warmup_steps=1)  # what `site` derives for 3 steps
-    trainer = hxtrain.Trainer(build_model("tiny"), topo, schedule="1f1b", microbatches=2, batch_size=4,
-                              optimizer=opt)
-    ref = trainer.fit(3, progress=False)
+    ref = _reference(mesh)  # meanwhile, the same run in this process (sites on fake devices 0-1 and 2-3)
     assert run.finish(240) == 0, run.text()
-    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"metrics-{s}.jsonl").read_text().splitlines()]
-            for s in ("a", "b")}
-    assert [r["step"] for r in rows["b"]] == [1, 2, 3]
-    for got, want in zip(rows["b"], ref):
-        assert rel_err(got["loss"], want["loss"]) <= 1e-5, (got["loss"], want["loss"])
-    for s in ("a", "b"):  # the global norm (CONTROL exchange) is the same on both sites and in-process
-        for got, want in zip(rows[s], ref):
-            assert rel_err(got["grad_norm"], want["grad_norm"]) <= 1e-5
+    rows = _check_rows(tmp_path / "out", ref)
     assert all(r["loss"] is None for r in rows["a"])  # only the last site has the loss
     act = 2 * (wire.HEADER_SIZE + 2 * 16 * 32 * 4)  # 2 microbatches of [mb 2, T 16, D 32] fp32 frames
     assert rows["a"][-1]["bytes_per_link"] == {"a->b": act}

@@ -298,7 +298,7 @@ def test_connect_and_accept_deadlines():
     with pytest.raises(PeerError, match=rf"site 'b' could not connect to site 'a' at 127.0.0.1:{port} within 0.3 s"):
         Endpoint.connect("b", "a", "127.0.0.1", port, secret=SECRET, timeout=0.3, max_bytes=MAX)
     with Listener() as listener:
-        with pytest.raises(PeerError, match=rf"site 'a' waited 0.2 s for site 'b' to connect on 127.0.0.1:"):
+        with pytest.raises(PeerError, match=r"site 'a' waited 0.2 s for site 'b' to connect on 127.0.0.1:"):
             listener.accept("a", "b", secret=SECRET, timeout=0.2, max_bytes=MAX)
 
 
