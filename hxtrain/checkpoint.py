@@ -128,7 +128,7 @@ class Checkpoints:
     def latest(self) -> int | None:
         """The newest step that is sealed and intact, or None."""
         try:
-            return self._choose(None, warn=False)
+            return self.newest_intact(None, warn=False)
         except CheckpointError:
             return None
 
@@ -193,7 +193,9 @@ class Checkpoints:
 
     # ---- restore -----------------------------------------------------------------------------------------------
 
-    def _choose(self, step: int | None, *, warn: bool = True) -> int:
+    def newest_intact(self, step: int | None = None, *, warn: bool = True) -> int:
+        """The newest step (at or before `step`) that is sealed and matches its manifest; the newer ones it passes
+        over are warned about (`warn`). CheckpointError listing why each was passed over when there is none."""
         notes = []
         for s in reversed(self.all_steps()):
             if step is not None and s > step:
@@ -226,7 +228,7 @@ class Checkpoints:
         why = _logical.supported(trainer.pipeline)
         if why is not None:
             raise CheckpointError(f"cannot restore into this trainer: {why}")
-        chosen = self._choose(step)
+        chosen = self.newest_intact(step)
         meta = self.read_meta(chosen)
         pipe = trainer.pipeline
         check_shapes(meta["shapes"], _logical.shapes(pipe), f"checkpoint step {chosen} in {self.directory}")

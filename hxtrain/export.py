@@ -59,7 +59,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
     if out.exists():
         raise ValueError(f"--out: {str(out)!r} already exists; export into a new folder")
     ckpts = _checkpoints(Path(checkpoint))
-    chosen = ckpts._choose(step)
+    chosen = ckpts.newest_intact(step)
     meta = ckpts.read_meta(chosen)
     device = SingleDeviceSharding(jax.devices()[0])
     cast = jnp.dtype(dtype) if dtype is not None else None
@@ -110,7 +110,7 @@ def load_params(pipeline, source: str | os.PathLike, *, step: int | None = None,
         what = f"export {source} (step {info.get('step')})"
     else:
         ckpts = _checkpoints(source)
-        chosen = ckpts._choose(step)
+        chosen = ckpts.newest_intact(step)
         check_shapes(_flat_shapes(ckpts.read_meta(chosen)["shapes"]), expected,
                      f"checkpoint step {chosen} in {ckpts.directory}")
         got = ckpts._mngr.restore(chosen, args=ocp.args.Composite(params=ocp.args.StandardRestore(tg)))["params"]

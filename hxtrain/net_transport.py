@@ -1,6 +1,7 @@
 """Cross-site transport over TCP: the `InProcessTransport` interface for a site that is its own OS process.
 
-    transport = NetTransport(site=1, n_sites=2, mesh=mesh, endpoints={0: endpoint_to_a}, codecs=link_codecs(topo))
+    transport = NetTransport(site=1, n_sites=2, mesh=mesh, endpoints={0: endpoint_to_a},
+                             codecs=hxtrain.transport.link_codecs(topo))
     transport.step = 7
     transport.send(h, src=1, dst=0, key=("cot", 0, 3))     # [mb, T, D] -> host -> codec -> frame -> site 0
     dy = transport.recv(1, ("cot", 1, 3))                  # frame -> host -> jax.device_put on this site's mesh
@@ -40,35 +41,6 @@ from hxtrain.wire import Kind
 
 _KINDS = {"act": Kind.ACTIVATION, "cot": Kind.COTANGENT}
 _UP, _DOWN = 0, 1  # `microbatch` field of CONTROL frames: partial sums go up the chain, the total comes down
-
-
-def link_codecs(topology) -> dict[tuple[int, int, str], _codecs.Codec]:
-    """{(src, dst, kind): Codec} for every directed neighbour pair, from `Link.activations` / `Link.cotangents`.
-
-    Activations crossing a link use its `activations` codec, cotangents its `cotangents` codec, in either direction
-    (interleaved schedules also send activations from the last site back to the first).
-    "fp8" is resolved by the two sites' capabilities (`backends.link_wire_dtype`): the fp8 format both share, else
-    bf16 (e.g. an NVIDIA e4m3fn site next to an AMD e4m3fnuz one), else no compression.
-    """
-    from hxtrain import backends
-
-    def cap(site):
-        return backends.capability_for(site.device_kind or site.backend)
-
-    out = {}
-    for i, (a, b) in enumerate(topology.neighbours()):
-        link = topology.link(a.name, b.name)
-        for src, dst, kind, name in ((i, i + 1, "act", link.activations), (i + 1, i, "cot", link.cotangents),
-                                     (i + 1, i, "act", link.activations), (i, i + 1, "cot", link.cotangents)):
-            if name == "fp8":
-                wire_dtype = backends.link_wire_dtype(cap(a), cap(b), "fp8")
-                if wire_dtype.startswith("float8_"):
-                    out[(src, dst, kind)] = _codecs.get_codec("fp8", fp8_format=wire_dtype[len("float8_"):])
-                else:
-                    out[(src, dst, kind)] = _codecs.get_codec("bf16" if wire_dtype == "bfloat16" else "none")
-            else:
-                out[(src, dst, kind)] = _codecs.get_codec(name)
-    return out
 
 
 SEND_DEPTH = 4  # pending sends per link (queued or being staged): bounds the device memory held by sends in flight
@@ -345,4 +317,4 @@ class NetTransport:
             raise unreported[0].error if unreported else stalled
 
 
-__all__ = ["LinkStats", "NetTransport", "PeerError", "link_codecs"]
+__all__ = ["LinkStats", "NetTransport", "PeerError"]

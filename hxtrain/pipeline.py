@@ -21,7 +21,7 @@ from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import stage as _stage
 from hxtrain.topology import Topology, load_topology
-from hxtrain.transport import InProcessTransport
+from hxtrain.transport import InProcessTransport, link_codecs
 
 
 class Pipeline:
@@ -53,8 +53,6 @@ class Pipeline:
                                            source=f"{self.topology.source}: partition")
         self.meshes = _placement.site_meshes(self.topology)
         if transport is None:  # boundary compression as the topology's links ask (default "none")
-            from hxtrain.net_transport import link_codecs
-
             transport = InProcessTransport(self.meshes, codecs=link_codecs(self.topology))
         self.transport = transport
         self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))

@@ -120,7 +120,7 @@ class SiteCheckpoints:
         """Restore exactly `step` into the site (params, optimizer state with its step counter, data position);
         steps after it are set aside."""
         try:
-            chosen = self.ckpt._choose(step, warn=False)
+            chosen = self.ckpt.newest_intact(step, warn=False)
         except CheckpointError:
             chosen = None
         if chosen != step:

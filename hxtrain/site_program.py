@@ -34,8 +34,9 @@ from hxtrain import site_group as _group
 from hxtrain import stage as _stage
 from hxtrain.executor import StageState
 from hxtrain.site_step import put_data as _put, run_site_step, warm_up_split
-from hxtrain.net_transport import NetTransport, link_codecs
+from hxtrain.net_transport import NetTransport
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
+from hxtrain.transport import link_codecs
 
 
 def site_mesh(site) -> Mesh:

@@ -4,7 +4,7 @@
 program is dispatched without waiting) and leaves it in the receiver's mailbox under a key; `recv` takes it out.
 Every transfer is counted per directed link and kind, so a run can report exactly what crossed each link.
 
-A boundary codec per (src, dst, kind) (`codecs=`, e.g. from `hxtrain.net_transport.link_codecs(topology)`) makes the
+A boundary codec per (src, dst, kind) (`codecs=`, e.g. from `link_codecs(topology)`) makes the
 in-process path lossy exactly like the network one: the tensor is encoded and decoded on the host with the same numpy
 codec, and the *encoded* payload bytes are what is counted.
 """
@@ -19,6 +19,35 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hxtrain import codecs as _codecs
+
+
+def link_codecs(topology) -> dict[tuple[int, int, str], _codecs.Codec]:
+    """{(src, dst, kind): Codec} for every directed neighbour pair, from `Link.activations` / `Link.cotangents`.
+
+    Activations crossing a link use its `activations` codec, cotangents its `cotangents` codec, in either direction
+    (interleaved schedules also send activations from the last site back to the first).
+    "fp8" is resolved by the two sites' capabilities (`backends.link_wire_dtype`): the fp8 format both share, else
+    bf16 (e.g. an NVIDIA e4m3fn site next to an AMD e4m3fnuz one), else no compression.
+    """
+    from hxtrain import backends
+
+    def cap(site):
+        return backends.capability_for(site.device_kind or site.backend)
+
+    out = {}
+    for i, (a, b) in enumerate(topology.neighbours()):
+        link = topology.link(a.name, b.name)
+        for src, dst, kind, name in ((i, i + 1, "act", link.activations), (i + 1, i, "cot", link.cotangents),
+                                     (i + 1, i, "act", link.activations), (i, i + 1, "cot", link.cotangents)):
+            if name == "fp8":
+                wire_dtype = backends.link_wire_dtype(cap(a), cap(b), "fp8")
+                if wire_dtype.startswith("float8_"):
+                    out[(src, dst, kind)] = _codecs.get_codec("fp8", fp8_format=wire_dtype[len("float8_"):])
+                else:
+                    out[(src, dst, kind)] = _codecs.get_codec("bf16" if wire_dtype == "bfloat16" else "none")
+            else:
+                out[(src, dst, kind)] = _codecs.get_codec(name)
+    return out
 
 
 @dataclasses.dataclass

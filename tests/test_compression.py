@@ -17,9 +17,9 @@ from jax.sharding import Mesh
 import hxtrain
 from hxtrain import codecs, topology as T, wire
 from hxtrain.net import Endpoint, Listener, PeerError
-from hxtrain.net_transport import NetTransport, link_codecs
+from hxtrain.net_transport import NetTransport
 from hxtrain.optim import OptimizerConfig
-from hxtrain.transport import InProcessTransport
+from hxtrain.transport import InProcessTransport, link_codecs
 from hxtrain.train import build_model
 
 SECRET = b"compression-test-secret-0123456789"
