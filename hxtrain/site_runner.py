@@ -80,6 +80,19 @@ def set_cpu_device_count(n: int, env=os.environ) -> None:
     env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={n}"])
 
 
+def use_only_cpu(env=os.environ) -> bool:
+    """Keep a CPU site's process off the machine's accelerators: JAX would otherwise initialise every installed
+    PJRT plugin, and on a GPU host each CUDA client reserves most of the GPU's memory, so a CPU site started beside
+    a GPU site would take the GPU site's memory. Only before JAX initialises its backends; a JAX_PLATFORMS the user
+    set is left alone. Returns whether it restricted JAX."""
+    if env.get("JAX_PLATFORMS"):
+        return False
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def read_secret(env_name: str, env=os.environ) -> bytes:
     value = env.get(env_name)
     if not value or len(value.encode()) < MIN_SECRET_BYTES:
@@ -232,6 +245,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     secret = read_secret(cfg.secret_env)
     if site.backend == "cpu":
         set_cpu_device_count(site.devices_per_process)
+        use_only_cpu()
     if site.processes > 1:
         beat = max(10.0, math.ceil(cfg.timeout))  # the coordination service's floor for a stalled process
         init_site_cluster(cfg.coordinator, site.processes, cfg.process_id, timeout=cfg.connect_timeout,

@@ -233,3 +233,13 @@ def test_site_argument_errors(tmp_path):
     env = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
     site_runner.set_cpu_device_count(2, env)
     assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
+
+
+def test_a_cpu_site_process_restricts_jax_to_the_cpu_unless_the_user_chose():
+    # On a GPU host a CPU site must not start a CUDA client (it would reserve the GPU site's memory).
+    code = ("import os, jax; from hxtrain import site_runner as r; os.environ.pop('JAX_PLATFORMS', None); "
+            "print(r.use_only_cpu(), jax.config.jax_platforms, jax.default_backend(), "
+            "r.use_only_cpu({'JAX_PLATFORMS': 'cuda,cpu'}))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["True", "cpu", "cpu", "False"]
