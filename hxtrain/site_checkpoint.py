@@ -9,7 +9,7 @@ the counters of stage 0.
 Resume must be the same step on every site: sites save at the same steps, but one may have died before sealing
 its newest. So each site finds its newest sealed and intact step *before* the start-up barrier (verifying the
 sha256s may take a while; no peer waits with a short timeout then), the sites exchange them after the barrier
-(`transport.exchange_norms`, float32: exact up to step 2**24) and all restore the smallest. A second barrier then
+(`exchange_steps`, exact) and all restore the smallest. A second barrier then
 absorbs the time the restores take. A checkpoint saved with another topology, partition, model, batch or seed is
 refused, naming the field (from the `meta` item). Every site must be given the same checkpoint flags.
 """
@@ -44,7 +44,17 @@ def check_meta(saved: dict, now: dict, where: str) -> None:
     check_shapes(saved["shapes"], {k: tuple(v) for k, v in now["shapes"].items()}, where)
 
 
-def agree(newest: Sequence[float], names: Sequence[str], directory: Path, mode: str) -> int | None:
+_LOW = 1 << 12
+
+
+def exchange_steps(transport, index: int, step: int, n_sites: int) -> list[int]:
+    """Every site's `step` (-1 = none), on every site, exactly: the CONTROL exchange carries float32, so each step
+    travels as two parts below 2**12 and 2**24 (exact up to step 2**36)."""
+    vec = transport.exchange_norms({2 * index: float(step // _LOW), 2 * index + 1: float(step % _LOW)}, 2 * n_sites)
+    return [int(hi) * _LOW + int(lo) for hi, lo in zip(vec[0::2], vec[1::2])]
+
+
+def agree(newest: Sequence[int], names: Sequence[str], directory: Path, mode: str) -> int | None:
     """The step every site restores: the smallest of the sites' newest sealed steps (`newest[i]`, -1 = none), or
     None (start afresh). CheckpointError for `must` when some site has none, naming its folder."""
     steps = [int(x) for x in newest]
@@ -102,7 +112,7 @@ class SiteCheckpoints:
     def resume(self, transport, newest: int) -> int:
         """Agree with the other sites on a step (after the barrier) and restore it; returns it (0: afresh)."""
         names = [s.name for s in self.local.topology.sites]
-        vec = transport.exchange_norms({self.local.index: float(newest)}, len(names))
+        vec = exchange_steps(transport, self.local.index, newest, len(names))
         step = agree(vec, names, self.root, self.mode)
         if step is None:
             stale = self.ckpt.all_steps()

@@ -10,11 +10,12 @@ import re
 import shutil
 import types
 
+import numpy as np
 import pytest
 
 from hxtrain import manifest
 from hxtrain.checkpoint import CheckpointError, CheckpointMismatch
-from hxtrain.site_checkpoint import SiteCheckpoints, agree, check_meta
+from hxtrain.site_checkpoint import SiteCheckpoints, agree, check_meta, exchange_steps
 from tests.test_multiprocess import _launch, _topology
 
 
@@ -74,9 +75,9 @@ def _fake_site(name="b"):
 def test_resume_errors(run_a, tmp_path):
     with pytest.raises(CheckpointError, match=rf"resume=must but there is no complete checkpoint in "
                                               rf"{tmp_path / 'b'}; train once with --resume auto"):
-        agree([4.0, -1.0], ["a", "b"], tmp_path, "must")
-    assert agree([4.0, -1.0], ["a", "b"], tmp_path, "auto") is None
-    assert agree([6.0, 4.0], ["a", "b"], tmp_path, "auto") == 4
+        agree([4, -1], ["a", "b"], tmp_path, "must")
+    assert agree([4, -1], ["a", "b"], tmp_path, "auto") is None
+    assert agree([6, 4], ["a", "b"], tmp_path, "auto") == 4
     with pytest.raises(CheckpointError, match=rf"site 'b': resume=never but {run_a.folder / 'b'} already holds "
                                               rf"checkpoints \(steps \[2, 4, 6\]\)"):
         SiteCheckpoints(_fake_site(), run_a.folder, resume="never").newest()
@@ -105,3 +106,25 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(run_a):
     with pytest.raises(CheckpointMismatch, match=r"parameter head/w_out has shape \(32, 256\) in the checkpoint "
                                                  r"but \(64, 256\) in the model"):
         check_meta(saved, wider, where)
+
+
+def test_sites_exchange_their_steps_exactly_over_the_float32_control_exchange():
+    steps = [2**30 + 5, -1, 7]  # float32 alone would round the first to 2**30
+    assert int(np.float32(steps[0])) != steps[0]
+    sent = {}
+
+    class Record:  # what each site puts into the CONTROL vector
+        def exchange_norms(self, local, n):
+            sent.update(local)
+            return np.zeros(n, np.float32)
+
+    class Chain:  # what every site gets back: the float32 vector with every site's slots filled
+        def exchange_norms(self, local, n):
+            vec = np.zeros(n, np.float32)
+            for k, v in {**sent, **local}.items():
+                vec[k] = np.float32(v)
+            return vec
+
+    for i, s in enumerate(steps):
+        exchange_steps(Record(), i, s, len(steps))
+    assert exchange_steps(Chain(), 0, steps[0], len(steps)) == steps
