@@ -80,7 +80,7 @@ def losses(topology, steps: int) -> list[float]:
     from hxtrain.optim import OptimizerConfig
     from hxtrain.train import build_model
 
-    opt = OptimizerConfig(learning_rate=3e-3, total_steps=steps, warmup_steps=1)
+    opt = OptimizerConfig.for_steps(steps)
     trainer = hxtrain.Trainer(build_model("small"), topology, schedule="1f1b", microbatches=4, batch_size=16,
                               optimizer=opt)
     return [float(r["loss"]) for r in trainer.fit(steps, progress=False)]

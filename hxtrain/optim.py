@@ -36,6 +36,12 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig: warmup_steps and clip_norm must be >= 0, got "
                              f"{self.warmup_steps!r} and {self.clip_norm!r}")
 
+    @classmethod
+    def for_steps(cls, steps: int, learning_rate: float = 3e-3) -> OptimizerConfig:
+        """The optimizer `hxtrain train` and `hxtrain site` use for a run of `steps` steps: warmup over a tenth of
+        them (at least 1, at most 20), then cosine decay."""
+        return cls(learning_rate=learning_rate, total_steps=steps, warmup_steps=min(20, max(steps // 10, 1)))
+
     def schedule(self) -> optax.Schedule:
         warmup = min(self.warmup_steps, max(self.total_steps - 1, 0))
         return optax.warmup_cosine_decay_schedule(

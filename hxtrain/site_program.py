@@ -32,8 +32,8 @@ from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import site_group as _group
 from hxtrain import stage as _stage
-from hxtrain.executor import StageState
-from hxtrain.site_step import put_data as _put, run_site_step, warm_up_split
+from hxtrain.executor import StageState, put_data as _put
+from hxtrain.site_step import run_site_step, warm_up_split
 from hxtrain.net_transport import NetTransport
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.transport import link_codecs
@@ -136,8 +136,7 @@ class LocalSite:
                                  f"{s.name!r} data={s.data}; use a multiple of {M * s.data}")
         width = int(jax.eval_shape(lambda t: _parts.apply_embed(parts.embed_def, parts.embed, t),
                                    jax.ShapeDtypeStruct((1, seq), np.int32)).shape[-1])
-        opt = OptimizerConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
-                              warmup_steps=min(20, max(cfg.steps // 10, 1)))  # as hxtrain.train.train does
+        opt = OptimizerConfig.for_steps(cfg.steps, cfg.learning_rate)  # as `hxtrain train` derives it
         corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)  # the Trainer's default corpus cap
         batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)
         order = schedule.site_orders(n_sites, M)[index]

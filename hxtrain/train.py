@@ -225,8 +225,7 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
           f"data={resolved.data or 'stdlib'} out={resolved.out or '-'} ({jax.devices()[0].platform}, "
           f"{jax.device_count()} devices)")
     model = build_model(resolved.model, seed=resolved.seed)
-    opt = OptimizerConfig(learning_rate=resolved.learning_rate, total_steps=resolved.steps,
-                          warmup_steps=min(20, max(resolved.steps // 10, 1)))
+    opt = OptimizerConfig.for_steps(resolved.steps, resolved.learning_rate)
     trainer = Trainer(model, topo, schedule=resolved.schedule, microbatches=resolved.microbatches,
                       partition=resolved.partition, batch_size=resolved.batch_size, optimizer=opt,
                       data=resolved.data, seed=resolved.seed, executor=resolved.executor, out=resolved.out,

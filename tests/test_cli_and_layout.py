@@ -99,3 +99,11 @@ def test_mesh_axis_names_stay_out_of_models():
         text = path.read_text()
         for axis in ("'data'", '"data"', "'tensor'", '"tensor"', "'site'", '"site"'):
             assert axis not in text, f"{path.relative_to(ROOT)} names mesh axis {axis}"
+
+
+def test_train_and_site_derive_one_optimizer_from_the_step_count():
+    # warmup: a tenth of the steps, at least 1, at most 20 (hxtrain train and hxtrain site both call for_steps)
+    got = {n: hxtrain.OptimizerConfig.for_steps(n).warmup_steps for n in (3, 50, 200, 10_000)}
+    assert got == {3: 1, 50: 5, 200: 20, 10_000: 20}
+    opt = hxtrain.OptimizerConfig.for_steps(30, 1e-2)
+    assert (opt.learning_rate, opt.total_steps) == (1e-2, 30)

@@ -95,7 +95,7 @@ def _launch(mesh, *args, timeout=20):
 
 def _reference(mesh, schedule="1f1b", microbatches=2, batch_size=4, steps=3):
     """The same run in this process: the Trainer's per-step rows, with the optimizer `hxtrain site` derives."""
-    opt = OptimizerConfig(learning_rate=3e-3, total_steps=steps, warmup_steps=1)  # what `site` derives for 3 steps
+    opt = OptimizerConfig.for_steps(steps)  # what `hxtrain site` derives
     trainer = hxtrain.Trainer(build_model("tiny"), hxtrain.load_topology(mesh), schedule=schedule,
                               microbatches=microbatches, batch_size=batch_size, optimizer=opt)
     return trainer.fit(steps, progress=False)
