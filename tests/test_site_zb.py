@@ -18,9 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import hxtrain
 from hxtrain import site_runner
 from hxtrain import topology as T
-from hxtrain.executor import run_step
+from hxtrain.executor import put_data, run_step
 from hxtrain.schedules import Task
-from hxtrain.site_step import check_schedule, put_data, run_site_step, warm_up_split
+from hxtrain.site_step import check_schedule, run_site_step, warm_up_split
 from models import toy
 from tests.helpers import assert_trees_close, rel_err
 from tests.test_multiprocess import _Run, _check_rows, _reference, _topology
