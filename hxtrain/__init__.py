@@ -2,10 +2,12 @@
 
 Public API:
     load_topology(path) -> Topology        sites, links and the default run, from meshes/*.toml
+    register_plugins(topology)             the PJRT plugins its sites name, before the first JAX array
     Pipeline(model, topology, schedule=, microbatches=, partition=)   .loss_and_grads(tokens)
     Trainer(model, topology, ...).fit(steps)   and   train(RunConfig(...))
 """
 
+from hxtrain.backends import register_plugins
 from hxtrain.optim import OptimizerConfig
 from hxtrain.parts import ProtocolError, split_model
 from hxtrain.pipeline import Pipeline
@@ -19,5 +21,5 @@ from hxtrain.train import NonFiniteLoss, RunConfig, Trainer, train
 __all__ = [
     "GPipe", "Interleaved", "Link", "SpmdPipeline", "UserTable", "ZBH1", "analytic_bubble", "NonFiniteLoss", "OneFOneB", "OptimizerConfig", "Pipeline", "PlacementError",
     "ProtocolError", "RunConfig", "RunDefaults", "ScheduleError", "Site", "Task", "Topology", "TopologyError",
-    "Trainer", "get_schedule", "load_topology", "shipped", "split_model", "train", "uniform",
+    "Trainer", "get_schedule", "load_topology", "register_plugins", "shipped", "split_model", "train", "uniform",
 ]

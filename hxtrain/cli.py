@@ -46,12 +46,15 @@ def _cmd_info(args) -> int:
     from hxtrain.topology import load_topology
     from hxtrain.train import build_model
 
+    topo = load_topology(args.mesh)
+    backends.register_plugins(topo.sites)  # before JAX starts its backends, so its plugins are among them
     print(f"jax {jax.__version__}; default backend {jax.default_backend()}; {jax.device_count()} devices")
     for d in jax.devices():
         print(f"  {d.id}: {d.platform} {d.device_kind}")
     print("\nbackends:")
     print(backends.format_table(backends.describe()))
-    topo = load_topology(args.mesh)
+    print("\nclients (each its own PJRT client; no program or mesh spans two):")
+    print(backends.format_clients(backends.client_rows()))
     print(f"\ntopology:\n{topo.summary()}")
     pipe = Pipeline(build_model(args.model or topo.run.model), topo, schedule=topo.run.schedule,
                     microbatches=topo.run.microbatches)

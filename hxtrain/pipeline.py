@@ -161,13 +161,16 @@ class Pipeline:
                               analytic=self.analytic_bubble())
 
     def describe(self) -> str:
+        from hxtrain.backends import site_client
+
         lines = [f"topology {self.topology.name!r} ({self.topology.source}), schedule {self.schedule.name}, "
                  f"{self.microbatches} microbatches"]
         for s, (lo, hi) in zip(self.stages, self.ranges):
             site = self.topology.sites[s.site]
             parts = (["embed"] if s.role.first else []) + [f"blocks[{lo}:{hi}]"] + (["head"] if s.role.last else [])
             devs = s.role.mesh.devices.flatten()
-            lines.append(f"  stage {s.index} -> site {site.name!r} ({site.backend}, data {site.data} x tensor "
+            client = site_client(site).name
+            lines.append(f"  stage {s.index} -> site {site.name!r} ({site.backend}, client {client!r}, data {site.data} x tensor "
                          f"{site.tensor}, devices {[d.id for d in devs]}, compute {s.role.compute_dtype}): "
                          f"{' + '.join(parts)}")
         return "\n".join(lines)

@@ -32,17 +32,16 @@ class PlacementError(ValueError):
 
 
 def site_meshes(topology) -> list[Mesh]:
-    """Each site's `Mesh(('data', 'tensor'))` over its own devices, taken in order from its backend."""
-    from hxtrain.backends import devices_for
+    """Each site's `Mesh(('data', 'tensor'))` over its own devices, on its own PJRT client (`backends.place_sites`:
+    plugins registered first, device ranges that never overlap by accident)."""
+    from hxtrain.backends import place_sites
 
-    used: dict[str, int] = {}
-    meshes = []
-    for site in topology.sites:
-        offset = used.get(site.backend, 0)
-        devs = devices_for(site.backend, site.devices, offset=offset, site=site.name, plugin=site.plugin)
-        used[site.backend] = offset + site.devices
-        meshes.append(Mesh(np.array(devs).reshape(site.data, site.tensor), ("data", "tensor")))
-    return meshes
+    return [site_mesh(site, devs) for site, devs in zip(topology.sites, place_sites(topology.sites))]
+
+
+def site_mesh(site, devices: Sequence[jax.Device]) -> Mesh:
+    """`devices` (`site.devices` of them, in order) as the site's Mesh(('data', 'tensor'))."""
+    return Mesh(np.array(devices).reshape(site.data, site.tensor), ("data", "tensor"))
 
 
 def site_compute_dtype(site, mesh: Mesh | None = None) -> str:

@@ -42,8 +42,7 @@ from hxtrain.transport import link_codecs
 def site_mesh(site) -> Mesh:
     """The site's Mesh(('data', 'tensor')) over the first `devices` devices of its backend: this process's, or,
     for a site of several processes, the whole cluster's (`jax.devices()` lists them process by process)."""
-    devs = _backends.devices_for(site.backend, site.devices, site=site.name, plugin=site.plugin)
-    mesh = Mesh(np.array(devs).reshape(site.data, site.tensor), ("data", "tensor"))
+    mesh = _placement.site_mesh(site, _backends.place_sites([site])[0])
     if site.processes > 1:
         _group.check_mesh(mesh, site)
     return mesh
@@ -155,6 +154,10 @@ class LocalSite:
                 f"(data {self.site.data} x tensor {self.site.tensor}{procs}), pid {__import__('os').getpid()}; "
                 f"dtype policy: params {policy.param_dtype}, compute {policy.compute_dtype}, "
                 f"wire {policy.wire_dtype}; runs {stages}")
+
+    def describe_client(self) -> str:
+        """The PJRT client the site's devices belong to, e.g. 'platform cpu, version PJRT C API, 4 x cpu'."""
+        return _backends.client_summary(self.mesh.devices.flat[0].client)
 
     def max_frame_bytes(self) -> int:
         """Largest frame body this site accepts: one fp32 activation [mb, T, D] with room to spare."""

@@ -80,17 +80,23 @@ def set_cpu_device_count(n: int, env=os.environ) -> None:
     env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={n}"])
 
 
-def use_only_cpu(env=os.environ) -> bool:
-    """Keep a CPU site's process off the machine's accelerators: JAX would otherwise initialise every installed
-    PJRT plugin, and on a GPU host each CUDA client reserves most of the GPU's memory, so a CPU site started beside
-    a GPU site would take the GPU site's memory. Only before JAX initialises its backends; a JAX_PLATFORMS the user
-    set is left alone. Returns whether it restricted JAX."""
-    if env.get("JAX_PLATFORMS"):
-        return False
+def keep_to_site_client(site, env=os.environ) -> str | None:
+    """Keep a site process to its own PJRT client when the site runs on a CPU (jaxlib's or a CPU plugin's): JAX
+    would otherwise initialise every installed PJRT plugin, and on a GPU host each CUDA client reserves most of the
+    GPU's memory, so a CPU site started beside a GPU site would take the GPU site's memory. A plugin site then also
+    gets its plugin's client as JAX's default. Sites on an accelerator that JAX discovers itself are left alone.
+    Only before JAX initialises its backends; a JAX_PLATFORMS the user set is left alone. Returns the client name
+    JAX was restricted to, or None."""
+    from hxtrain.backends import BACKENDS, site_client
+
+    backend = BACKENDS.get(site.backend)
+    if env.get("JAX_PLATFORMS") or (backend is not None and not backend.builtin and site.plugin is None):
+        return None
     import jax
 
-    jax.config.update("jax_platforms", "cpu")
-    return True
+    name = site_client(site, env=env).name
+    jax.config.update("jax_platforms", name)
+    return name
 
 
 def read_secret(env_name: str, env=os.environ) -> bytes:
@@ -245,7 +251,10 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     secret = read_secret(cfg.secret_env)
     if site.backend == "cpu":
         set_cpu_device_count(site.devices_per_process)
-        use_only_cpu()
+    keep_to_site_client(site)
+    from hxtrain.backends import register_plugins
+
+    client = register_plugins([site])[0]  # before anything starts JAX's backends (jax.distributed does)
     if site.processes > 1:
         beat = max(10.0, math.ceil(cfg.timeout))  # the coordination service's floor for a stalled process
         init_site_cluster(cfg.coordinator, site.processes, cfg.process_id, timeout=cfg.connect_timeout,
@@ -264,6 +273,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
         if cfg.process_id == 0:
             log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())}")
         local = _prog.LocalSite.build(topo, index, cfg)
+        log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
         log(local.describe())
         for ep in endpoints.values():
             ep.max_bytes = local.max_frame_bytes()

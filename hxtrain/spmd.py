@@ -248,17 +248,21 @@ def _one_compute_dtype(topology: Topology, meshes) -> str:
 
 
 def _refuse_mixed(topology: Topology) -> None:
-    """The SPMD path needs one backend, device kind and (data, tensor) shape on every site."""
+    """The SPMD path needs one PJRT client, backend, device kind and (data, tensor) shape on every site."""
+    from hxtrain.backends import site_client
+
     ref = topology.sites[0]
+    ref_client = site_client(ref).name
     for i, site in enumerate(topology.sites[1:], start=1):
-        for field, want, got in (("backend", ref.backend, site.backend),
+        for field, want, got in (("client", ref_client, site_client(site).name),
+                                 ("backend", ref.backend, site.backend),
                                  ("device_kind", ref.device_kind, site.device_kind),
                                  ("data x tensor", f"{ref.data} x {ref.tensor}", f"{site.data} x {site.tensor}")):
             if want != got:
                 raise ValueError(
                     f"{topology.source}: sites[{i}] ({site.name!r}) {field}: the SPMD executor compiles one "
                     f"program over every site, so it expected {want!r} like sites[0] ({ref.name!r}), got {got!r}; "
-                    "use executor 'mpmd' for heterogeneous sites")
+                    "use executor 'mpmd' for heterogeneous sites (no program or mesh spans two PJRT clients)")
 
 
 class SpmdPipeline:

@@ -44,7 +44,10 @@ class Site:
     tensor: int
     device_kind: str | None = None  # "H100", "Ascend910B", ...; None = whatever the backend has
     layers: int | None = None  # blocks on this site; None = even split
-    plugin: str | None = None  # path to a PJRT plugin .so
+    plugin: str | None = None  # PJRT plugin library: "/path/libpjrt_x.so" or "package:NAME" (a pip-installed one)
+    plugin_options: tuple[tuple[str, object], ...] | None = None  # the plugin's create options (a TOML table)
+    first_device: int | None = None  # first device index on its client; None = after the earlier sites' devices
+    share_devices: bool = False  # True on two sites lets them be placed on the same devices on purpose
     compute_dtype: str | None = None  # one of COMPUTE_DTYPES; None = the backend's policy
     memory_gib: float | None = None  # per-device override for the planner
     peak_tflops: float | None = None  # per-device override for the planner
@@ -58,6 +61,8 @@ class Site:
             object.__setattr__(self, "backend", _BACKEND_ALIASES.get(b, b))
         for f in ("memory_gib", "peak_tflops"):
             _int_to_float(self, f)
+        if isinstance(self.plugin_options, dict):  # a tuple of pairs keeps the frozen Site hashable
+            object.__setattr__(self, "plugin_options", tuple(sorted(self.plugin_options.items())))
 
     @property
     def devices_per_process(self) -> int:
@@ -176,7 +181,7 @@ class Topology:
         lines = [f"topology {self.name!r} ({self.source}): {self.n_sites} site{plural}, {self.total_devices} devices"]
         for s in self.sites:
             kind = f" {s.device_kind}" if s.device_kind else ""
-            extra = "".join(f", {f} {getattr(s, f)}" for f in ("layers", "compute_dtype", "address")
+            extra = "".join(f", {f} {getattr(s, f)}" for f in ("plugin", "layers", "compute_dtype", "address")
                             if getattr(s, f) is not None)
             procs = f", {s.processes} processes" if s.processes > 1 else ""
             lines.append(f"  {s.name}: {s.backend}{kind} x {s.devices} = data {s.data} x tensor {s.tensor}"
@@ -339,6 +344,13 @@ def _check_site(src: str, w: str, s: Site) -> None:
     for f in ("device_kind", "plugin"):
         if getattr(s, f) is not None:
             _want_str(src, f"{w}.{f}", getattr(s, f))
+    if s.plugin_options is not None:
+        _check_plugin_options(src, f"{w}.plugin_options", s)
+    if s.first_device is not None and not (_is_int(s.first_device) and s.first_device >= 0):
+        _fail(src, f"{w}.first_device", f"expected an integer >= 0 (a device index on the site's client), got "
+                                        f"{_show(s.first_device)}")
+    if not isinstance(s.share_devices, bool):
+        _fail(src, f"{w}.share_devices", f"expected true or false, got {_show(s.share_devices)}")
     if s.compute_dtype is not None:
         _want_choice(src, f"{w}.compute_dtype", s.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
     for f in ("memory_gib", "peak_tflops"):
@@ -349,6 +361,18 @@ def _check_site(src: str, w: str, s: Site) -> None:
         m = re.fullmatch(r"(.+):(\d+)", s.address) if isinstance(s.address, str) else None
         if not m or not 0 < int(m.group(2)) < 65536:
             _fail(src, f"{w}.address", f"expected 'host:port' with a port in 1..65535, got {_show(s.address)}")
+
+
+def _check_plugin_options(src: str, w: str, s: Site) -> None:
+    if s.plugin is None and not str(s.backend).startswith("plugin:"):
+        _fail(src, w, "options for a plugin, but the site names none; add plugin = \"...\" or remove them")
+    opts = s.plugin_options
+    if not (isinstance(opts, tuple) and all(isinstance(kv, tuple) and len(kv) == 2 for kv in opts)):
+        _fail(src, w, f"expected a table of option = value, got {_show(opts)}")
+    for key, value in opts:
+        if not isinstance(value, (str, int, float, bool)):
+            _fail(src, f"{w}.{key}", f"expected a string, number or boolean (what PJRT create options take), "
+                                     f"got {_show(value)}")
 
 
 def _check_link(src: str, w: str, ln: Link, index: dict[str, int]) -> frozenset:

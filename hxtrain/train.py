@@ -207,11 +207,13 @@ def _from_plan(config: RunConfig) -> RunConfig:
 
 def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[dict]]:
     """Resolve defaults from the topology's [run] table, print them once, build and fit."""
+    from hxtrain.backends import register_plugins
     from hxtrain.topology import load_topology
 
     if config.plan is not None:
         config = _from_plan(config)
     topo = load_topology(config.mesh)
+    register_plugins(topo.sites)  # before anything below starts JAX's backends
     run = topo.run
     resolved = dataclasses.replace(
         config,

@@ -237,9 +237,11 @@ def test_site_argument_errors(tmp_path):
 
 def test_a_cpu_site_process_restricts_jax_to_the_cpu_unless_the_user_chose():
     # On a GPU host a CPU site must not start a CUDA client (it would reserve the GPU site's memory).
-    code = ("import os, jax; from hxtrain import site_runner as r; os.environ.pop('JAX_PLATFORMS', None); "
-            "print(r.use_only_cpu(), jax.config.jax_platforms, jax.default_backend(), "
-            "r.use_only_cpu({'JAX_PLATFORMS': 'cuda,cpu'}))")
+    code = ("import os, dataclasses, jax, hxtrain; from hxtrain import site_runner as r; "
+            "os.environ.pop('JAX_PLATFORMS', None); s = hxtrain.load_topology('local').sites[0]; "
+            "gpu = dataclasses.replace(s, backend='cuda'); "
+            "print(r.keep_to_site_client(gpu), r.keep_to_site_client(s), jax.config.jax_platforms, "
+            "jax.default_backend(), r.keep_to_site_client(s, {'JAX_PLATFORMS': 'cuda,cpu'}))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
-    assert got.stdout.split() == ["True", "cpu", "cpu", "False"]
+    assert got.stdout.split() == ["None", "cpu", "cpu", "cpu", "None"]

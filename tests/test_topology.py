@@ -103,6 +103,17 @@ BAD = {  # id: (old, new, regex); old None = `new` is the whole file
     "bad-address": (A, A + '\naddress = "localhost"',
                     r"sites\[0\]\.address: expected 'host:port' with a port in 1\.\.65535, got 'localhost'"),
     "memory-negative": (A, A + "\nmemory_gib = -80", r"sites\[0\]\.memory_gib: expected a positive number, got -80\.0"),
+    "plugin-options-without-plugin": (A, A + "\nplugin_options = { cpu_device_count = 4 }",
+                                      r"sites\[0\]\.plugin_options: options for a plugin, but the site names none"),
+    "plugin-options-not-a-table": (A, A + '\nplugin = "package:x"\nplugin_options = 4',
+                                   r"sites\[0\]\.plugin_options: expected a table of option = value, got 4 \(int\)"),
+    "plugin-option-value": (A, A + '\nplugin = "package:x"\nplugin_options = { ids = [1, 2] }',
+                            r"sites\[0\]\.plugin_options\.ids: expected a string, number or boolean .*got \[1, 2\]"),
+    "first-device-negative": (A, A + "\nfirst_device = -1",
+                              r"sites\[0\]\.first_device: expected an integer >= 0 \(a device index on the site's "
+                              r"client\), got -1 \(int\)"),
+    "share-devices-not-bool": (A, A + '\nshare_devices = "yes"',
+                               r"sites\[0\]\.share_devices: expected true or false, got 'yes' \(str\)"),
 }
 
 

@@ -46,11 +46,15 @@ def devices_for(backend: str, count: int, offset: int = 0, *, site: str | None =
     devices = _jax_devices(src, env)
     if offset + count > len(devices):
         start = f" starting at offset {offset}" if offset else ""
+        client = f" on client {src.platform!r}" if src.platform != src.backend else ""
         hint = ""
         if src.platform == "cpu":
             hint = (f"; for fake CPU devices set XLA_FLAGS=--xla_force_host_platform_device_count="
                     f"{offset + count} before JAX starts")
-        raise BackendError(f"{who} asks for {count} devices of backend {src.backend!r}{start}, "
+        elif src.how == "library":
+            hint = ("; a plugin's device count is its own (XLA's CPU plugin takes plugin_options = "
+                    f"{{ cpu_device_count = {offset + count} }} in the site table)")
+        raise BackendError(f"{who} asks for {count} devices of backend {src.backend!r}{client}{start}, "
                            f"which has {len(devices)}{hint}")
     return devices[offset:offset + count]
 
@@ -110,11 +114,17 @@ def format_table(rows: list[dict]) -> str:
     head = ("backend", "installed", "initialised", "devices", "device kind", "capability")
     body = [(r["backend"], yes_no(r["installed"]), yes_no(r["initialised"]), str(r["devices"]),
              r["device_kind"] or "-", r["capability"] or "-") for r in rows]
-    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
-    fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
-    out = [fmt(head), fmt(tuple("-" * w for w in widths))]
-    for r, line in zip(rows, body):
-        out.append(fmt(line))
+    lines = columns(head, body)
+    out = lines[:2]
+    for r, line in zip(rows, lines[2:]):
+        out.append(line)
         if r["note"]:
             out.append(f"    note: {r['note']}")
     return "\n".join(out)
+
+
+def columns(head: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned text columns: the head, a rule of dashes, then one line per row of `body`."""
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
+    return [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, body)]

@@ -90,3 +90,24 @@ def register_plugin_library(name: str, library_path: str | os.PathLike, *, prior
         register(name, priority=priority, library_path=str(path), options=options)
     except Exception as e:  # JAX raises RuntimeError/ValueError/XlaRuntimeError depending on what failed
         raise BackendError(f"{what}: JAX refused to register {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def backends_initialised(_bridge_module: Any = None) -> bool:
+    """Whether JAX has created its backends: from then on no plugin can be added to this process."""
+    return _backends_initialised(_bridge() if _bridge_module is None else _bridge_module)
+
+
+def registered_platforms(_bridge_module: Any = None) -> frozenset[str]:
+    """Platform names with a backend factory registered so far (builtins, discovered and hxtrain's plugins)."""
+    factories = getattr(_bridge() if _bridge_module is None else _bridge_module, "_backend_factories", None)
+    if not isinstance(factories, dict):
+        raise BackendError(_moved("cannot list JAX's registered backends (no _backend_factories)"))
+    return frozenset(factories)
+
+
+def clients() -> dict[str, Any]:
+    """{platform name: PJRT client} of every backend JAX initialised (initialising them if it has not yet)."""
+    backends = getattr(_bridge(), "backends", None)
+    if not callable(backends):
+        raise BackendError(_moved("jax._src.xla_bridge.backends() no longer exists"))
+    return dict(backends())

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hxtrain.backends._registry import (BACKENDS, PLUGIN_PREFIX, BackendError, PluginNotInstalledError,
-                                        canonical_backend, plugin_platform_name)
+from hxtrain.backends._registry import (BACKENDS, PACKAGE_PREFIX, PLUGIN_PREFIX, BackendError,
+                                        PluginNotInstalledError, canonical_backend, plugin_client_name)
 
 ENV_VAR = "PJRT_NAMES_AND_LIBRARY_PATHS"
 # First bytes of a shared library: ELF (Linux), Mach-O 32/64/fat in both byte orders (macOS), PE (Windows).
@@ -115,23 +115,63 @@ def check_plugin_library(path: str | os.PathLike, *, load: bool = False, what: s
     return p.resolve()
 
 
+def locate_plugin_library(spec: str | os.PathLike, *, what: str = "plugin") -> Path:
+    """The library a plugin spec names, checked: a path, or `package:NAME[/file.so]` inside an installed package.
+
+    A package is found with `importlib.util.find_spec`, which does not run the package's code. Without a file
+    part it must hold exactly one `libpjrt*.so` (or, failing that, one `*.so`); otherwise the error lists them.
+    """
+    text = str(spec)
+    if not text.startswith(PACKAGE_PREFIX):
+        return check_plugin_library(text, what=what)
+    package, _, inner = text[len(PACKAGE_PREFIX):].partition("/")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", package):
+        raise BackendError(f"{what}: {text!r}: expected 'package:NAME' or 'package:NAME/path/lib.so' with NAME "
+                           "an importable Python package, e.g. 'package:fastatomstruct_xla_cpu'")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise BackendError(f"{what}: {text!r}: no Python package {package!r} is installed in this environment "
+                           f"({os.path.dirname(os.path.dirname(os.__file__))}); pip install the package that ships "
+                           "the plugin, or give the library's path instead")
+    roots = [Path(p) for p in found.submodule_search_locations]
+    if inner:
+        for root in roots:
+            if (root / inner).exists():
+                return check_plugin_library(root / inner, what=what)
+        raise BackendError(f"{what}: {text!r}: package {package!r} ({roots[0]}) has no file {inner!r}")
+    libs = sorted({p for root in roots for p in root.glob("libpjrt*.so*")}) or \
+        sorted({p for root in roots for p in root.glob("*.so")})
+    if len(libs) != 1:
+        have = ", ".join(p.name for p in libs) or "no .so file"
+        raise BackendError(f"{what}: {text!r}: expected one PJRT library in package {package!r} ({roots[0]}), "
+                           f"found {have}; name it as 'package:{package}/FILE.so'")
+    return check_plugin_library(libs[0], what=what)
+
+
 def find_plugin(backend: str, *, plugin: str | os.PathLike | None = None,
                 env: Mapping[str, str] | None = None,
                 providers: frozenset[str] | None = None) -> PluginSource:
     """Where `backend` (a name, alias or `plugin:/path`) comes from; BackendError if from nowhere.
 
-    Order: an explicit `plugin` library path (a site's `plugin = "..."`), a `plugin:` backend,
+    Order: an explicit `plugin` spec (a site's `plugin = "..."`: a path or `package:NAME`), a `plugin:` backend,
     the builtin CPU, an installed provider module, then `PJRT_NAMES_AND_LIBRARY_PATHS`.
     `env` defaults to `os.environ`, `providers` to `installed_providers()`.
     """
     name = canonical_backend(backend)
     if plugin is not None:
-        path = check_plugin_library(plugin, what=f"backend {name!r} plugin")
-        platform = BACKENDS[name].platform if name in BACKENDS else plugin_platform_name(path)
+        path = locate_plugin_library(plugin, what=f"backend {name!r} plugin")
+        # An accelerator's own plugin given by path registers under its usual platform name ("cuda"); a plugin
+        # serving the builtin "cpu" backend must get a client of its own, so it is named after its library.
+        known = name in BACKENDS and not BACKENDS[name].builtin
+        platform = BACKENDS[name].platform if known else plugin_client_name(str(plugin), path)
         return PluginSource(name, platform, "library", str(path))
     if name.startswith(PLUGIN_PREFIX):
-        path = check_plugin_library(name[len(PLUGIN_PREFIX):], what=f"backend {name!r}")
-        return PluginSource(name, plugin_platform_name(path), "library", str(path))
+        spec = name[len(PLUGIN_PREFIX):]
+        path = locate_plugin_library(spec, what=f"backend {name!r}")
+        return PluginSource(name, plugin_client_name(spec, path), "library", str(path))
     info = BACKENDS[name]
     if info.builtin:
         return PluginSource(name, info.platform, "builtin", "jaxlib")

@@ -74,6 +74,12 @@ BACKENDS: MappingProxyType[str, BackendInfo] = MappingProxyType({
 })
 
 PLUGIN_PREFIX = "plugin:"
+# A plugin library shipped inside an installed Python package: `package:NAME` (its one libpjrt*.so) or
+# `package:NAME/sub/dir/lib.so`, so a topology names a pip-installed plugin without a machine-specific path.
+PACKAGE_PREFIX = "package:"
+# Platform names of clients that jaxlib creates itself: a plugin must never be registered under one of them
+# (JAX would keep one of the two), so a plugin library whose file is named after one gets a `plugin_` prefix.
+BUILTIN_PLATFORMS = ("cpu", "interpreter")
 _ALIASES = MappingProxyType({a: b.name for b in BACKENDS.values() for a in (b.name, *b.aliases)})
 
 
@@ -98,6 +104,21 @@ def canonical_backend(name: str) -> str:
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise BackendError(f"unknown backend {name!r}: known backends are {', '.join(known_backend_names())}, "
                        f"or 'plugin:/path/to/libpjrt_x.so'{hint}")
+
+
+def plugin_client_name(spec: str, library_path: str | Path) -> str:
+    """The JAX platform name hxtrain registers a plugin library under (the name of its client).
+
+    `package:fastatomstruct_xla_cpu` -> `'fastatomstruct_xla_cpu'` (the package's top-level name);
+    a path -> `plugin_platform_name(path)`, prefixed `plugin_` when that is a builtin platform
+    (`/x/libpjrt_cpu.so` -> `'plugin_cpu'`), so the plugin's client never replaces jaxlib's own.
+    """
+    if spec.startswith(PACKAGE_PREFIX):
+        top = re.split(r"[./]", spec[len(PACKAGE_PREFIX):], maxsplit=1)[0]
+        name = re.sub(r"[^a-z0-9_]", "_", top.lower())
+    else:
+        name = plugin_platform_name(library_path)
+    return f"plugin_{name}" if name in BUILTIN_PLATFORMS else name
 
 
 def plugin_platform_name(library_path: str | Path) -> str:
