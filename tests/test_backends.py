@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import jax
 import pytest
 
+import hxtrain
 import hxtrain.backends as hb
 from hxtrain.backends import BackendError, PluginNotInstalledError
 from hxtrain.backends import _jax_bridge
@@ -419,3 +420,72 @@ def test_describe_reports_plugins_that_fail_and_env_plugins(fake_so):
     assert not rows["ghost"]["installed"] and "does not exist" in rows["ghost"]["note"]
     bad = {r["backend"]: r for r in hb.describe(env={hb.ENV_VAR: "garbage"}, providers=NO_PLUGINS)}
     assert bad["cpu"]["initialised"] and "malformed entry 'garbage'" in bad["cuda"]["note"]
+
+
+# ---- plugins shipped in Python packages, and client names -------------------------------------------------
+
+@pytest.fixture
+def plugin_package(tmp_path, monkeypatch, fake_so):
+    """An importable package `hx_fake_plugin` holding one libpjrt_*.so (whose code must never run)."""
+    pkg = tmp_path / "pkgs" / "hx_fake_plugin"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('locating the library must not import the package')\n")
+    (pkg / "libpjrt_fake.so").write_bytes(fake_so.read_bytes())
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    return pkg
+
+
+def test_a_plugin_in_a_package_is_found_without_importing_it(plugin_package):
+    assert hb.locate_plugin_library("package:hx_fake_plugin") == plugin_package / "libpjrt_fake.so"
+    assert hb.locate_plugin_library("package:hx_fake_plugin/libpjrt_fake.so") == plugin_package / "libpjrt_fake.so"
+    assert "hx_fake_plugin" not in sys.modules
+    src = hb.find_plugin("cpu", plugin="package:hx_fake_plugin", env=NO_ENV, providers=NO_PLUGINS)
+    assert (src.platform, src.how, src.where) == ("hx_fake_plugin", "library", str(plugin_package / "libpjrt_fake.so"))
+    src = hb.find_plugin("plugin:package:hx_fake_plugin", env=NO_ENV, providers=NO_PLUGINS)
+    assert src.platform == "hx_fake_plugin"
+
+
+def test_package_plugin_errors(plugin_package):
+    with pytest.raises(BackendError, match=r"^site plugin: 'package:hx_no_such_pkg': no Python package "
+                                           r"'hx_no_such_pkg' is installed in this environment .*pip install"):
+        hb.locate_plugin_library("package:hx_no_such_pkg", what="site plugin")
+    with pytest.raises(BackendError, match=r"'package:1bad': expected 'package:NAME' or 'package:NAME/path/lib.so'"):
+        hb.locate_plugin_library("package:1bad")
+    with pytest.raises(BackendError, match=r"package 'hx_fake_plugin' \(.*\) has no file 'lib/other.so'"):
+        hb.locate_plugin_library("package:hx_fake_plugin/lib/other.so")
+    (plugin_package / "libpjrt_second.so").write_bytes(b"\x7fELF" + b"\0" * 60)
+    with pytest.raises(BackendError, match=r"expected one PJRT library in package 'hx_fake_plugin' \(.*\), found "
+                                           r"libpjrt_fake.so, libpjrt_second.so; name it as "
+                                           r"'package:hx_fake_plugin/FILE.so'"):
+        hb.locate_plugin_library("package:hx_fake_plugin")
+
+
+@pytest.mark.parametrize("spec, name", [("package:fastatomstruct_xla_cpu", "fastatomstruct_xla_cpu"),
+                                        ("package:Vendor.sub/lib/x.so", "vendor"),
+                                        ("/x/libpjrt_cpu.so", "plugin_cpu"), ("/x/libpjrt_npu.so", "npu")])
+def test_plugin_client_names_never_take_a_builtin_name(spec, name):
+    assert hb.plugin_client_name(spec, spec.rsplit("/", 1)[-1]) == name
+
+
+def test_a_plugin_serving_cpu_gets_its_own_client_and_an_accelerator_keeps_its_platform(tmp_path, fake_so):
+    cpu_lib = tmp_path / "libpjrt_cpu.so"
+    cpu_lib.write_bytes(fake_so.read_bytes())
+    assert hb.find_plugin("cpu", plugin=str(cpu_lib), env=NO_ENV, providers=NO_PLUGINS).platform == "plugin_cpu"
+    assert hb.find_plugin("ascend", plugin=str(cpu_lib), env=NO_ENV, providers=NO_PLUGINS).platform == "ascend"
+
+
+def test_registering_after_jax_started_names_the_site_and_the_fix(fake_so):
+    # This process started JAX long ago (conftest), on the cpu client only.
+    site = hxtrain.Site("b", "cpu", 1, 1, 1, plugin=str(fake_so))
+    with pytest.raises(BackendError, match=r"^site 'b' runs on client 'fake', but JAX_PLATFORMS='cpu' leaves it "
+                                           r"out; set JAX_PLATFORMS=cpu,fake \(or unset it\) before JAX starts$"):
+        hb.register_plugins([site], env=NO_ENV)
+    platforms = jax.config.jax_platforms
+    jax.config.update("jax_platforms", None)  # read only when JAX starts, which it did: safe to change here
+    try:
+        with pytest.raises(BackendError, match=r"^site 'b' needs PJRT plugin 'fake' \(.*libpjrt_fake.so\), but JAX "
+                                               r"has already initialised its backends without it.*"
+                                               r"register_plugins\(topology\)"):
+            hb.register_plugins(hxtrain.uniform(1).replace_sites(plugin=str(fake_so), name="b"), env=NO_ENV)
+    finally:
+        jax.config.update("jax_platforms", platforms)
