@@ -5,7 +5,7 @@ every check that needs the plugin runs here. `python _two_client_child.py MODE O
 on to OUT as JSON. Modes:
   inprocess  1F1B / GPipe / ZB-H1 against the one-device reference, the clients and bytes, the SPMD refusal, and
              checkpoints across clients (2 clients -> all built-in, -> one device, -> export; built-in -> 2 clients)
-  placement  the placement checks and their messages
+  placement  the placement checks and their messages, and a site served by a `jax_plugins` package
   late       JAX initialised before the plugin was registered
 """
 
@@ -19,6 +19,24 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+
+def _jax_plugins_package() -> None:
+    """An installed-style `jax_plugins` namespace package serving backend "ascend" (the CPU plugin stands in): JAX
+    discovers it and calls its initialize() when it starts, as it does for jax-cuda12-plugin."""
+    root = Path(tempfile.mkdtemp()) / "jax_plugins" / "xla_ascend_standin"
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text(
+        "def initialize():\n"
+        "    import fastatomstruct_xla_cpu\n"
+        "    from jax._src import xla_bridge\n"
+        "    xla_bridge.register_plugin('ascend', library_path=fastatomstruct_xla_cpu.library_path(), priority=-1,\n"
+        "                               options={'cpu_device_count': 2})\n")
+    sys.path.insert(0, str(root.parent.parent))
+
+
+if sys.argv[1] == "placement":  # JAX looks for jax_plugins packages when it is imported
+    _jax_plugins_package()
 
 import hxtrain  # noqa: E402  (after XLA_FLAGS)
 from hxtrain import backends  # noqa: E402
@@ -113,13 +131,15 @@ def placement() -> dict:
     import fastatomstruct_xla_cpu
 
     a, b = TOPO.sites
+    ascend = hxtrain.Site("e", "ascend", 2, 2, 1)
     place = backends.place_sites
     lib = fastatomstruct_xla_cpu.library_path()
     by_path = dataclasses.replace(b, name="c", backend=f"plugin:{lib}", plugin=None, plugin_options=None)
-    placed = place([a, b, by_path])
+    placed = place([a, b, by_path, ascend])
     clients = [devs[0].client for devs in placed]
     return dict(
-        names=[backends.site_client(s).name for s in (a, b, by_path)],
+        names=[backends.site_client(s).name for s in (a, b, by_path, ascend)],
+        ascend_source=backends.site_client(ascend).source.how,
         ids=[[d.id for d in devs] for devs in placed],
         platforms=[c.platform for c in clients],
         distinct_clients=len({id(c) for c in clients}),

@@ -91,10 +91,11 @@ def test_export_of_a_two_client_run_loads_on_one_device(inprocess):
 
 def test_placement_keeps_clients_apart_and_says_why_not(tmp_path):
     got = _child("placement", tmp_path)
-    # the package, and the same library by path: two more clients, named apart from the built-in "cpu"
-    assert got["names"] == ["cpu", PLUGIN, "plugin_cpu"]
-    assert got["distinct_clients"] == 3 and got["platforms"] == ["cpu"] * 3
-    assert got["ids"] == [[0, 1, 2, 3]] * 3
+    # the package, the same library by path, and a jax_plugins package serving "ascend" (JAX discovers it): three
+    # more clients, named apart from the built-in "cpu"
+    assert got["names"] == ["cpu", PLUGIN, "plugin_cpu", "ascend"] and got["ascend_source"] == "jax_plugins"
+    assert got["distinct_clients"] == 4 and got["platforms"] == ["cpu"] * 4
+    assert got["ids"] == [[0, 1, 2, 3]] * 3 + [[0, 1]]
     assert got["builtin_after_builtin"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert got["shared"] == [[0, 1, 2, 3], [0, 1, 2, 3]]  # share_devices on both: on purpose
     assert got["too_few"] == (f"BackendError: site 'b' asks for 8 devices of backend 'cpu' on client '{PLUGIN}', "
