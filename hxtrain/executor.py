@@ -1,4 +1,9 @@
-"""The MPMD executor: a loop over a schedule table, dispatching per-site stage programs.
+"""The MPMD step engine: a loop over a schedule's tasks, dispatching per-site stage programs.
+
+One engine for every MPMD run (`run_step`): in one process it walks the whole table for every stage over the
+in-process transport; in a site process it walks that site's own order for its stages over the network transport
+(or, for a site of several processes, the group transport). The two differ only in what they own and the transport
+they hold.
 
 Nothing here is compiled across sites. For each task of the table, in order, it picks the stage's program, feeds it
 the stage input (tokens, or an activation from the mailbox), and sends the output to the next stage's site
@@ -159,19 +164,12 @@ class _Recorder:
             pool.shutdown(wait=False)
 
 
-def _delivered(transport, dst: int, key: tuple):
-    # The array as it sits on the receiver, to time the transfer to its arrival. `send` may return it; the
-    # in-process transport keeps it in the receiver's mailbox instead. None: the transfer is timed by the sent array.
-    box = getattr(transport, "_box", None)
-    return box.get((dst, key)) if isinstance(box, dict) else None
-
-
 def put_data(x: np.ndarray, stage: StageState, spec=P("data")):
     """A host array onto the stage's site, sharded over `data` on its leading axis (or laid out by `spec`)."""
     return jax.device_put(x, NamedSharding(stage.role.mesh, spec))
 
 
-def _poison(stages, tasks, transport, shape) -> None:
+def _poison(stages: dict, n_stages: int, tasks, transport, shape) -> None:
     # Every slot a task will read, pre-filled with NaN; real tensors overwrite them on arrival. A slot holds what
     # stage s - 1 (activation) or stage s (cotangent of its output) computes, so it takes that stage's dtype.
     for t in tasks:
@@ -179,14 +177,14 @@ def _poison(stages, tasks, transport, shape) -> None:
         if t.kind == "F" and t.stage > 0:
             dtype = jnp.dtype(stages[t.stage - 1].role.compute_dtype)
             transport.poison(st.site, ("act", t.stage, t.microbatch), shape, dtype)
-        if t.kind == "B" and t.stage < len(stages) - 1:
+        if t.kind == "B" and t.stage < n_stages - 1:
             transport.poison(st.site, ("cot", t.stage, t.microbatch), shape, jnp.dtype(st.role.compute_dtype))
 
 
 def backward_task(st: StageState, x, c, split: bool, scale):
     """Task B of stage `st` on its held input `x`; `c` is the targets on the last stage, else the cotangent dy of
     its output. Adds into st.gacc (unless `split`: the weight gradient waits for W) and st.lacc (last stage).
-    Returns the input cotangent dx, None on the first stage. Shared by both executors (`hxtrain.site_step`)."""
+    Returns the input cotangent dx, None on the first stage."""
     if st.role.last:
         if split:  # input gradient and loss now; the weight gradient at W
             out, st.lacc = _stage.last_input(st.role, st.params, x, c, st.lacc, scale)
@@ -207,99 +205,151 @@ def weight_task(st: StageState, x, c, scale) -> None:
         st.gacc = _stage.backward_weight(st.role, st.params, x, c, st.gacc)
 
 
-def run_step(stages: list[StageState], tasks, tokens: np.ndarray, transport, *, poison: bool = False,
+def warm_up_split(stage: StageState, params, put, act: np.ndarray, dy: np.ndarray, toks: np.ndarray) -> None:
+    """Compile (by running once, on zeros) the split-backward programs `stage` runs in a zero-bubble step.
+
+    `params`: the stage's parameters (or a copy with the layout a later step will see); `put(host, stage)` places
+    host data on the stage's site; act [mb, T, D] zeros in the dtype of the stage's input, dy [mb, T, D] zeros in
+    the dtype of its output (its compute dtype); toks int32 [mb, T] zeros. Nothing of the real
+    state is touched: accumulators are fresh zeros and only `gacc`/`lacc` are donated."""
+    gacc = _stage.zeros_accumulator(params, stage.shardings, stage.data)
+    x = put(toks if stage.role.first else act, stage)
+    one = jnp.float32(1.0)
+    if stage.role.last:
+        if stage.role.first:  # the whole model on one stage runs `whole_step`, never the split programs
+            return
+        targets = put(toks, stage)
+        lacc = put(np.zeros((stage.data,), np.float32), stage)
+        outs = (_stage.last_input(stage.role, params, x, targets, lacc, one),
+                _stage.last_weight(stage.role, params, x, targets, gacc, one))
+    else:
+        dy = put(dy, stage)
+        outs = (None if stage.role.first else _stage.backward_input(stage.role, params, x, dy),
+                _stage.backward_weight(stage.role, params, x, dy, gacc))
+    jax.block_until_ready(outs)
+
+
+def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | None = None,
+             n_stages: int | None = None, last_data: int | None = None, put=None, poison: bool = False,
              record: Callable[[Event], None] | None = None, timeline: bool = False, width: int = 0) -> StepStats:
-    """Run one step's forward and backward over all microbatches; gradients accumulate in each stage's `gacc`.
+    """Run the step's tasks of the stages this process owns; gradients accumulate in each owned stage's `gacc`.
+
+    The one step engine of every MPMD run. In one process, `stages` is every stage (a list) and `tasks` the whole
+    table in its global order, over an `InProcessTransport`. In a site process, `stages` is {index: StageState}
+    of that site's stages and `tasks` the site's own order, over a network transport; `n_sites`, `n_stages` and
+    `last_data` (the `data` size of the last stage, which scales the loss) describe the whole pipeline, and `put`
+    places host data on a site that spans several processes. They default to what `stages` implies when it holds
+    every stage.
 
     tokens: int32 [M, mb, T+1] on the host. `timeline=True` (or a `record` callback, called with each `Event` once
-    the step is done) times every task and transfer (see `_Recorder`: how, and what it costs).
+    the step is done) times every task and transfer (see `_Recorder`: how, and what it costs). `poison` pre-fills
+    every mailbox slot with NaN (in-process transport, tests).
     """
+    owned = dict(stages) if isinstance(stages, dict) else {s.index: s for s in stages}
+    n_stages = len(owned) if n_stages is None else n_stages
+    n_sites = 1 + max(s.site for s in owned.values()) if n_sites is None else n_sites
+    last_data = owned[n_stages - 1].data if last_data is None else last_data
+    put = put_data if put is None else put
     M, mb, T1 = tokens.shape
-    n_sites = 1 + max(s.site for s in stages)
-    last = stages[-1]
     transport.clear()  # nothing from an earlier (possibly failed) step may be read by this one
-    scale = jnp.float32(1.0 / (M * last.data))
-    for s in stages:
+    scale = jnp.float32(1.0 / (M * last_data))
+    for s in owned.values():
         s.gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
-    last.lacc = put_data(np.zeros((last.data,), np.float32), last)
+        if s.role.last:
+            s.lacc = put(np.zeros((s.data,), np.float32), s)
     rec = _Recorder(n_sites) if (timeline or record is not None) else None
     try:
-        if len(stages) == 1:  # the whole model on one stage: one fused program over every microbatch
-            s = stages[0]
+        if n_stages == 1:  # the whole model on one stage: one fused program over every microbatch
+            s = owned[0]
             t0 = time.perf_counter()
-            toks = put_data(tokens, s, P(None, "data"))
+            toks = put(tokens, s, P(None, "data"))
             s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scale)
             if rec is not None:
                 rec.compute(s.site, "step", None, t0, None, (s.gacc, s.lacc))
             return _finish(rec, record, (0,) * n_sites)
         if poison:
-            _poison(stages, tasks, transport, (mb, T1 - 1, width))
-        peak = _walk(stages, tasks, tokens, transport, rec, scale, n_sites)
+            _poison(owned, n_stages, tasks, transport, (mb, T1 - 1, width))
+        peak = _walk(owned, tasks, tokens, transport, rec, scale, n_sites, put)
         return _finish(rec, record, peak)
     finally:
         if rec is not None:
             rec.close()
 
 
-def _walk(stages, tasks, tokens, transport, rec, scale, n_sites) -> tuple[int, ...]:
+def _walk(stages: dict[int, StageState], tasks, tokens, transport, rec, scale, n_sites, put) -> tuple[int, ...]:
     """The per-task loop of `run_step`; returns the peak number of held stage inputs per site."""
-    last = stages[-1]
-    split = any(t.kind == "W" for t in tasks)
+    split = any(t.kind == "W" for t in tasks)  # a split-backward table gives every site W tasks
     held: dict[tuple[int, int], jax.Array] = {}  # (stage, microbatch) -> stage input, from F to the last backward
     cots: dict[tuple[int, int], jax.Array] = {}  # split backward: dy (targets on the last stage) from B to W
     live, peak = [0] * n_sites, [0] * n_sites
 
-    def send(x, src: StageState, dst: StageState, key, task):
+    def send(x, st: StageState, key, task):
         # Asynchronous: device_put (in-process) only enqueues the copy, so the sender's next program is dispatched
         # at once and runs while the activation travels; the receiver's program waits for the array, not the host.
+        # Stage s runs on site s % n_sites (interleaved schedules wrap around).
         t0 = time.perf_counter()
-        transport.send(x, src.site, dst.site, key)
+        dst = key[1] % n_sites
+        delivered = transport.send(x, st.site, dst, key)
         if rec is not None:
-            rec.transfer(src.site, dst.site, key, task, t0, x, _delivered(transport, dst.site, key))
+            rec.transfer(st.site, dst, key, task, t0, x, delivered)
 
-    for t in tasks:
-        st, key = stages[t.stage], (t.stage, t.microbatch)
-        t0 = time.perf_counter()
-        inputs: list = []  # mailbox keys this task reads (its recorded start waits for them)
-        out = None
-        if t.kind == "F":
-            if t.stage == 0:
-                x = put_data(tokens[t.microbatch, :, :-1], st)
-            else:
-                inputs.append((st.site, ("act", t.stage, t.microbatch)))
-                x = transport.recv(*inputs[-1])
-            held[key] = x
-            live[st.site] += 1
-            peak[st.site] = max(peak[st.site], live[st.site])
-            if st is not last:
-                out = _stage.forward(st.role, st.params, x)
-                send(out, st, stages[t.stage + 1], ("act", t.stage + 1, t.microbatch), t)
-        elif t.kind == "B":
-            x = held[key] if split else held.pop(key)
-            if st is last:
-                c = put_data(tokens[t.microbatch, :, 1:], st)
-            else:
-                inputs.append((st.site, ("cot", t.stage, t.microbatch)))
-                c = transport.recv(*inputs[-1])
-            if split:
-                cots[key] = c
-            out = backward_task(st, x, c, split, scale)
-            if not split:
+    try:
+        for t in tasks:
+            st, key = stages[t.stage], (t.stage, t.microbatch)
+            t0 = time.perf_counter()
+            inputs: list = []  # mailbox keys this task reads (its recorded start waits for them)
+            out = None
+            if t.kind == "F":
+                if t.stage == 0:
+                    x = put(tokens[t.microbatch, :, :-1], st)
+                else:
+                    inputs.append((st.site, ("act", t.stage, t.microbatch)))
+                    x = transport.recv(*inputs[-1])
+                held[key] = x
+                live[st.site] += 1
+                peak[st.site] = max(peak[st.site], live[st.site])
+                if not st.role.last:  # the last stage's forward is fused into its backward
+                    out = _stage.forward(st.role, st.params, x)
+                    send(out, st, ("act", t.stage + 1, t.microbatch), t)
+            elif t.kind == "B":
+                x = held[key] if split and key in held else _take(held, key, t, "its F")
+                if st.role.last:  # the targets, on the last stage
+                    c = put(tokens[t.microbatch, :, 1:], st)
+                else:
+                    inputs.append((st.site, ("cot", t.stage, t.microbatch)))
+                    c = transport.recv(*inputs[-1])
+                if split:  # W recomputes from the same input and cotangent
+                    cots[key] = c
+                else:
+                    live[st.site] -= 1
+                out = backward_task(st, x, c, split, scale)
+                if t.stage > 0:
+                    send(out, st, ("cot", t.stage - 1, t.microbatch), t)
+            elif t.kind == "W":
                 live[st.site] -= 1
-            if t.stage > 0:
-                send(out, st, stages[t.stage - 1], ("cot", t.stage - 1, t.microbatch), t)
-        elif t.kind == "W":
-            live[st.site] -= 1
-            weight_task(st, held.pop(key), cots.pop(key), scale)
-        else:
-            raise ValueError(f"task {t}: kind {t.kind!r} is not one of F, B, W")
-        if rec is not None:
-            wrote_gacc = t.kind == "W" or (t.kind == "B" and not split)
-            accs = (st.gacc if wrote_gacc else None, st.lacc if st is last and t.kind == "B" else None)
-            rec.compute(st.site, t.token(n_sites), t, t0, out, accs, inputs)
-    if held:
-        raise RuntimeError(f"schedule left forwards without their last backward task: {sorted(held)}")
-    return tuple(peak)
+                weight_task(st, _take(held, key, t, "its F"), _take(cots, key, t, "its B"), scale)
+            else:
+                raise ValueError(f"task of stage {t.stage} microbatch {t.microbatch}: kind {t.kind!r} is not one "
+                                 "of F, B, W")
+            if rec is not None:
+                wrote_gacc = t.kind == "W" or (t.kind == "B" and not split)
+                accs = (st.gacc if wrote_gacc else None, st.lacc if st.role.last and t.kind == "B" else None)
+                rec.compute(st.site, t.token(n_sites), t, t0, out, accs, inputs)
+        if held:  # (cots only holds keys that are also in held)
+            raise RuntimeError(f"the task order left (stage, microbatch) {sorted(held)} without their "
+                               f"{'W' if split else 'B'} task")
+        return tuple(peak)
+    finally:  # nothing of this step stays alive on the device, also when it failed (a lost peer, a bad table)
+        held.clear()
+        cots.clear()
+
+
+def _take(box: dict, key: tuple, task, needs: str):
+    try:
+        return box.pop(key)
+    except KeyError:
+        raise RuntimeError(f"task {task}: stage {key[0]} microbatch {key[1]} runs before {needs} in this "
+                           "order (a schedule table bug)") from None
 
 
 def _finish(rec: _Recorder | None, record, peak) -> StepStats:

@@ -53,7 +53,7 @@ def put_tree(tree, shardings):
 
 
 def put_stage(x: np.ndarray, stage, spec=P("data")) -> jax.Array:
-    """`run_site_step`'s `put`: a host array onto the stage's (multi-process) site, laid out by `spec`."""
+    """`executor.run_step`'s `put`: a host array onto the stage's (multi-process) site, laid out by `spec`."""
     return put_global(x, NamedSharding(stage.role.mesh, spec))
 
 

@@ -32,8 +32,7 @@ from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import site_group as _group
 from hxtrain import stage as _stage
-from hxtrain.executor import StageState, put_data as _put
-from hxtrain.site_step import run_site_step, warm_up_split
+from hxtrain.executor import StageState, put_data as _put, run_step, warm_up_split
 from hxtrain.net_transport import NetTransport
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.transport import link_codecs
@@ -84,7 +83,7 @@ class LocalSite:
     optimizer_config: OptimizerConfig
     batches: Any
     optimizer: _NetOptimizer | None = None
-    put: Any = _put  # put(host, stage, spec): host data onto a stage's site (run_site_step's `put`)
+    put: Any = _put  # put(host, stage, spec): host data onto a stage's site (`executor.run_step`'s `put`)
     put_tree: Any = _device_put_tree  # put_tree(values, shardings): the same for a tree or one value
     # what a checkpoint's meta records (`hxtrain.site_checkpoint`)
     ranges: tuple = ()  # (lo, hi) blocks of every stage, of all sites
@@ -236,8 +235,9 @@ class LocalSite:
 
     def train_step(self, tokens: np.ndarray, transport: NetTransport):
         """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm)."""
-        run_site_step(self.stages, self.order, tokens, transport, self.topology.n_sites, self.n_stages,
-                      self.topology.sites[(self.n_stages - 1) % self.topology.n_sites].data, put=self.put)
+        n_sites = self.topology.n_sites
+        run_step(self.stages, self.order, tokens, transport, n_sites=n_sites, n_stages=self.n_stages,
+                 last_data=self.topology.sites[(self.n_stages - 1) % n_sites].data, put=self.put)
         loss, grads, sqs = _executor.finish_step(list(self.stages.values()))
         norm = self.optimizer.step(list(self.stages.values()), grads, sqs)
         return loss, norm

@@ -161,10 +161,20 @@ def check_processes(site, process_id: int | None, coordinator: str | None) -> in
     return process_id
 
 
+def check_schedule(schedule) -> None:
+    """ValueError when the per-site loop cannot run `schedule`.
+
+    The loop runs every task kind a valid table holds (F, B and, with split backward, W), so any `Schedule` runs.
+    What depends on the topology (interleaved sends from the last site back to the first, so it needs 2 sites) is
+    checked by `check_supported`."""
+    if not callable(getattr(schedule, "site_orders", None)):
+        raise ValueError(f"schedule: expected a Schedule with per-site task orders (site_orders), got "
+                         f"{type(schedule).__name__}")
+
+
 def check_supported(topology, name: str, schedule) -> int:
     """The site's index; SiteError for what this runner cannot do yet."""
     topology.site(name)  # TopologyError naming the known sites
-    from hxtrain.site_step import check_schedule  # imports JAX, but does not initialise a backend
 
     try:
         check_schedule(schedule)

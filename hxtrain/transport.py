@@ -86,8 +86,9 @@ class InProcessTransport:
         self._box: dict[tuple[int, tuple], jax.Array] = {}
         self.stats: dict[tuple[int, int, str], LinkStats] = defaultdict(LinkStats)
 
-    def send(self, x: jax.Array, src: int, dst: int, key: tuple) -> None:
-        """Put `x` ([mb, ...] sharded over `data` on site `src`) into site `dst`'s mailbox under `key`."""
+    def send(self, x: jax.Array, src: int, dst: int, key: tuple) -> jax.Array:
+        """Put `x` ([mb, ...] sharded over `data` on site `src`) into site `dst`'s mailbox under `key`; returns the
+        array as delivered there (a recorded step times the transfer to its arrival)."""
         if src != dst:
             codec = self.codecs.get((src, dst, key[0]))
             nbytes = x.size * x.dtype.itemsize
@@ -102,6 +103,7 @@ class InProcessTransport:
             s.payload_bytes += nbytes
             s.transfers += 1
         self._box[(dst, key)] = x
+        return x
 
     def recv(self, dst: int, key: tuple) -> jax.Array:
         try:

@@ -223,7 +223,7 @@ def test_unknown_task_kind_and_leftover_inputs_are_errors():
     with pytest.raises(ValueError, match="kind 'X' is not one of F, B, W"):
         run_step(pipe.stages, [Odd()], batch(2 * MB).reshape(2, MB, -1), pipe.transport)
     only_f = [S.Task(0, 0, "F")]
-    with pytest.raises(RuntimeError, match=r"forwards without their last backward task: \[\(0, 0\)\]"):
+    with pytest.raises(RuntimeError, match=r"the task order left \(stage, microbatch\) \[\(0, 0\)\] without their B task"):
         run_step(pipe.stages, only_f, batch(2 * MB).reshape(2, MB, -1), pipe.transport)
 
 

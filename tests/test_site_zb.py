@@ -20,7 +20,8 @@ from hxtrain import site_runner
 from hxtrain import topology as T
 from hxtrain.executor import put_data, run_step
 from hxtrain.schedules import Task
-from hxtrain.site_step import check_schedule, run_site_step, warm_up_split
+from hxtrain.executor import warm_up_split
+from hxtrain.site_runner import check_schedule
 from models import toy
 from tests.helpers import assert_trees_close, rel_err
 from tests.test_multiprocess import _Run, _check_rows, _reference, _topology
@@ -73,13 +74,14 @@ def _tokens(seed=0):
 
 
 def _site_threads(pipe, tokens, orders):
-    """Each site's `run_site_step` in its own thread, as each site process would run it; re-raises the first error."""
+    """Each site's part of `run_step` in its own thread, as each site process runs it; re-raises the first error."""
     boxes, errors = _Mailboxes(pipe.meshes), []
     by_site = [{s.index: s for s in pipe.stages if s.site == k} for k in range(2)]
 
     def site(k):
         try:
-            run_site_step(by_site[k], orders[k], tokens, boxes.view(k), 2, len(pipe.stages), pipe.stages[-1].data)
+            run_step(by_site[k], orders[k], tokens, boxes.view(k), n_sites=2, n_stages=len(pipe.stages),
+                     last_data=pipe.stages[-1].data)
         except BaseException as e:  # noqa: BLE001  (reported by the test thread)
             errors.append(e)
 
@@ -153,9 +155,10 @@ def test_per_site_order_errors_name_the_task():
     first, tokens = {0: pipe.stages[0]}, _tokens()
 
     def step(order, boxes=None):
-        run_site_step(first, order, tokens, (boxes or _Mailboxes(pipe.meshes)).view(0), 2, 2, 2)
+        run_step(first, order, tokens, (boxes or _Mailboxes(pipe.meshes)).view(0), n_sites=2, n_stages=2,
+                 last_data=2)
 
-    with pytest.raises(RuntimeError, match=r"task W0: stage 0 microbatch 0 runs before its F in this site's order"):
+    with pytest.raises(RuntimeError, match=r"task W0: stage 0 microbatch 0 runs before its F in this order"):
         step([Task(0, 0, "W")])
     with pytest.raises(RuntimeError, match=r"left \(stage, microbatch\) \[\(0, 0\)\] without their B task"):
         step([Task(0, 0, "F")])
