@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_cpu_devices()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as e:  # FloatingPointError: NaN stop
         # Clear input errors end the command with their message, not a traceback.
         print(f"hxtrain {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -208,12 +208,14 @@ def flatten(row: dict, prefix: str = "") -> dict[str, float]:
 
 
 class MetricsWriter:
-    """`out/metrics.jsonl` (appended) and `out/tb/events.out.tfevents.*` (a new file per writer)."""
+    """`out/metrics.jsonl` (appended) and `out/tb/events.out.tfevents.*` (a new file per writer); a site process
+    names its own (`jsonl="metrics-a.jsonl", tensorboard_dir="tb/a"`)."""
 
-    def __init__(self, out: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, out: str | os.PathLike, *, tensorboard: bool = True, jsonl: str = "metrics.jsonl",
+                 tensorboard_dir: str = "tb"):
         Path(out).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(out) / "metrics.jsonl", "a")
-        self.events = EventFileWriter(Path(out) / "tb") if tensorboard else None
+        self.jsonl = open(Path(out) / jsonl, "a")
+        self.events = EventFileWriter(Path(out) / tensorboard_dir) if tensorboard else None
 
     def write(self, row: dict) -> None:
         """One step's metrics; `row["step"]` is the TensorBoard step."""

@@ -27,13 +27,11 @@ which would wait for the dead process.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 import time
-from pathlib import Path
 
 MIN_SECRET_BYTES = 16
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -311,47 +309,59 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
 
 
 def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None) -> list[dict]:
-    """Steps start+1 .. cfg.steps; `ckpt` (SiteCheckpoints or None) saves the due ones and the last."""
+    """Steps start+1 .. cfg.steps through the one training loop; `ckpt` (SiteCheckpoints or None) saves the due
+    ones and the last. The site's leader writes metrics-<site>.jsonl and TensorBoard events under tb/<site>."""
+    from hxtrain.metrics import MetricsWriter
+    from hxtrain.training_loop import run_steps
+
     name = local.site.name
-    out = None
+    metrics = None
     if cfg.out and cfg.process_id == 0:  # one metrics file per site, by its leader
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        out = open(Path(cfg.out) / f"metrics-{name}.jsonl", "a")
-    history = []
-    finished = False
-    try:
-        for step in range(start + 1, cfg.steps + 1):
-            tokens = local.next_batch()
-            t0 = time.perf_counter()
-            transport.reset_stats()
-            transport.step = step
-            loss, norm = local.train_step(tokens, transport)
-            row = {"step": step, "site": name, "loss": None if loss is None else float(loss),
-                   "grad_norm": float(norm), "step_s": time.perf_counter() - t0,
-                   "bytes_per_link": transport.bytes_per_link(),
-                   "payload_bytes_per_link": transport.payload_bytes_per_link(),
-                   "control_bytes": transport.control_bytes}
-            if row["loss"] is not None and not math.isfinite(row["loss"]):
-                raise SiteError(f"site {name!r}: step {step}: loss is {row['loss']}; stopping")
-            history.append(row)
-            if out:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-            loss_txt = "" if row["loss"] is None else f" loss {row['loss']:.6f}"
-            sent = " ".join(f"{k} {v} B" for k, v in row["bytes_per_link"].items())
-            log(f"step {step}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
-                f"sent {sent or '-'} control {row['control_bytes']} B")
-            if ckpt is not None:
-                ckpt.save(step, force=step == cfg.steps)  # the end of a run is always saved
-        finished = True
-    finally:
-        if out:
-            out.close()
-        # Seal what was saved, also after a failure, but not in a site of several processes that lost one:
-        # sealing waits for every process there.
-        if ckpt is not None and (finished or local.processes == 1):
-            ckpt.close()
-    return history
+        metrics = MetricsWriter(cfg.out, jsonl=f"metrics-{name}.jsonl", tensorboard_dir=f"tb/{name}")
+
+    def report(row):
+        loss_txt = "" if row["loss"] is None else f" loss {row['loss']:.6f}"
+        sent = " ".join(f"{k} {v} B" for k, v in row["bytes_per_link"].items())
+        log(f"step {row['step']}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
+            f"sent {sent or '-'} control {row['control_bytes']} B")
+
+    return run_steps(_SiteSteps(local, transport), first=start + 1, last=cfg.steps, metrics=metrics,
+                     saver=None if ckpt is None else _SiteSaver(ckpt, local), report=report, where=f"site {name!r}: ")
+
+
+class _SiteSteps:
+    """`training_loop.Steps` of a site process: its share of each step over the network transport."""
+
+    def __init__(self, local, transport):
+        self.local, self.transport = local, transport
+        self.tokens_per_step = local.batch_size * local.seq
+        self.learning_rate = local.optimizer.learning_rate
+
+    def next_batch(self):
+        return self.local.next_batch()
+
+    def run(self, batch, step: int) -> dict:
+        t = self.transport
+        t.reset_stats()
+        t.step = step
+        loss, norm = self.local.train_step(batch, t)
+        return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "bytes_per_link": t.bytes_per_link(),
+                "payload_bytes_per_link": t.payload_bytes_per_link(), "control_bytes": t.control_bytes}
+
+
+class _SiteSaver:
+    """`training_loop.Saver` of a site's checkpoints. After a failure a site of several processes does not seal:
+    sealing waits for every process of the site, and one may be gone."""
+
+    def __init__(self, ckpt, local):
+        self.ckpt, self.local = ckpt, local
+
+    def save(self, step: int, *, force: bool = False):
+        return self.ckpt.save(step, force=force)
+
+    def close(self, *, failed: bool) -> None:
+        if not failed or self.local.processes == 1:
+            self.ckpt.close()
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -419,6 +429,7 @@ def _cmd_site(args) -> int:
 def _run_site_command(cfg: SiteConfig, log) -> int:
     from hxtrain.net import PeerError
     from hxtrain.site_group import GroupError
+    from hxtrain.training_loop import NonFiniteLoss
 
     who = f"hxtrain site {cfg.site!r}" + (f" process {cfg.process_id}" if cfg.coordinator is not None else "")
     try:
@@ -429,7 +440,7 @@ def _run_site_command(cfg: SiteConfig, log) -> int:
     except GroupError as e:  # names the site, the process and the collective
         print(f"{who}: error: lost a process of the site: {e}", file=sys.stderr, flush=True)
         return 3
-    except SiteError as e:
+    except (SiteError, NonFiniteLoss) as e:
         print(f"{who}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:

@@ -20,10 +20,9 @@ import numpy as np
 from hxtrain import data as _data
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.pipeline import Pipeline
+from hxtrain.training_loop import NonFiniteLoss, run_steps
 
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the run stops with the last good state intact."""
+__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "build_model", "train"]
 
 
 class Trainer:
@@ -102,48 +101,63 @@ class Trainer:
         from hxtrain import metrics as _metrics
 
         out = out if out is not None else self.out
-        metrics_file = _metrics.MetricsWriter(out) if out is not None else None
-        history: list[dict] = []
-        tokens_per_step = self.batch_size * self.seq
         bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
+
+        def report(row):
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+
+        source = _TrainerSteps(self, first=self.step + 1, timeline=timeline, timeline_step=timeline_step,
+                               timeline_every=timeline_every)
+        saver = _TrainerSaver(self) if self.checkpoints is not None else None
         try:
-            for i in range(steps):
-                recorded = timeline is not None and i + 1 == timeline_step
-                batch = next(self.batches)
-                t0 = time.perf_counter()
-                self.pipeline.transport.reset_stats()
-                m = self.train_step(batch, timeline=recorded or (bool(timeline_every)
-                                                                 and (self.step + 1) % timeline_every == 0))
-                loss = float(m["loss"])  # one host sync per step, for the progress bar and the NaN check
-                dt = time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"step {self.step}: loss is {loss}; stopping (parameters of step "
-                                        f"{self.step - 1} are the last good ones)")
-                row = {"step": self.step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                       "lr": self.optimizer.learning_rate(self.step - 1), "tokens_per_s": tokens_per_step / dt,
-                       "step_s": dt, "bytes_per_link": self.pipeline.transport.bytes_per_link()}
-                busy = _metrics.busy_fractions(self.pipeline) if timeline_every else None
-                if busy is not None and self.step % timeline_every == 0:
-                    row["busy"] = busy
-                history.append(row)
-                if recorded:
-                    self.pipeline.write_timeline(timeline)
-                    self.timeline_summary = f"step {self.step}:\n{self.pipeline.timeline_summary()}"
-                if metrics_file and self.step % log_every == 0:
-                    metrics_file.write(row)
-                if self.checkpoints is not None:
-                    self.checkpoints.save(self)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                bar.update(1)
-            if self.checkpoints is not None:
-                self.checkpoints.save(self, force=True)  # the end of a run is always saved
+            return run_steps(source, first=self.step + 1, last=self.step + steps, report=report, saver=saver,
+                             metrics=_metrics.MetricsWriter(out) if out is not None else None, log_every=log_every)
         finally:
             bar.close()
-            if metrics_file:
-                metrics_file.close()
-            if self.checkpoints is not None:
-                self.checkpoints.wait()  # also after NonFiniteLoss: seal what was saved before it
-        return history
+
+
+class _TrainerSteps:
+    """`training_loop.Steps` of a Trainer: its batches, its `train_step`, the rows' transfer and timeline fields."""
+
+    def __init__(self, trainer: Trainer, *, first: int, timeline, timeline_step: int, timeline_every: int):
+        self.trainer, self.first = trainer, first
+        self.timeline, self.timeline_step, self.timeline_every = timeline, timeline_step, timeline_every
+        self.tokens_per_step = trainer.batch_size * trainer.seq
+        self.learning_rate = trainer.optimizer.learning_rate
+
+    def next_batch(self):
+        return next(self.trainer.batches)
+
+    def run(self, batch, step: int) -> dict:
+        from hxtrain import metrics as _metrics
+
+        t, pipe = self.trainer, self.trainer.pipeline
+        recorded = self.timeline is not None and step - self.first + 1 == self.timeline_step
+        sampled = bool(self.timeline_every) and step % self.timeline_every == 0
+        pipe.transport.reset_stats()
+        m = t.train_step(batch, timeline=recorded or sampled)
+        row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "bytes_per_link": pipe.transport.bytes_per_link()}
+        busy = _metrics.busy_fractions(pipe) if sampled else None
+        if busy is not None:
+            row["busy"] = busy
+        if recorded:
+            pipe.write_timeline(self.timeline)
+            t.timeline_summary = f"step {step}:\n{pipe.timeline_summary()}"
+        return row
+
+
+class _TrainerSaver:
+    """`training_loop.Saver` of a Trainer's `Checkpoints`."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, step: int, *, force: bool = False):
+        return self.trainer.checkpoints.save(self.trainer, force=force)
+
+    def close(self, *, failed: bool) -> None:
+        self.trainer.checkpoints.wait()  # after a NaN too: seal what was saved before it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,6 +125,8 @@ def test_two_site_processes_match_the_in_process_trainer(tmp_path):
     assert rows["a"][-1]["bytes_per_link"] == {"a->b": act}
     assert rows["b"][-1]["bytes_per_link"] == {"b->a": act}
     assert rows["a"][-1]["control_bytes"] == wire.HEADER_SIZE + 2 * 4  # 2 stages' squared norms, one hop each way
+    for s in ("a", "b"):  # the same training loop as the Trainer: TensorBoard events too, one folder per site
+        assert len(list((tmp_path / "out" / "tb" / s).glob("events.out.tfevents.*"))) == 1
     out = run.text()
     for s in ("a", "b"):  # the site reports its dtype policy from the capability table (CPU: fp32)
         assert re.search(rf"\[{s}\] site '{s}': cpu cpu x 2 .*dtype policy: params float32, compute float32", out)
