@@ -19,7 +19,7 @@ from hxtrain import executor as _executor
 from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
-from hxtrain import stage as _stage
+from hxtrain import stages as _stages
 from hxtrain.topology import Topology, load_topology
 from hxtrain.transport import InProcessTransport, link_codecs
 
@@ -47,54 +47,21 @@ class Pipeline:
         self.parts = _parts.split_model(model)
         n_sites = self.topology.n_sites
         n_stages = n_sites * getattr(self.schedule, "virtual", 1)
-        if partition is None and n_stages == n_sites and any(s.layers for s in self.topology.sites):
-            partition = self.topology.layer_shares(self.parts.n_layers)
-        self.ranges = _placement.partition(self.parts.n_layers, n_stages, partition,
-                                           source=f"{self.topology.source}: partition")
+        self.ranges = _stages.stage_ranges(self.topology, self.parts.n_layers, n_stages, partition)
         self.meshes = _placement.site_meshes(self.topology)
         if transport is None:  # boundary compression as the topology's links ask (default "none")
             transport = InProcessTransport(self.meshes, codecs=link_codecs(self.topology))
         self.transport = transport
         self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
-        self.stages = [self._place_stage(i, lo, hi) for i, (lo, hi) in enumerate(self.ranges)]
+        self.stages = [_stages.place_stage(self.parts, i, r, len(self.ranges), self.topology,
+                                           self.meshes[i % n_sites], _copied_onto)
+                       for i, r in enumerate(self.ranges)]
         self.last_step_stats: _executor.StepStats | None = None  # set by every step
-
-    # ---- placement ---------------------------------------------------------------------------------------------
-
-    def _place_stage(self, index: int, lo: int, hi: int) -> _executor.StageState:
-        p, n = self.parts, len(self.ranges)
-        site = index % self.topology.n_sites
-        mesh = self.meshes[site]
-        params: dict = {"blocks": _parts.stack(p.blocks[lo:hi])}
-        shard: dict = {"blocks": _placement.shardings(params["blocks"], p.block_axes, mesh, stacked=True)}
-        if index == 0:
-            params["embed"], shard["embed"] = p.embed, _placement.shardings(p.embed, p.embed_axes, mesh)
-        if index == n - 1:
-            params["head"], shard["head"] = p.head, _placement.shardings(p.head, p.head_axes, mesh)
-        # Copies, not aliases: the optimizer donates these buffers, and the caller's model must survive training.
-        params = jax.tree.map(lambda a, s: jax.device_put(jnp.array(a, copy=True), s), params, shard)
-        dtype = _placement.site_compute_dtype(self.topology.sites[site], mesh)
-        role = _stage.StageRole(p.embed_def, p.block_def, p.head_def, index == 0, index == n - 1, mesh, dtype)
-        return _executor.StageState(index, site, role, params, shard, self.topology.sites[site].data)
 
     # ---- one step ----------------------------------------------------------------------------------------------
 
     def _check_tokens(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"tokens: expected an integer array [batch, seq+1], got {tokens.dtype} {tokens.shape}")
-        B, T1 = tokens.shape
-        M = self.microbatches
-        if B % M:
-            raise ValueError(f"tokens: batch {B} is not divisible by microbatches={M}; "
-                             f"use a batch that is a multiple of {M}")
-        mb = B // M
-        for site in self.topology.sites:
-            if mb % site.data:
-                raise ValueError(f"tokens: microbatch size {mb} (batch {B} / {M} microbatches) is not divisible by "
-                                 f"site {site.name!r} data={site.data}; use a batch that is a multiple of "
-                                 f"{M * site.data}")
-        return tokens.astype(np.int32).reshape(M, mb, T1)
+        return _stages.split_batch(tokens, self.microbatches, self.topology.sites)
 
     def grads(self, tokens, *, poison: bool = False, record=None, timeline: bool = False):
         """Run the schedule over one batch. Returns (loss, per-stage grads, per-stage squared norms), on device.
@@ -103,9 +70,7 @@ class Pipeline:
         (`record`, a callable, also gets each one); recording makes the step a little slower. Always:
         `last_step_stats.peak_held[site]`, the most stage inputs that site held at once."""
         batch = self._check_tokens(tokens)
-        width = int(jax.eval_shape(lambda t: _parts.apply_embed(self.parts.embed_def, self.parts.embed, t),
-                                   jax.ShapeDtypeStruct(batch.shape[1:2] + (batch.shape[2] - 1,), np.int32)
-                                   ).shape[-1]) if poison else 0
+        width = int(_stages.embed_output(self.parts, batch.shape[2] - 1).shape[-1]) if poison else 0
         self.last_step_stats = _executor.run_step(self.stages, self.tasks, batch, self.transport, poison=poison,
                                                   record=record, timeline=timeline, width=width)
         return _executor.finish_step(self.stages)
@@ -174,3 +139,8 @@ class Pipeline:
                          f"{site.tensor}, devices {[d.id for d in devs]}, compute {s.role.compute_dtype}): "
                          f"{' + '.join(parts)}")
         return "\n".join(lines)
+
+
+def _copied_onto(params, shardings):
+    # Copies, not aliases: the optimizer donates these buffers, and the caller's model must survive training.
+    return jax.tree.map(lambda a, s: jax.device_put(jnp.array(a, copy=True), s), params, shardings)

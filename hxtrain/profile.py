@@ -104,20 +104,14 @@ def _timed_rounds(programs: dict, repeats: int, warmup: bool = True) -> dict[str
 
 
 def _place(parts, mesh, blocks: int, first: bool, last: bool, dtype: str = "float32"):
-    """A stage of `blocks` blocks on `mesh` computing in `dtype` (like `Pipeline._place_stage`):
+    """A stage of `blocks` blocks on `mesh` computing in `dtype` (as `stages.place_stage` lays one out):
     (role, params, shardings)."""
     import jax
 
-    from hxtrain import parts as _parts
-    from hxtrain import placement as _placement
     from hxtrain import stage as _stage
+    from hxtrain import stages as _stages
 
-    params = {"blocks": _parts.stack(parts.blocks[:blocks])}
-    shard = {"blocks": _placement.shardings(params["blocks"], parts.block_axes, mesh, stacked=True)}
-    if first:
-        params["embed"], shard["embed"] = parts.embed, _placement.shardings(parts.embed, parts.embed_axes, mesh)
-    if last:
-        params["head"], shard["head"] = parts.head, _placement.shardings(parts.head, parts.head_axes, mesh)
+    params, shard = _stages.stage_params(parts, (0, blocks), first, last, mesh)
     role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, first, last, mesh, dtype)
     return role, jax.device_put(params, shard), shard
 
@@ -194,7 +188,6 @@ def profile_sites(model, topology, *, microbatch: int | None = None, seq: int | 
     programs on the same kind of device, so only the first of them is measured and the others reuse its times.
     Returns one `StageTimes` per site, in the topology's order.
     """
-    import jax
 
     from hxtrain import parts as _parts
     from hxtrain import placement as _placement
@@ -219,8 +212,9 @@ def profile_sites(model, topology, *, microbatch: int | None = None, seq: int | 
     if parts.n_layers < 2:
         raise ProfileError(f"model: profiling needs at least 2 blocks (1 and 2 separate per-block from fixed "
                            f"cost), the model has {parts.n_layers}")
-    width = int(jax.eval_shape(lambda t: _parts.apply_embed(parts.embed_def, parts.embed, t),
-                               jax.ShapeDtypeStruct((microbatch, seq), "int32")).shape[-1])
+    from hxtrain import stages as _stages
+
+    width = int(_stages.embed_output(parts, seq).shape[-1])
     vocab = int(getattr(getattr(model, "cfg", None), "vocab_size", 2))
     out, seen = [], {}
     for i, (site, mesh) in enumerate(zip(topo.sites, _placement.site_meshes(topo))):

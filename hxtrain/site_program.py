@@ -32,6 +32,7 @@ from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import site_group as _group
 from hxtrain import stage as _stage
+from hxtrain import stages as _stages
 from hxtrain.executor import StageState, put_data as _put, run_step, warm_up_split
 from hxtrain.net_transport import NetTransport
 from hxtrain.optim import OptimizerConfig, SiteOptimizer
@@ -106,34 +107,16 @@ class LocalSite:
         n_stages = n_sites * getattr(schedule, "virtual", 1)
         model = build_model(cfg.model, seed=cfg.seed)  # every site builds the same initial model from the seed
         parts = _parts.split_model(model)
-        partition = cfg.partition
-        if partition is None and n_stages == n_sites and any(s.layers for s in topology.sites):
-            partition = topology.layer_shares(parts.n_layers)
-        ranges = _placement.partition(parts.n_layers, n_stages, partition, source=f"{topology.source}: partition")
+        ranges = _stages.stage_ranges(topology, parts.n_layers, n_stages, cfg.partition)
         mesh = site_mesh(site)
         multi = site.processes > 1
         put, put_tree = (_group.put_stage, _group.put_tree) if multi else (_put, _device_put_tree)
-        stages = {}
-        for i in range(index, n_stages, n_sites):
-            lo, hi = ranges[i]
-            params = {"blocks": _parts.stack(parts.blocks[lo:hi])}
-            shard = {"blocks": _placement.shardings(params["blocks"], parts.block_axes, mesh, stacked=True)}
-            if i == 0:
-                params["embed"], shard["embed"] = parts.embed, _placement.shardings(parts.embed, parts.embed_axes,
-                                                                                    mesh)
-            if i == n_stages - 1:
-                params["head"], shard["head"] = parts.head, _placement.shardings(parts.head, parts.head_axes, mesh)
-            role = _stage.StageRole(parts.embed_def, parts.block_def, parts.head_def, i == 0, i == n_stages - 1,
-                                    mesh, _placement.site_compute_dtype(site, mesh))
-            stages[i] = StageState(i, index, role, put_tree(params, shard), shard, site.data)
+        stages = {i: _stages.place_stage(parts, i, ranges[i], n_stages, topology, mesh, put_tree)
+                  for i in range(index, n_stages, n_sites)}
         seq = model.cfg.seq_len
         M, B = cfg.microbatches, cfg.batch_size
-        for s in topology.sites:
-            if B % M or (B // M) % s.data:
-                raise ValueError(f"--batch-size {B}: must split into {M} microbatches each divisible by site "
-                                 f"{s.name!r} data={s.data}; use a multiple of {M * s.data}")
-        width = int(jax.eval_shape(lambda t: _parts.apply_embed(parts.embed_def, parts.embed, t),
-                                   jax.ShapeDtypeStruct((1, seq), np.int32)).shape[-1])
+        _stages.check_batch(B, M, topology.sites, field="--batch-size")
+        width = int(_stages.embed_output(parts, seq).shape[-1])
         opt = OptimizerConfig.for_steps(cfg.steps, cfg.learning_rate)  # as `hxtrain train` derives it
         corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)  # the Trainer's default corpus cap
         batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
+from hxtrain import stages as _stages
 from hxtrain.topology import Topology, load_topology
 
 SITE, DATA, TENSOR = "site", "data", "tensor"
@@ -292,9 +293,7 @@ class SpmdPipeline:
         self._model = model
         self.parts = p = _parts.split_model(model)
         S = self.topology.n_sites
-        if partition is None and any(s.layers for s in self.topology.sites):
-            partition = self.topology.layer_shares(p.n_layers)
-        self.ranges = _placement.partition(p.n_layers, S, partition, source=f"{self.topology.source}: partition")
+        self.ranges = _stages.stage_ranges(self.topology, p.n_layers, S, partition)
         meshes = _placement.site_meshes(self.topology)
         kinds = sorted({d.device_kind for m in meshes for d in m.devices.flat})
         if len(kinds) > 1:
@@ -306,8 +305,7 @@ class SpmdPipeline:
         params = self._stack(p.embed, list(p.blocks), p.head)
         shard = self._shardings(params)
         self.stages = [SpmdStage(jax.device_put(params, shard), shard, self.mesh)]
-        h = jax.eval_shape(lambda e, t: _parts.apply_embed(p.embed_def, e, t), p.embed,
-                           jax.ShapeDtypeStruct((1, 1), jnp.int32))
+        h = _stages.embed_output(p, 1)
         self._program = _Program(p.embed_def, p.block_def, p.head_def, self.mesh, self.counts, microbatches,
                                  int(h.shape[-1]), h.dtype if compute == jnp.float32 else compute)
         self.transport = _PpermuteTraffic()
@@ -352,15 +350,7 @@ class SpmdPipeline:
     # ---- one step ----------------------------------------------------------------------------------------------
 
     def _check_tokens(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"tokens: expected an integer array [batch, seq+1], got {tokens.dtype} {tokens.shape}")
-        B, T1 = tokens.shape
-        M, d = self.microbatches, self.topology.sites[0].data
-        if B % (M * d):
-            raise ValueError(f"tokens: batch {B} must be a multiple of microbatches x data = {M} x {d}; "
-                             f"use a batch that is a multiple of {M * d}")
-        return tokens.astype(np.int32).reshape(M, B // M, T1)
+        return _stages.split_batch(tokens, self.microbatches, self.topology.sites)
 
     def grads(self, tokens, *, poison: bool = False, timeline: bool = False):
         """One step's (loss, [grads], [squared norm per site [S]]), as one-element lists (the whole pipeline is

@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
 from pathlib import Path
 
 import jax

@@ -145,7 +145,8 @@ def test_refuses_bad_microbatches_tokens_and_timeline():
     with pytest.raises(ValueError, match=r"microbatches: expected a whole number >= 1, got 0"):
         spmd.SpmdPipeline(model(), T.uniform(2), microbatches=0)
     pipe = spmd.SpmdPipeline(model(), T.uniform(2, data=2), microbatches=2)
-    with pytest.raises(ValueError, match=r"batch 6 must be a multiple of microbatches x data = 2 x 2"):
+    with pytest.raises(ValueError, match=r"tokens: microbatch size 3 \(batch 6 / 2 microbatches\) is not divisible by site 's0' data=2; "
+                                         r"use a batch that is a multiple of 4"):
         pipe.grads(batch(6))
     with pytest.raises(ValueError, match=r"tokens: expected an integer array"):
         pipe.grads(np.zeros((8, 17), np.float32))
