@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hxtrain.topology import even_split
+
 # Logical axis -> site mesh axis. `batch` is data-parallel; the wide dimensions of the weights are tensor-parallel
 # (column-parallel in, row-parallel out; XLA inserts the all-reduce after row-parallel matmuls).
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -95,8 +97,7 @@ def partition(n_layers: int, n_stages: int, blocks: Sequence[int] | None = None,
             f"{source}: {n_stages} pipeline stages but the model has {n_layers} blocks; "
             "each stage needs at least one block (use fewer sites or a deeper model)")
     if blocks is None:
-        q, r = divmod(n_layers, n_stages)
-        blocks = [q + (i < r) for i in range(n_stages)]
+        blocks = even_split(n_layers, n_stages)
     blocks = list(blocks)
     if len(blocks) != n_stages:
         raise PlacementError(f"{source}: expected {n_stages} entries (one per stage), got {len(blocks)}: {blocks}")

@@ -37,6 +37,7 @@ from hxtrain.planner_predict import Prediction, cross_site_dp, ideal_tokens_per_
 from hxtrain.planner_problem import (DEFAULT_CODECS, DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
                                      make_context, make_options, site_table)
 from hxtrain.planner_search import TIE, search
+from hxtrain.topology import even_split
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,8 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
                 assumptions=a, planning_s=time.perf_counter() - t0)
 
 
-def _even_layers(n: int, S: int) -> tuple[int, ...]:
-    q, r = divmod(n, S)
-    return tuple(q + (i < r) for i in range(S))
-
-
 def _even(ctx: Ctx, options, codecs, deadline) -> Prediction:
-    layers = _even_layers(ctx.shape.n_layers, ctx.S)
+    layers = even_split(ctx.shape.n_layers, ctx.S)
     best = search(ctx, options, codecs, exhaustive=False, climb_until=0, relax_until=deadline, fixed=layers)
     if best is not None:
         return prediction("even split", ctx, best)

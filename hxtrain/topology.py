@@ -162,8 +162,7 @@ class Topology:
                     f"{n_layers} layers; make the shares sum to {n_layers} or remove them for an even split"
                 )
             return shares
-        q, r = divmod(n_layers, self.n_sites)
-        return tuple(q + (i < r) for i in range(self.n_sites))
+        return even_split(n_layers, self.n_sites)
 
     def replace_sites(self, **changes) -> Topology:
         """A copy with `changes` applied to every site, e.g. `replace_sites(backend="cpu", device_kind=None)`."""
@@ -193,6 +192,13 @@ class Topology:
         lines.append(f"  run: model {r.model}, schedule {r.schedule}, {r.microbatches} microbatches, "
                      f"batch {r.batch_size}, {r.steps} steps")
         return "\n".join(lines)
+
+
+def even_split(n: int, k: int) -> tuple[int, ...]:
+    """`n` items in `k` contiguous parts, shape (k,), sizes differing by at most one, the remainder on the first
+    parts: 8 on 3 -> (3, 3, 2). The one even split of blocks over stages or sites (placement, planner, topology)."""
+    q, r = divmod(n, k)
+    return tuple(q + (i < r) for i in range(k))
 
 
 def uniform(n_sites: int, data: int = 1, tensor: int = 1, backend: str = "cpu", layers=None,
