@@ -33,8 +33,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hxtrain import costmodel as cm
+from hxtrain.codecs import CODEC_NAMES
 from hxtrain.planner_predict import Prediction, cross_site_dp, ideal_tokens_per_s, prediction, simulated
-from hxtrain.planner_problem import (DEFAULT_CODECS, DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
+from hxtrain.planner_problem import (DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
                                      make_context, make_options, site_table)
 from hxtrain.planner_search import TIE, search
 from hxtrain.topology import even_split
@@ -101,7 +102,7 @@ class Plan:
 
 
 def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | None = None,
-         schedules=DEFAULT_SCHEDULES, codecs=DEFAULT_CODECS, microbatch_choices=None,
+         schedules=DEFAULT_SCHEDULES, codecs=CODEC_NAMES, microbatch_choices=None,
          efficiency: float | None = None, assumptions: cm.Assumptions | None = None,
          profiles: dict | None = None, hardware: dict | None = None, exhaustive: bool = False,
          time_budget_s: float = 1.0, model_name: str | None = None, capability=None) -> Plan:
