@@ -355,9 +355,10 @@ def run(args, out=None) -> int:
 
 def _two_block_model(name: str):
     """The preset `name` with only 2 blocks: profiling uses no more, and building all of them costs time."""
-    from models import gpt  # the registry: hxtrain names concrete models only inside functions
+    from hxtrain import model_registry
 
-    key = name.strip().lower()
-    if key not in gpt.PRESETS:
-        raise ProfileError(f"--model: unknown model {name!r}; choose one of {', '.join(gpt.PRESETS)}")
-    return gpt.build(dataclasses.replace(gpt.PRESETS[key], n_layers=2))
+    try:
+        model_registry.preset(name)
+    except ValueError as e:  # the profile command's errors are ProfileErrors
+        raise ProfileError(str(e)) from None
+    return model_registry.build(name, n_layers=2)

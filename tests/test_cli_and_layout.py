@@ -94,6 +94,15 @@ def test_hxtrain_names_no_concrete_model_at_import_time():
                 assert not (mod or "").startswith("models"), f"{path.relative_to(ROOT)} imports {mod} at top level"
 
 
+def test_only_the_model_registry_imports_models():
+    """hxtrain/model_registry.py is the one hxtrain module that imports `models`, at any depth (inside functions too)."""
+    registry = ROOT / "hxtrain" / "model_registry.py"
+    assert "models" in _imports(registry)
+    for path in (ROOT / "hxtrain").rglob("*.py"):
+        if path != registry:
+            assert "models" not in _imports(path), f"{path.relative_to(ROOT)} imports models; ask hxtrain.model_registry"
+
+
 def test_mesh_axis_names_stay_out_of_models():
     for path in (ROOT / "models").rglob("*.py"):
         text = path.read_text()
