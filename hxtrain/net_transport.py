@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hxtrain import codecs as _codecs
 from hxtrain.net import Endpoint, PeerError
+from hxtrain.placement import DATA
 from hxtrain.transport import LinkStats, data_total, per_link
 from hxtrain.wire import Kind
 
@@ -212,7 +213,7 @@ class NetTransport:
                     sender.reported = True
                     raise sender.error from e
             raise
-        return jax.device_put(host, NamedSharding(self.mesh, P("data")))
+        return jax.device_put(host, NamedSharding(self.mesh, P(DATA)))
 
     def barrier(self, timeout: float) -> None:
         """Wait until every site reached this point (step 0 CONTROL frames along the chain), at most `timeout` s

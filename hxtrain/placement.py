@@ -15,13 +15,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hxtrain.topology import even_split
 
+# The mesh axis names: this module owns them (everything else imports these). `site` is never an axis of a real
+# per-site mesh, only of the SPMD fast path's global mesh (spmd.py), which stacks the site meshes along it.
+DATA, TENSOR, SITE = "data", "tensor", "site"
+
 # Logical axis -> site mesh axis. `batch` is data-parallel; the wide dimensions of the weights are tensor-parallel
 # (column-parallel in, row-parallel out; XLA inserts the all-reduce after row-parallel matmuls).
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
+    ("batch", DATA),
+    ("vocab", TENSOR),
+    ("heads", TENSOR),
+    ("mlp", TENSOR),
     ("embed", None),
     ("head_dim", None),
     ("layers", None),
@@ -43,7 +47,7 @@ def site_meshes(topology) -> list[Mesh]:
 
 def site_mesh(site, devices: Sequence[jax.Device]) -> Mesh:
     """`devices` (`site.devices` of them, in order) as the site's Mesh(('data', 'tensor'))."""
-    return Mesh(np.array(devices).reshape(site.data, site.tensor), ("data", "tensor"))
+    return Mesh(np.array(devices).reshape(site.data, site.tensor), (DATA, TENSOR))
 
 
 def site_compute_dtype(site, mesh: Mesh | None = None) -> str:

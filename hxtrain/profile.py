@@ -135,7 +135,7 @@ def _site_programs(parts, mesh, site, *, microbatch: int, seq: int, width: int, 
 
     dtype = _placement.site_compute_dtype(site, mesh)  # what the site's stage programs compute (and send) in
     rng = np.random.default_rng(seed)
-    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(_placement.DATA)))  # noqa: E731
     x = put(rng.standard_normal((microbatch, seq, width), np.float32).astype(jnp.dtype(dtype)))
     dy = put((rng.standard_normal((microbatch, seq, width), np.float32) * 1e-2).astype(jnp.dtype(dtype)))
     tokens = put(rng.integers(0, vocab, (microbatch, seq), dtype=np.int32))

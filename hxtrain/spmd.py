@@ -45,9 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
+from hxtrain.placement import DATA, SITE, TENSOR
 from hxtrain.topology import Topology, load_topology
 
-SITE, DATA, TENSOR = "site", "data", "tensor"
 _SCHEDULES = ("gpipe",)
 
 

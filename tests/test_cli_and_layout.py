@@ -110,6 +110,17 @@ def test_mesh_axis_names_stay_out_of_models():
             assert axis not in text, f"{path.relative_to(ROOT)} names mesh axis {axis}"
 
 
+def test_mesh_axis_names_are_spelled_only_in_placement():
+    """Outside hxtrain/placement.py, a PartitionSpec or Mesh names its axes with placement.DATA/TENSOR/SITE."""
+    for path in (ROOT / "hxtrain").rglob("*.py"):
+        if path.name == "placement.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("P", "PartitionSpec", "Mesh"):
+                spelled = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+                assert not spelled, f"{path.relative_to(ROOT)}:{node.lineno} spells mesh axes {spelled}"
+
+
 def test_train_and_site_derive_one_optimizer_from_the_step_count():
     # warmup: a tenth of the steps, at least 1, at most 20 (hxtrain train and hxtrain site both call for_steps)
     got = {n: hxtrain.OptimizerConfig.for_steps(n).warmup_steps for n in (3, 50, 200, 10_000)}
