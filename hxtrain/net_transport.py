@@ -261,10 +261,6 @@ class NetTransport:
 
     # ---- the InProcessTransport surface the executor and trainer use ----------------------------------------
 
-    def poison(self, *args, **kwargs) -> None:
-        raise NotImplementedError("poison is a test hook of the in-process transport; the network transport "
-                                  "cannot pre-fill a peer's mailbox")
-
     def pending(self) -> list:
         return sorted(self._box, key=repr)
 
