@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+# The codec names, the one list of them (topology, backends and planner import it). Least lossy first: the
+# planner ranks codecs in this order and breaks ties toward the earlier one.
+CODEC_NAMES = ("none", "bf16", "int8", "fp8")
 FP8_FORMATS = {"e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn), "e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz)}
 _FLOATS = tuple(np.dtype(d) for d in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16))
 _SCALE = np.dtype("<f4")
@@ -204,9 +207,6 @@ def _make(name: str, fp8_format: str) -> Codec:
         qmax = float(ml_dtypes.finfo(qdtype).max)
         return _Fp8Codec("fp8", 3 if fp8_format == "e4m3fn" else 4, qdtype, qmax, fp8_format)
     raise ValueError(f"unknown codec {name!r}; choose one of {list(CODEC_NAMES)}")
-
-
-CODEC_NAMES = ("none", "bf16", "int8", "fp8")
 
 
 def get_codec(name: str, *, fp8_format: str = "e4m3fn") -> Codec:

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hxtrain import stage as _stage
+from hxtrain.placement import DATA
 from hxtrain.schedules import Task
 from hxtrain.simulate import Event
 
@@ -164,7 +165,7 @@ class _Recorder:
             pool.shutdown(wait=False)
 
 
-def put_data(x: np.ndarray, stage: StageState, spec=P("data")):
+def put_data(x: np.ndarray, stage: StageState, spec=P(DATA)):
     """A host array onto the stage's site, sharded over `data` on its leading axis (or laid out by `spec`)."""
     return jax.device_put(x, NamedSharding(stage.role.mesh, spec))
 
@@ -262,7 +263,7 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
         if n_stages == 1:  # the whole model on one stage: one fused program over every microbatch
             s = owned[0]
             t0 = time.perf_counter()
-            toks = put(tokens, s, P(None, "data"))
+            toks = put(tokens, s, P(None, DATA))
             s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scale)
             if rec is not None:
                 rec.compute(s.site, "step", None, t0, None, (s.gacc, s.lacc))

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hxtrain import codecs as _codecs
 from hxtrain.net import Endpoint, PeerError
+from hxtrain.placement import DATA
 from hxtrain.transport import LinkStats, data_total, per_link
 from hxtrain.wire import Kind
 
@@ -212,7 +213,7 @@ class NetTransport:
                     sender.reported = True
                     raise sender.error from e
             raise
-        return jax.device_put(host, NamedSharding(self.mesh, P("data")))
+        return jax.device_put(host, NamedSharding(self.mesh, P(DATA)))
 
     def barrier(self, timeout: float) -> None:
         """Wait until every site reached this point (step 0 CONTROL frames along the chain), at most `timeout` s
@@ -259,10 +260,6 @@ class NetTransport:
         return self._endpoint(peer, "control").recv(kind=Kind.CONTROL, step=self.step, microbatch=direction)[1]
 
     # ---- the InProcessTransport surface the executor and trainer use ----------------------------------------
-
-    def poison(self, *args, **kwargs) -> None:
-        raise NotImplementedError("poison is a test hook of the in-process transport; the network transport "
-                                  "cannot pre-fill a peer's mailbox")
 
     def pending(self) -> list:
         return sorted(self._box, key=repr)

@@ -70,7 +70,6 @@ class SiteOptimizer:
         self.config = config
         self.tx = config.transform()
         self.states = [jax.jit(self.tx.init)(s.params) for s in stages]
-        self.control_bytes = 0
         self._update = jax.jit(functools.partial(_update, self.tx, config.clip_norm), donate_argnums=(0, 1))
 
     def global_norm(self, stages, sqs) -> list[jax.Array]:
@@ -78,7 +77,6 @@ class SiteOptimizer:
         out = []
         for s in stages:
             here = [jax.device_put(sq, NamedSharding(s.role.mesh, P())) for sq in sqs]
-            self.control_bytes += 4 * sum(1 for o in stages if o.site != s.site)
             out.append(functools.reduce(jnp.add, here))
         return out
 

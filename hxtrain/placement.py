@@ -13,13 +13,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hxtrain.topology import even_split
+
+# The mesh axis names: this module owns them (everything else imports these). `site` is never an axis of a real
+# per-site mesh, only of the SPMD fast path's global mesh (spmd.py), which stacks the site meshes along it.
+DATA, TENSOR, SITE = "data", "tensor", "site"
+
 # Logical axis -> site mesh axis. `batch` is data-parallel; the wide dimensions of the weights are tensor-parallel
 # (column-parallel in, row-parallel out; XLA inserts the all-reduce after row-parallel matmuls).
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
+    ("batch", DATA),
+    ("vocab", TENSOR),
+    ("heads", TENSOR),
+    ("mlp", TENSOR),
     ("embed", None),
     ("head_dim", None),
     ("layers", None),
@@ -41,7 +47,7 @@ def site_meshes(topology) -> list[Mesh]:
 
 def site_mesh(site, devices: Sequence[jax.Device]) -> Mesh:
     """`devices` (`site.devices` of them, in order) as the site's Mesh(('data', 'tensor'))."""
-    return Mesh(np.array(devices).reshape(site.data, site.tensor), ("data", "tensor"))
+    return Mesh(np.array(devices).reshape(site.data, site.tensor), (DATA, TENSOR))
 
 
 def site_compute_dtype(site, mesh: Mesh | None = None) -> str:
@@ -95,8 +101,7 @@ def partition(n_layers: int, n_stages: int, blocks: Sequence[int] | None = None,
             f"{source}: {n_stages} pipeline stages but the model has {n_layers} blocks; "
             "each stage needs at least one block (use fewer sites or a deeper model)")
     if blocks is None:
-        q, r = divmod(n_layers, n_stages)
-        blocks = [q + (i < r) for i in range(n_stages)]
+        blocks = even_split(n_layers, n_stages)
     blocks = list(blocks)
     if len(blocks) != n_stages:
         raise PlacementError(f"{source}: expected {n_stages} entries (one per stage), got {len(blocks)}: {blocks}")

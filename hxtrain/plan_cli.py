@@ -61,12 +61,9 @@ def run(args, out=None) -> int:
 
 
 def _model(name: str):
-    from models import gpt  # the registry: hxtrain imports a concrete model only here, on demand
+    from hxtrain import model_registry
 
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in gpt.PRESETS:
-        raise ValueError(f"--model: unknown model {name!r}; choose one of {', '.join(gpt.PRESETS)}")
-    return gpt.PRESETS[key]
+    return model_registry.preset(name)
 
 
 def format_report(plan: planner.Plan, cfg=None) -> str:

@@ -1,4 +1,5 @@
-"""The plan on disk: `write_plan` / `load_plan` (what `Plan.to_toml` / `Plan.load` do), and a small TOML writer.
+"""The plan and the plan on disk: `Plan` (what `planner.plan` returns; `hxtrain.planner` re-exports it), `write_plan`
+/ `load_plan` (what `Plan.to_toml` / `Plan.load` do), and a small TOML writer. Imports go planner -> plan_file.
 
 A plan is two files: the plan itself (`[plan]`, `[assumptions]`, `[predicted]`, `[even]`, `[cross_site_dp]`),
 which names its topology by a path relative to itself, and that topology (`<stem>.topology.toml`), which
@@ -15,9 +16,64 @@ import tomllib
 from pathlib import Path
 
 from hxtrain import costmodel as cm
-from hxtrain.planner import Plan
 from hxtrain.planner_predict import LinkPlan, Prediction, SitePlan
 from hxtrain.planner_problem import PlanError
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A chosen placement with its predicted figures; `to_toml` writes what `hxtrain train --plan` runs."""
+
+    topology: object  # hxtrain.topology.Topology, as given to plan()
+    model: str | None
+    global_batch: int
+    seq: int
+    predicted: Prediction
+    even: Prediction | None
+    cross_site_dp: Prediction | None
+    ideal_tokens_per_s: float
+    warnings: tuple[str, ...]
+    assumptions: cm.Assumptions
+    planning_s: float
+
+    @property
+    def schedule(self) -> str:
+        return self.predicted.schedule
+
+    @property
+    def microbatches(self) -> int:
+        return self.predicted.microbatches
+
+    @property
+    def recompute(self) -> bool:
+        return self.predicted.recompute
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(s.layers for s in self.predicted.sites)
+
+    def to_topology(self):
+        """The topology with this plan applied: each site's data/tensor/layers, link codecs, and the [run]."""
+        topo = self.topology
+        by_site = {s.name: s for s in self.predicted.sites}
+        by_link = {frozenset(lp.sites): lp for lp in self.predicted.links}
+        sites = tuple(dataclasses.replace(s, data=by_site[s.name].data, tensor=by_site[s.name].tensor,
+                              layers=by_site[s.name].layers) for s in topo.sites)
+        links = tuple(dataclasses.replace(ln, activations=by_link[frozenset(ln.sites)].activations,
+                              cotangents=by_link[frozenset(ln.sites)].cotangents)
+                      if frozenset(ln.sites) in by_link else ln for ln in topo.links)
+        run = dataclasses.replace(topo.run, model=self.model or topo.run.model, schedule=self.schedule,
+                      microbatches=self.microbatches, batch_size=self.global_batch)
+        return dataclasses.replace(topo, sites=sites, links=links, run=run)
+
+    def to_toml(self, path) -> tuple[Path, Path]:
+        """Write the plan to `path` and its topology next to it (`<stem>.topology.toml`); returns both paths."""
+        return write_plan(self, path)
+
+    @classmethod
+    def load(cls, path) -> Plan:
+        """Read a plan written by `to_toml` (and the topology file it names)."""
+        return load_plan(path)
 
 
 def write_plan(plan: Plan, path) -> tuple[Path, Path]:

@@ -29,78 +29,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 from hxtrain import costmodel as cm
+from hxtrain.codecs import CODEC_NAMES
+from hxtrain.plan_file import Plan  # re-exported: `planner.plan` returns one, callers import it from here
 from hxtrain.planner_predict import Prediction, cross_site_dp, ideal_tokens_per_s, prediction, simulated
-from hxtrain.planner_problem import (DEFAULT_CODECS, DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
+from hxtrain.planner_problem import (DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
                                      make_context, make_options, site_table)
 from hxtrain.planner_search import TIE, search
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A chosen placement with its predicted figures; `to_toml` writes what `hxtrain train --plan` runs."""
-
-    topology: object  # hxtrain.topology.Topology, as given to plan()
-    model: str | None
-    global_batch: int
-    seq: int
-    predicted: Prediction
-    even: Prediction | None
-    cross_site_dp: Prediction | None
-    ideal_tokens_per_s: float
-    warnings: tuple[str, ...]
-    assumptions: cm.Assumptions
-    planning_s: float
-
-    @property
-    def schedule(self) -> str:
-        return self.predicted.schedule
-
-    @property
-    def microbatches(self) -> int:
-        return self.predicted.microbatches
-
-    @property
-    def recompute(self) -> bool:
-        return self.predicted.recompute
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(s.layers for s in self.predicted.sites)
-
-    def to_topology(self):
-        """The topology with this plan applied: each site's data/tensor/layers, link codecs, and the [run]."""
-        topo = self.topology
-        by_site = {s.name: s for s in self.predicted.sites}
-        by_link = {frozenset(lp.sites): lp for lp in self.predicted.links}
-        sites = tuple(replace(s, data=by_site[s.name].data, tensor=by_site[s.name].tensor,
-                              layers=by_site[s.name].layers) for s in topo.sites)
-        links = tuple(replace(ln, activations=by_link[frozenset(ln.sites)].activations,
-                              cotangents=by_link[frozenset(ln.sites)].cotangents)
-                      if frozenset(ln.sites) in by_link else ln for ln in topo.links)
-        run = replace(topo.run, model=self.model or topo.run.model, schedule=self.schedule,
-                      microbatches=self.microbatches, batch_size=self.global_batch)
-        return replace(topo, sites=sites, links=links, run=run)
-
-    def to_toml(self, path) -> tuple[Path, Path]:
-        """Write the plan to `path` and its topology next to it (`<stem>.topology.toml`); returns both paths."""
-        from hxtrain.plan_file import write_plan
-
-        return write_plan(self, path)
-
-    @classmethod
-    def load(cls, path) -> Plan:
-        """Read a plan written by `to_toml` (and the topology file it names)."""
-        from hxtrain.plan_file import load_plan
-
-        return load_plan(path)
+from hxtrain.topology import even_split
 
 
 def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | None = None,
-         schedules=DEFAULT_SCHEDULES, codecs=DEFAULT_CODECS, microbatch_choices=None,
+         schedules=DEFAULT_SCHEDULES, codecs=CODEC_NAMES, microbatch_choices=None,
          efficiency: float | None = None, assumptions: cm.Assumptions | None = None,
          profiles: dict | None = None, hardware: dict | None = None, exhaustive: bool = False,
          time_budget_s: float = 1.0, model_name: str | None = None, capability=None) -> Plan:
@@ -135,13 +77,8 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
                 assumptions=a, planning_s=time.perf_counter() - t0)
 
 
-def _even_layers(n: int, S: int) -> tuple[int, ...]:
-    q, r = divmod(n, S)
-    return tuple(q + (i < r) for i in range(S))
-
-
 def _even(ctx: Ctx, options, codecs, deadline) -> Prediction:
-    layers = _even_layers(ctx.shape.n_layers, ctx.S)
+    layers = even_split(ctx.shape.n_layers, ctx.S)
     best = search(ctx, options, codecs, exhaustive=False, climb_until=0, relax_until=deadline, fixed=layers)
     if best is not None:
         return prediction("even split", ctx, best)

@@ -18,7 +18,6 @@ import numpy as np
 from hxtrain import costmodel as cm
 
 DEFAULT_SCHEDULES = ("1f1b", "zb-h1", "interleaved", "gpipe")
-DEFAULT_CODECS = ("none", "bf16", "int8", "fp8")  # least lossy first: ties go to the earlier one
 MAX_TENSOR = 8  # tensor parallelism stays inside one node (8 accelerators per host on every shipped mesh)
 
 

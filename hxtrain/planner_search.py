@@ -14,8 +14,9 @@ import time
 
 import numpy as np
 
+from hxtrain.codecs import CODEC_NAMES
 from hxtrain.planner_predict import simulated
-from hxtrain.planner_problem import (DEFAULT_CODECS, PlanError, Cand, Ctx, Table, all_fit, codec_allowed, codec_sets,
+from hxtrain.planner_problem import (PlanError, Cand, Ctx, Table, all_fit, codec_allowed, codec_sets,
                                      link_list, occupancy, site_table, work_of)
 
 TIE = 1e-3  # a lossier codec or a later schedule must be faster by more than this fraction to be chosen
@@ -87,7 +88,7 @@ def _better(a: Cand, b: Cand | None) -> bool:
     return rank(a) < rank(b)
 
 
-_CODEC_RANK = {c: k for k, c in enumerate(DEFAULT_CODECS)}
+_CODEC_RANK = {c: k for k, c in enumerate(CODEC_NAMES)}  # least lossy first: ties go to the earlier one
 
 
 def search(ctx, options, codecs, *, exhaustive, climb_until, relax_until, fixed=None, enforce_memory=True,

@@ -129,7 +129,7 @@ def _site_programs(parts, mesh, site, *, microbatch: int, seq: int, width: int, 
 
     dtype = _placement.site_compute_dtype(site, mesh)  # what the site's stage programs compute (and send) in
     rng = np.random.default_rng(seed)
-    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(_placement.DATA)))  # noqa: E731
     x = put(rng.standard_normal((microbatch, seq, width), np.float32).astype(jnp.dtype(dtype)))
     dy = put((rng.standard_normal((microbatch, seq, width), np.float32) * 1e-2).astype(jnp.dtype(dtype)))
     tokens = put(rng.integers(0, vocab, (microbatch, seq), dtype=np.int32))
@@ -349,9 +349,10 @@ def run(args, out=None) -> int:
 
 def _two_block_model(name: str):
     """The preset `name` with only 2 blocks: profiling uses no more, and building all of them costs time."""
-    from models import gpt  # the registry: hxtrain names concrete models only inside functions
+    from hxtrain import model_registry
 
-    key = name.strip().lower()
-    if key not in gpt.PRESETS:
-        raise ProfileError(f"--model: unknown model {name!r}; choose one of {', '.join(gpt.PRESETS)}")
-    return gpt.build(dataclasses.replace(gpt.PRESETS[key], n_layers=2))
+    try:
+        model_registry.preset(name)
+    except ValueError as e:  # the profile command's errors are ProfileErrors
+        raise ProfileError(str(e)) from None
+    return model_registry.build(name, n_layers=2)

@@ -14,14 +14,84 @@ Model:
 - one transfer per (producer, destination site), however many tasks there consume it.
 
 `Event` is also what the real executor records, so real and simulated runs are plotted and summarised alike.
+
+`Task` (one unit of pipeline work), `dependencies` and `ScheduleError` live here, below `schedules`: the schedules
+are built from tasks and use `simulate` for their unit-time order and deadlock check, so imports go
+schedules -> simulate only (`hxtrain.schedules` re-exports the three).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from hxtrain.schedules import ScheduleError, Task, dependencies
+KINDS = ("F", "B", "W")
+_TOKEN = re.compile(r"^([FBW])(\d+)(?:\.(\d+))?$")
+
+
+class ScheduleError(ValueError):
+    """A schedule, a table or its arguments are inconsistent; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True, order=True)
+class Task:
+    """One unit of pipeline work: `kind` of `stage` (0..S*v-1) on `microbatch` (0..M-1)."""
+
+    stage: int
+    microbatch: int
+    kind: str
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ScheduleError(f"Task.kind: expected one of {KINDS}, got {self.kind!r}")
+        if not (isinstance(self.stage, int) and self.stage >= 0):
+            raise ScheduleError(f"Task.stage: expected an int >= 0, got {self.stage!r}")
+        if not (isinstance(self.microbatch, int) and self.microbatch >= 0):
+            raise ScheduleError(f"Task.microbatch: expected an int >= 0, got {self.microbatch!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}"
+
+    def describe(self) -> str:
+        """Unambiguous form for messages, e.g. 'B3 (stage 2)'."""
+        return f"{self} (stage {self.stage})"
+
+    def token(self, sites: int) -> str:
+        """Table token: 'F3' for chunk 0, 'F3.1' for chunk 1 (stage = site + chunk*sites)."""
+        chunk = self.stage // sites
+        return f"{self}" if chunk == 0 else f"{self}.{chunk}"
+
+    @classmethod
+    def parse(cls, text: str, stage: int | None = None, *, site: int | None = None,
+              sites: int | None = None) -> Task:
+        """Parse 'F3' with an explicit `stage=`, or 'F3' / 'F3.1' on `site` of `sites` (stage = site + chunk*sites)."""
+        match = _TOKEN.match(text.strip()) if isinstance(text, str) else None
+        if match is None:
+            raise ScheduleError(f"task token {text!r}: expected <F|B|W><microbatch>[.<chunk>], e.g. 'F3' or 'B0.1'")
+        kind, mb, chunk = match.group(1), int(match.group(2)), match.group(3)
+        if stage is not None:
+            if chunk is not None or site is not None:
+                raise ScheduleError(f"task token {text!r}: give either stage= (and no .chunk) or site=/sites=, "
+                                    "not both")
+            return cls(stage, mb, kind)
+        if site is None:
+            raise ScheduleError(f"task token {text!r}: Task.parse needs stage= or site= to know the stage")
+        chunk_i = int(chunk) if chunk is not None else 0
+        if chunk_i and sites is None:
+            raise ScheduleError(f"task token {text!r}: a .chunk suffix needs sites= to compute the stage")
+        return cls(site + chunk_i * (sites or 1), mb, kind)
+
+
+def dependencies(task: Task, stages: int) -> tuple[Task, ...]:
+    """Tasks whose results `task` consumes, for a pipeline of `stages` (virtual) stages."""
+    s, m = task.stage, task.microbatch
+    if task.kind == "F":
+        return (Task(s - 1, m, "F"),) if s > 0 else ()
+    if task.kind == "B":
+        return (Task(s, m, "F"),) + ((Task(s + 1, m, "B"),) if s + 1 < stages else ())
+    return (Task(s, m, "B"),)
+
 
 Duration = Callable[[int, Task], float]
 Transfer = Callable[[int, int, Task], "float | tuple[float, float] | None"]

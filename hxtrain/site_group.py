@@ -35,6 +35,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hxtrain.placement import DATA
+
 
 class GroupError(RuntimeError):
     """A collective between the processes of one site failed (a process of the site died or left)."""
@@ -52,7 +54,7 @@ def put_tree(tree, shardings):
     return jax.tree.map(lambda a, s: put_global(np.asarray(a), s), tree, shardings)
 
 
-def put_stage(x: np.ndarray, stage, spec=P("data")) -> jax.Array:
+def put_stage(x: np.ndarray, stage, spec=P(DATA)) -> jax.Array:
     """`executor.run_step`'s `put`: a host array onto the stage's (multi-process) site, laid out by `spec`."""
     return put_global(x, NamedSharding(stage.role.mesh, spec))
 
@@ -141,7 +143,7 @@ class GroupTransport:
         else:
             host = np.zeros(shape, dtype)
         host = self._broadcast(f"broadcasting {key}", host)
-        return put_global(host, NamedSharding(self.mesh, P("data")))
+        return put_global(host, NamedSharding(self.mesh, P(DATA)))
 
     def exchange_norms(self, local: dict[int, float], n_stages: int) -> np.ndarray:
         """Every stage's squared gradient norm, float32 [n_stages], on every process (see NetTransport)."""
@@ -159,7 +161,7 @@ class GroupTransport:
         """Compile the gather and broadcast programs for arrays shaped like `key`'s (before the first step, so
         that the link timeout only has to cover compute). Every process calls it."""
         shape, dtype = self.shape_of(key)
-        x = put_global(np.zeros(shape, dtype), NamedSharding(self.mesh, P("data")))
+        x = put_global(np.zeros(shape, dtype), NamedSharding(self.mesh, P(DATA)))
         self._collective("warming up the gather", multihost_utils.process_allgather, x, True)
         self._broadcast("warming up the broadcast", np.zeros(shape, dtype))
 

@@ -46,9 +46,9 @@ from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import stages as _stages
+from hxtrain.placement import DATA, SITE, TENSOR
 from hxtrain.topology import Topology, load_topology
 
-SITE, DATA, TENSOR = "site", "data", "tensor"
 _SCHEDULES = ("gpipe",)
 
 

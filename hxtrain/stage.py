@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hxtrain import parts as _parts
-
-DATA = "data"
+from hxtrain.placement import DATA
 
 
 @dataclasses.dataclass(frozen=True)

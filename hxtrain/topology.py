@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import meshes
+from hxtrain.codecs import CODEC_NAMES
 
-CODECS = ("none", "bf16", "int8", "fp8")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _BACKEND_ALIASES = {"npu": "ascend", "gpu": "cuda"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -76,8 +76,8 @@ class Link:
     sites: tuple[str, str]
     bandwidth_gbps: float  # Gbit/s
     latency_ms: float
-    activations: str = "none"  # codec of forward activations, one of CODECS
-    cotangents: str = "none"  # codec of backward cotangents, one of CODECS
+    activations: str = "none"  # codec of forward activations, one of CODEC_NAMES
+    cotangents: str = "none"  # codec of backward cotangents, one of CODEC_NAMES
 
     def __post_init__(self):
         if isinstance(self.sites, list):
@@ -162,8 +162,7 @@ class Topology:
                     f"{n_layers} layers; make the shares sum to {n_layers} or remove them for an even split"
                 )
             return shares
-        q, r = divmod(n_layers, self.n_sites)
-        return tuple(q + (i < r) for i in range(self.n_sites))
+        return even_split(n_layers, self.n_sites)
 
     def replace_sites(self, **changes) -> Topology:
         """A copy with `changes` applied to every site, e.g. `replace_sites(backend="cpu", device_kind=None)`."""
@@ -193,6 +192,13 @@ class Topology:
         lines.append(f"  run: model {r.model}, schedule {r.schedule}, {r.microbatches} microbatches, "
                      f"batch {r.batch_size}, {r.steps} steps")
         return "\n".join(lines)
+
+
+def even_split(n: int, k: int) -> tuple[int, ...]:
+    """`n` items in `k` contiguous parts, shape (k,), sizes differing by at most one, the remainder on the first
+    parts: 8 on 3 -> (3, 3, 2). The one even split of blocks over stages or sites (placement, planner, topology)."""
+    q, r = divmod(n, k)
+    return tuple(q + (i < r) for i in range(k))
 
 
 def uniform(n_sites: int, data: int = 1, tensor: int = 1, backend: str = "cpu", layers=None,
@@ -393,8 +399,8 @@ def _check_link(src: str, w: str, ln: Link, index: dict[str, int]) -> frozenset:
                                           "activations; give a value > 0 Gbit/s")
     if not (_is_num(ln.latency_ms) and ln.latency_ms >= 0):
         _fail(src, f"{w}.latency_ms", f"expected a number >= 0 (milliseconds), got {_show(ln.latency_ms)}")
-    _want_choice(src, f"{w}.activations", ln.activations, CODECS, "codec")
-    _want_choice(src, f"{w}.cotangents", ln.cotangents, CODECS, "codec")
+    _want_choice(src, f"{w}.activations", ln.activations, CODEC_NAMES, "codec")
+    _want_choice(src, f"{w}.cotangents", ln.cotangents, CODEC_NAMES, "codec")
     return frozenset(pair)
 
 

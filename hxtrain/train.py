@@ -184,28 +184,25 @@ class RunConfig:
 
 
 def build_model(name: str, seed: int = 0):
-    """A model from a preset name ('tiny', 'small', ...). The only place hxtrain names concrete models."""
-    from models import gpt
+    """A model from a preset name ('tiny', 'small', ...), from the model registry."""
+    from hxtrain import model_registry
 
-    key = name.lower()
-    if key not in gpt.PRESETS:
-        raise ValueError(f"--model: unknown model {name!r}; choose one of {sorted(gpt.PRESETS)}")
-    return gpt.build(gpt.PRESETS[key], seed=seed)
+    return model_registry.build(name, seed=seed)
 
 
 def _from_plan(config: RunConfig) -> RunConfig:
     """`config` with the plan file's topology, model, schedule, microbatches and global batch (the partition comes
     from the planned topology's `layers`; interleaved schedules get each site's chunks spelled out)."""
+    from hxtrain import model_registry
     from hxtrain.planner import Plan
     from hxtrain.schedules import get_schedule
-    from models import gpt  # the registry (see build_model)
 
     taken = [f for f in ("model", "schedule", "microbatches", "batch_size", "partition") if getattr(config, f)]
     if taken:
         raise ValueError(f"--plan {config.plan}: the plan fixes {', '.join(taken)}; drop those options (or edit "
                          "the plan's topology file)")
     plan = Plan.load(config.plan)
-    model_seq = getattr(gpt.PRESETS.get((plan.model or "").lower()), "seq_len", None)
+    model_seq = getattr(model_registry.find(plan.model or ""), "seq_len", None)
     if model_seq is not None and model_seq != plan.seq:
         raise ValueError(f"--plan {config.plan}: planned for sequences of {plan.seq} tokens, but model "
                          f"{plan.model!r} trains on {model_seq}; plan again with --seq {model_seq}")

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hxtrain import codecs as _codecs
+from hxtrain.placement import DATA
 
 
 def link_codecs(topology) -> dict[tuple[int, int, str], _codecs.Codec]:
@@ -97,7 +98,7 @@ class InProcessTransport:
                 host = np.asarray(x)
                 payload = codec.encode(host)
                 x, nbytes = codec.decode(payload, host.shape, host.dtype), len(payload)
-            x = jax.device_put(x, NamedSharding(self.meshes[dst], P("data")))
+            x = jax.device_put(x, NamedSharding(self.meshes[dst], P(DATA)))
             s = self.stats[(src, dst, key[0])]
             s.bytes += nbytes
             s.payload_bytes += nbytes
@@ -117,7 +118,7 @@ class InProcessTransport:
         """Pre-fill a mailbox slot with NaN (tests): a task that read it before the real tensor arrived would
         carry NaN into the loss and gradients."""
         nan = np.full(shape, np.nan, dtype)
-        self._box[(dst, key)] = jax.device_put(nan, NamedSharding(self.meshes[dst], P("data")))
+        self._box[(dst, key)] = jax.device_put(nan, NamedSharding(self.meshes[dst], P(DATA)))
 
     def pending(self) -> list:
         return sorted(self._box, key=repr)

@@ -94,11 +94,31 @@ def test_hxtrain_names_no_concrete_model_at_import_time():
                 assert not (mod or "").startswith("models"), f"{path.relative_to(ROOT)} imports {mod} at top level"
 
 
+def test_only_the_model_registry_imports_models():
+    """hxtrain/model_registry.py is the one hxtrain module that imports `models`, at any depth (inside functions too)."""
+    registry = ROOT / "hxtrain" / "model_registry.py"
+    assert "models" in _imports(registry)
+    for path in (ROOT / "hxtrain").rglob("*.py"):
+        if path != registry:
+            assert "models" not in _imports(path), f"{path.relative_to(ROOT)} imports models; ask hxtrain.model_registry"
+
+
 def test_mesh_axis_names_stay_out_of_models():
     for path in (ROOT / "models").rglob("*.py"):
         text = path.read_text()
         for axis in ("'data'", '"data"', "'tensor'", '"tensor"', "'site'", '"site"'):
             assert axis not in text, f"{path.relative_to(ROOT)} names mesh axis {axis}"
+
+
+def test_mesh_axis_names_are_spelled_only_in_placement():
+    """Outside hxtrain/placement.py, a PartitionSpec or Mesh names its axes with placement.DATA/TENSOR/SITE."""
+    for path in (ROOT / "hxtrain").rglob("*.py"):
+        if path.name == "placement.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("P", "PartitionSpec", "Mesh"):
+                spelled = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+                assert not spelled, f"{path.relative_to(ROOT)}:{node.lineno} spells mesh axes {spelled}"
 
 
 def test_train_and_site_derive_one_optimizer_from_the_step_count():

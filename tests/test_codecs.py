@@ -4,7 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hxtrain.codecs import codec_by_id, get_codec, roundtrip_error_bound
+from hxtrain import backends, costmodel, topology
+from hxtrain.codecs import CODEC_NAMES, codec_by_id, get_codec, roundtrip_error_bound
 
 CODECS = [("none", "e4m3fn"), ("bf16", "e4m3fn"), ("int8", "e4m3fn"), ("fp8", "e4m3fn"), ("fp8", "e4m3fnuz")]
 
@@ -104,6 +105,15 @@ def test_non_finite_values():
         with pytest.raises(ValueError, match=rf"codec '{name}': array of shape \(1, 4\) has 3 NaN/inf values "
                                              r"\(first at index \(0, 1\)\).*already diverged"):
             get_codec(name).encode(x)
+
+
+def test_one_list_of_codec_names():
+    """Every module takes its codec names from codecs.CODEC_NAMES (least lossy first), and the cost model prices
+    exactly those codecs."""
+    assert CODEC_NAMES == ("none", "bf16", "int8", "fp8")
+    assert backends.CODECS is CODEC_NAMES and topology.CODEC_NAMES is CODEC_NAMES
+    assert tuple(costmodel.CODEC_BYTES) == CODEC_NAMES
+    assert {codec_by_id(i).name for i in range(5)} == set(CODEC_NAMES)
 
 
 def test_errors():

@@ -7,7 +7,7 @@ import pytest
 
 import meshes
 from hxtrain.topology import (
-    Link, RunDefaults, Site, Topology, TopologyError, load_topology, shipped, uniform,
+    Link, RunDefaults, Site, Topology, TopologyError, even_split, load_topology, shipped, uniform,
 )
 
 # A valid two-site file; each bad case below edits it (first occurrence) or replaces it whole.
@@ -212,6 +212,14 @@ def test_uniform_is_validated():
 ])
 def test_layer_shares(n_sites, n_layers, layers, expected):
     assert uniform(n_sites, layers=layers).layer_shares(n_layers) == expected
+
+
+@pytest.mark.parametrize("n,k,expected", [
+    (8, 1, (8,)), (8, 2, (4, 4)), (8, 3, (3, 3, 2)), (7, 4, (2, 2, 2, 1)), (4, 4, (1, 1, 1, 1)), (10, 4, (3, 3, 2, 2)),
+])
+def test_even_split_puts_the_remainder_first(n, k, expected):
+    assert even_split(n, k) == expected
+    assert sum(expected) == n
 
 
 def test_layer_shares_errors(tmp_path):

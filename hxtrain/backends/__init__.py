@@ -10,13 +10,14 @@ from hxtrain.backends._clients import (SiteClient, client_rows, client_summary, 
                                        register_plugins, site_client)
 from hxtrain.backends._capabilities import CAPABILITIES, Capability, capability_for
 from hxtrain.backends._devices import describe, devices_for, format_table
-from hxtrain.backends._dtypes import CODECS, COMPUTE_DTYPES, DtypePolicy, dtype_policy, link_wire_dtype
+from hxtrain.backends._dtypes import COMPUTE_DTYPES, DtypePolicy, dtype_policy, link_wire_dtype
 from hxtrain.backends._jax_bridge import register_plugin_library
 from hxtrain.backends._plugins import (ENV_VAR, PluginSource, check_plugin_library, find_plugin,
                                        installed_providers, locate_plugin_library, parse_pjrt_env)
 from hxtrain.backends._registry import (BACKENDS, BackendError, BackendInfo, PluginNotInstalledError,
                                         canonical_backend, known_backend_names, plugin_client_name,
                                         plugin_platform_name)
+from hxtrain.codecs import CODEC_NAMES as CODECS  # re-exported; the one list of codec names lives in codecs
 
 __all__ = [
     "BACKENDS", "CAPABILITIES", "CODECS", "COMPUTE_DTYPES", "ENV_VAR",

@@ -12,9 +12,9 @@ from types import MappingProxyType
 
 from hxtrain.backends._capabilities import Capability
 from hxtrain.backends._registry import BackendError
+from hxtrain.codecs import CODEC_NAMES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-CODECS = ("none", "bf16", "int8", "fp8")
 _DTYPE_ALIASES = MappingProxyType({"fp32": "float32", "f32": "float32", "bf16": "bfloat16",
                                    "fp16": "float16", "f16": "float16", "half": "float16"})
 _FP8_DTYPES = MappingProxyType({"e4m3fn": "float8_e4m3fn", "e4m3fnuz": "float8_e4m3fnuz"})
@@ -67,8 +67,8 @@ def link_wire_dtype(a: Capability, b: Capability, codec: str = "none") -> str:
     (NVIDIA e4m3fn and AMD e4m3fnuz differ: byte 0x80 is -0 in one and NaN in the other, so a
     mixed link does not use fp8), else bfloat16, else float16.
     """
-    if codec not in CODECS:
-        raise BackendError(f"link codec must be one of {CODECS}, got {codec!r}")
+    if codec not in CODEC_NAMES:
+        raise BackendError(f"link codec must be one of {CODEC_NAMES}, got {codec!r}")
     if codec == "int8":
         return "int8"
     candidates: list[str] = []
