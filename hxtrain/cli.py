@@ -18,13 +18,6 @@ def _ensure_cpu_devices(n: int = 8) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
-def _partition(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected blocks per stage like 5,3; got {text!r}") from None
-
-
 def _cmd_train(args) -> int:
     from hxtrain.train import RunConfig, train
 
@@ -66,18 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hxtrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from hxtrain.train import add_run_arguments
+
     t = sub.add_parser("train", help="train a model on a topology (default: meshes/local.toml, model small)")
-    t.add_argument("--mesh", default="local", help="topology TOML file or shipped name (default: local)")
-    t.add_argument("--model", help="model preset: tiny, small, ... (default: the topology's [run] model)")
-    t.add_argument("--schedule", help="gpipe, 1f1b, interleaved, zb-h1 or a table file")
-    t.add_argument("--microbatches", type=int)
-    t.add_argument("--batch-size", type=int, help="global batch in sequences")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--data", help="a text file or folder (default: this Python's standard library sources)")
-    t.add_argument("--out", help="run folder: metrics.jsonl, tb/ (TensorBoard), checkpoints/")
-    t.add_argument("--partition", type=_partition, help="blocks per stage, e.g. 5,3 (default: even)")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--seed", type=int, default=0)
+    add_run_arguments(t, out_help="run folder: metrics.jsonl, tb/ (TensorBoard), checkpoints/")
     t.add_argument("--executor", choices=("mpmd", "spmd"), default="mpmd",
                    help="mpmd: per-site programs driven by the host (default); spmd: the whole pipeline as "
                         "one program (GPipe, same backend and shape on every site)")

@@ -181,7 +181,7 @@ def _cmd_launch(args) -> int:
                         ("--partition", args.partition), ("--checkpoint-dir", args.checkpoint_dir),
                         ("--save-every", args.save_every), ("--keep", args.keep), ("--resume", args.resume)):
         if value is not None:
-            site_args += [flag, str(value)]
+            site_args += [flag, ",".join(map(str, value)) if flag == "--partition" else str(value)]
     site_args += ["--sync-sends"] if args.sync_sends else []
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env)
     failed = [e for e in exits if e.returncode != 0]
@@ -199,6 +199,5 @@ def register(subparsers) -> None:
     """Add the `launch` command to hxtrain's argparse subparsers."""
     p = subparsers.add_parser("launch", help="start every site of a topology as a local process (loopback TCP)")
     _site.add_run_arguments(p)
-    p.add_argument("--partition", help="blocks per stage, e.g. 5,3 (default: the topology's or even)")
     p.add_argument("--grace", type=float, help="seconds the other sites get after one fails (default timeout+5)")
     p.set_defaults(func=_cmd_launch)

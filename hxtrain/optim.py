@@ -70,7 +70,8 @@ class SiteOptimizer:
         self.config = config
         self.tx = config.transform()
         self.states = [jax.jit(self.tx.init)(s.params) for s in stages]
-        self._update = jax.jit(functools.partial(_update, self.tx, config.clip_norm), donate_argnums=(0, 1))
+        # apply(params, opt_state, grads, total_sq) -> (params, opt_state): one stage's update, inputs donated
+        self.apply = jax.jit(functools.partial(clipped_update, self.tx, config.clip_norm), donate_argnums=(0, 1))
 
     def global_norm(self, stages, sqs) -> list[jax.Array]:
         """Sum every site's squared norm; return the global squared norm placed on each stage's site."""
@@ -84,14 +85,17 @@ class SiteOptimizer:
         """Update every stage's params in place (donated). Returns the global gradient norm (device scalar)."""
         totals = self.global_norm(stages, sqs)
         for i, s in enumerate(stages):
-            s.params, self.states[i] = self._update(s.params, self.states[i], grads[i], totals[i])
+            s.params, self.states[i] = self.apply(s.params, self.states[i], grads[i], totals[i])
         return jnp.sqrt(totals[-1])
 
     def learning_rate(self, step: int) -> float:
         return float(self.config.schedule()(step))
 
 
-def _update(tx, clip_norm, params, opt_state, grads, total_sq):
+def clipped_update(tx, clip_norm, params, opt_state, grads, total_sq):
+    """One stage's optax update with its gradients scaled by min(1, clip_norm / global norm), where `total_sq` is
+    the squared norm over every site's gradients (clip_norm 0: no clipping). The one clipping rule of every
+    executor (`SpmdOptimizer` vmaps it over the site axis)."""
     if clip_norm > 0:
         scale = jnp.minimum(1.0, clip_norm / (jnp.sqrt(total_sq) + 1e-6))
         grads = jax.tree.map(lambda g: g * scale, grads)

@@ -204,8 +204,8 @@ class LocalSite:
                     _stage.forward(s.role, params, x)
                     _, gacc = _stage.backward(s.role, params, x, put(dy, s), gacc)
                 g, sq = _stage.reduce(gacc)
-                copy = jax.tree.map(jnp.copy, (params, state))  # _update donates its inputs
-                new.append(opt._update(*copy, g, self.put_tree(np.float32(float(sq)),
+                copy = jax.tree.map(jnp.copy, (params, state))  # apply donates its inputs
+                new.append(opt.apply(*copy, g, self.put_tree(np.float32(float(sq)),
                                                                NamedSharding(s.role.mesh, P()))))
             states = jax.block_until_ready(new)
         if isinstance(opt.transport, _group.GroupTransport):

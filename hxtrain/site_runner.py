@@ -248,10 +248,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
 
     topo = load_topology(cfg.mesh)
     run = topo.run
-    cfg = dataclasses.replace(
-        cfg, model=cfg.model or run.model, schedule=cfg.schedule or run.schedule,
-        microbatches=cfg.microbatches or run.microbatches, batch_size=cfg.batch_size or run.batch_size,
-        steps=cfg.steps or run.steps)
+    cfg = run.fill(cfg)
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
     site = topo.sites[index]
@@ -368,17 +365,10 @@ class _SiteSaver:
 
 
 def add_run_arguments(p) -> None:
-    """Arguments shared by `hxtrain site` and `hxtrain launch`."""
-    p.add_argument("--mesh", default="local", help="topology TOML file or shipped name (default: local)")
-    p.add_argument("--model", help="model preset (default: the topology's [run] model)")
-    p.add_argument("--schedule", help="gpipe, 1f1b, interleaved or zb-h1 (default: the topology's)")
-    p.add_argument("--microbatches", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch in sequences")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="a text file or folder (default: this Python's standard library sources)")
-    p.add_argument("--out", help="folder for metrics-<site>.jsonl")
+    """Arguments shared by `hxtrain site` and `hxtrain launch`: a run's (as `hxtrain train`), then the sites'."""
+    from hxtrain.train import add_run_arguments as add_run
+
+    add_run(p, out_help="folder for metrics-<site>.jsonl and tb/<site>/ (TensorBoard)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a peer may stay silent before this site stops and names it (default 30)")
     p.add_argument("--secret-env", default="HXTRAIN_SECRET",
@@ -395,7 +385,7 @@ def add_run_arguments(p) -> None:
 
 
 def config_from_args(args, site: str, addresses=()) -> SiteConfig:
-    partition = tuple(int(x) for x in args.partition.split(",")) if getattr(args, "partition", None) else None
+    partition = getattr(args, "partition", None)
     return SiteConfig(mesh=args.mesh, site=site, model=args.model, schedule=args.schedule,
                       microbatches=args.microbatches, steps=args.steps, batch_size=args.batch_size,
                       partition=partition, learning_rate=args.lr, seed=args.seed, data=args.data, out=args.out,
@@ -481,7 +471,6 @@ def register(subparsers) -> None:
     p.add_argument("--site", required=True, help="the site of the topology this process runs")
     p.add_argument("--addresses", help="site=host:port,... where sites listen (default: the topology's address)")
     p.add_argument("--connect", help="site=host:port,... to dial instead of a site's address (a proxy or tunnel)")
-    p.add_argument("--partition", help="blocks per stage, e.g. 5,3 (default: the topology's or even)")
     p.add_argument("--process-id", type=int,
                    help="this process's rank in a site of several processes (0 = the leader, which links to the "
                         "other sites); required when the site has processes > 1")

@@ -46,6 +46,7 @@ from hxtrain import parts as _parts
 from hxtrain import placement as _placement
 from hxtrain import schedules as _schedules
 from hxtrain import stages as _stages
+from hxtrain.optim import clipped_update
 from hxtrain.placement import DATA, SITE, TENSOR
 from hxtrain.topology import Topology, load_topology
 
@@ -206,7 +207,9 @@ class SpmdOptimizer:
         self.tx = config.transform()
         self.states = [jax.jit(jax.vmap(self.tx.init))(s.params) for s in stages]
         self.control_bytes = 0  # the norm's all-reduce over `site` is inside the program; 4 bytes per site
-        self._update = jax.jit(functools.partial(_update, self.tx, config.clip_norm), donate_argnums=(0, 1))
+        # the per-stage update of `hxtrain.optim`, vmapped over the leading site axis of every leaf
+        one = functools.partial(clipped_update, self.tx, config.clip_norm)
+        self._update = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)), donate_argnums=(0, 1))
 
     def step(self, stages: list[SpmdStage], grads: list[dict], sqs: list) -> jax.Array:
         """Update params in place (donated). Returns the global gradient norm (device scalar)."""
@@ -218,19 +221,6 @@ class SpmdOptimizer:
 
     def learning_rate(self, step: int) -> float:
         return float(self.config.schedule()(step))
-
-
-def _update(tx, clip_norm, params, opt_state, grads, total_sq):
-    """The per-site update of `hxtrain.optim`, vmapped over the leading site axis of every leaf."""
-    import optax
-
-    def one(p, st, g):
-        if clip_norm > 0:
-            g = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip_norm / (jnp.sqrt(total_sq) + 1e-6)), g)
-        updates, st = tx.update(g, st, p)
-        return optax.apply_updates(p, updates), st
-
-    return jax.vmap(one)(params, opt_state, grads)
 
 
 def _one_compute_dtype(topology: Topology, meshes) -> str:

@@ -96,6 +96,20 @@ class RunDefaults:
     batch_size: int = 32  # global batch, sequences per step
     steps: int = 300
 
+    def fill(self, config, **defaults):
+        """`config` (a dataclass with model, schedule, microbatches, batch_size and steps fields, e.g. `RunConfig`)
+        with each field that is None taken from `defaults`, else from this [run] table. An explicit value is kept,
+        0 included, and a count that is not a whole number >= 1 is refused naming its flag (`--batch-size`)."""
+        changes = {}
+        for f in ("model", "schedule", "microbatches", "batch_size", "steps"):
+            value = getattr(config, f)
+            if value is None:
+                value = defaults[f] if defaults.get(f) is not None else getattr(self, f)
+            elif f in ("microbatches", "batch_size", "steps") and not (_is_int(value) and value >= 1):
+                raise TopologyError(f"--{f.replace('_', '-')}: expected a whole number >= 1, got {value!r}")
+            changes[f] = value
+        return dataclasses.replace(config, **changes)
+
 
 @dataclass(frozen=True)
 class Topology:

@@ -48,6 +48,12 @@ def test_cli_reports_bad_input_without_traceback():
     assert "unknown model 'nope'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--microbatches", "--batch-size"])
+def test_cli_refuses_an_explicit_zero_instead_of_using_the_default(capsys, flag):
+    assert cli.main(["train", "--model", "tiny", flag, "0", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"hxtrain train: error: {flag}: expected a whole number >= 1, got 0"
+
+
 def test_cli_refuses_batch_that_does_not_split(capsys):
     code = cli.main(["train", "--model", "tiny", "--steps", "1", "--microbatches", "3", "--batch-size", "8",
                      "--no-progress"])

@@ -44,7 +44,8 @@ def test_a_site_over_two_processes_matches_the_in_process_trainer(tmp_path):
     ref = _reference(mesh)  # meanwhile, the same run in this process (site a on fake devices 0-1, b on 2)
     assert run.finish(240) == 0, run.text()
     # one metrics file per site, written by its leader
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics-a.jsonl", "metrics-b.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics-a.jsonl", "metrics-b.jsonl", "tb"]
+    assert sorted(p.name for p in (tmp_path / "out" / "tb").iterdir()) == ["a", "b"]  # one writer per site
     rows = _check_rows(tmp_path / "out", ref)
     assert [r["step"] for r in rows["b"]] == [1, 2, 3]
     act = 2 * (wire.HEADER_SIZE + 2 * 16 * 32 * 2)  # 2 microbatches of [mb 2, T 16, D 32] bf16 frames, as 1 process

@@ -268,9 +268,10 @@ class SlowTransport(InProcessTransport):
     """Delivers every activation only after ~0.1 s of work on the receiving site (a slow link, made of compute)."""
 
     def send(self, x, src, dst, key):
-        super().send(x, src, dst, key)
+        y = super().send(x, src, dst, key)
         if src != dst:
-            self._box[(dst, key)] = _slow(self._box[(dst, key)], self._big(dst))
+            y = self._box[(dst, key)] = _slow(y, self._big(dst))
+        return y  # what arrives: a recorded step times the transfer to it
 
     @functools.cache
     def _big(self, dst):

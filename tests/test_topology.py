@@ -262,3 +262,16 @@ def test_replace_revalidates():
         dc.replace_site("asc", data=3)
     with pytest.raises(TopologyError, match=r"^<code>: run\.microbatches: expected a positive integer, got 0"):
         dataclasses.replace(uniform(2), run=RunDefaults(microbatches=0))
+
+
+def test_run_defaults_fill_only_what_is_missing_and_keep_explicit_values():
+    from hxtrain.train import RunConfig
+
+    run = RunDefaults(model="tiny", schedule="1f1b", microbatches=4, batch_size=16, steps=20)
+    got = run.fill(RunConfig(steps=3, schedule=None))
+    assert (got.model, got.schedule, got.microbatches, got.batch_size, got.steps) == ("tiny", "1f1b", 4, 16, 3)
+    assert run.fill(RunConfig(), schedule="gpipe").schedule == "gpipe"  # a caller's default before the table's
+    assert run.fill(RunConfig(schedule="zb-h1"), schedule="gpipe").schedule == "zb-h1"  # explicit wins
+    for flag, field in (("--steps", "steps"), ("--microbatches", "microbatches"), ("--batch-size", "batch_size")):
+        with pytest.raises(TopologyError, match=rf"^{flag}: expected a whole number >= 1, got 0$"):
+            run.fill(RunConfig(**{field: 0}))  # an explicit 0 is refused, never replaced by the default
