@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="model preset to place (default: the topology's [run] model)")
     i.set_defaults(func=_cmd_info)
 
-    for name in ("plan_cli", "site_runner", "launch", "export", "profile"):  # commands that live in their own modules
+    for name in ("plan_cli", "site_cli", "launch", "export", "profile"):  # commands that live in their own modules
         try:
             module = __import__(f"hxtrain.{name}", fromlist=["register"])
         except ImportError:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+from hxtrain import site_cli as _site_cli
 from hxtrain import site_runner as _site
 
 LOST_PEER = 3  # the exit code of `hxtrain site` when it stopped because a peer site or a process of its site was lost
@@ -198,6 +199,6 @@ def _cmd_launch(args) -> int:
 def register(subparsers) -> None:
     """Add the `launch` command to hxtrain's argparse subparsers."""
     p = subparsers.add_parser("launch", help="start every site of a topology as a local process (loopback TCP)")
-    _site.add_run_arguments(p)
+    _site_cli.add_run_arguments(p)
     p.add_argument("--grace", type=float, help="seconds the other sites get after one fails (default timeout+5)")
     p.set_defaults(func=_cmd_launch)
