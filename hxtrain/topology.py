@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import meshes
-from hxtrain.codecs import CODEC_NAMES
+# TopologyError is defined with the checks and is part of this module's API
+from hxtrain.topology_checks import TopologyError, int_to_float, is_int, show, validate  # noqa: F401
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _BACKEND_ALIASES = {"npu": "ascend", "gpu": "cuda"}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-class TopologyError(ValueError):
-    """An invalid topology; the message starts with its source and names the field."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +53,7 @@ class Site:
             b = self.backend.strip().lower()
             object.__setattr__(self, "backend", _BACKEND_ALIASES.get(b, b))
         for f in ("memory_gib", "peak_tflops"):
-            _int_to_float(self, f)
+            int_to_float(self, f)
         if isinstance(self.plugin_options, dict):  # a tuple of pairs keeps the frozen Site hashable
             object.__setattr__(self, "plugin_options", tuple(sorted(self.plugin_options.items())))
 
@@ -82,8 +75,8 @@ class Link:
     def __post_init__(self):
         if isinstance(self.sites, list):
             object.__setattr__(self, "sites", tuple(self.sites))
-        _int_to_float(self, "bandwidth_gbps")
-        _int_to_float(self, "latency_ms")
+        int_to_float(self, "bandwidth_gbps")
+        int_to_float(self, "latency_ms")
 
 
 @dataclass(frozen=True)
@@ -105,7 +98,7 @@ class RunDefaults:
             value = getattr(config, f)
             if value is None:
                 value = defaults[f] if defaults.get(f) is not None else getattr(self, f)
-            elif f in ("microbatches", "batch_size", "steps") and not (_is_int(value) and value >= 1):
+            elif f in ("microbatches", "batch_size", "steps") and not (is_int(value) and value >= 1):
                 raise TopologyError(f"--{f.replace('_', '-')}: expected a whole number >= 1, got {value!r}")
             changes[f] = value
         return dataclasses.replace(config, **changes)
@@ -125,7 +118,7 @@ class Topology:
     def __post_init__(self):
         object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "links", tuple(self.links))
-        _validate(self)
+        validate(self)
 
     @property
     def n_sites(self) -> int:
@@ -162,7 +155,7 @@ class Topology:
         first sites (8 on 3 sites -> (3, 3, 2)).
         """
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-            raise TopologyError(f"{self.source}: n_layers: expected a positive integer, got {_show(n_layers)}")
+            raise TopologyError(f"{self.source}: n_layers: expected a positive integer, got {show(n_layers)}")
         if self.n_sites > n_layers:
             raise TopologyError(
                 f"{self.source}: {self.n_sites} sites need at least one block each, but the model has "
@@ -222,13 +215,13 @@ def uniform(n_sites: int, data: int = 1, tensor: int = 1, backend: str = "cpu", 
     `layers` is None (even split), one int for every site, or a sequence of one int per site.
     """
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
-        raise TopologyError(f"<code>: n_sites: expected a positive integer, got {_show(n_sites)}")
+        raise TopologyError(f"<code>: n_sites: expected a positive integer, got {show(n_sites)}")
     if layers is None or isinstance(layers, int):
         layers = [layers] * n_sites
     layers = list(layers)
     if len(layers) != n_sites:
         raise TopologyError(f"<code>: layers: expected one share per site ({n_sites}), got {len(layers)}")
-    d = data * tensor if _is_int(data) and _is_int(tensor) else data
+    d = data * tensor if is_int(data) and is_int(tensor) else data
     sites = tuple(Site(f"s{i}", backend, d, data, tensor, layers=layers[i]) for i in range(n_sites))
     links = tuple(Link((f"s{i}", f"s{i + 1}"), bandwidth_gbps, latency_ms) for i in range(n_sites - 1))
     return Topology(f"uniform-{n_sites}x{data}x{tensor}", sites, links, RunDefaults(), "<code>",
@@ -258,7 +251,7 @@ def load_topology(path: str | os.PathLike) -> Topology:
              for i, t in enumerate(_tables(src, "links", raw.get("links", [])))]
     run = raw.get("run", {})
     if not isinstance(run, dict):
-        raise TopologyError(f"{src}: run: expected a table [run], got {_show(run)}")
+        raise TopologyError(f"{src}: run: expected a table [run], got {show(run)}")
     run = _build(src, "run", run, RunDefaults, set())
     return Topology(raw.get("name", p.stem), tuple(sites), tuple(links), run, src, raw.get("description", ""))
 
@@ -283,7 +276,7 @@ def _find(path: str | os.PathLike) -> Path:
 
 def _tables(src: str, where: str, value) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise TopologyError(f"{src}: {where}: expected an array of tables [[{where}]], got {_show(value)}")
+        raise TopologyError(f"{src}: {where}: expected an array of tables [[{where}]], got {show(value)}")
     return value
 
 
@@ -306,164 +299,3 @@ def _build(src: str, where: str, table: dict, cls, required: set[str], spelled: 
     fields = {spelled.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
     _check_keys(src, where, table, set(fields), {spelled.get(k, k) for k in required})
     return cls(**{fields[k]: v for k, v in table.items()})
-
-
-# --- validation --------------------------------------------------------------------------------------------
-
-
-def _validate(t: Topology) -> None:
-    src = t.source
-    if not isinstance(t.name, str) or not t.name:
-        _fail(src, "name", f"expected a non-empty string, got {_show(t.name)}")
-    if not isinstance(t.description, str):
-        _fail(src, "description", f"expected a string, got {_show(t.description)}")
-    if not t.sites:
-        _fail(src, "sites", "no sites; add at least one [[sites]] table")
-    for i, s in enumerate(t.sites):
-        _check_site(src, f"sites[{i}]", s)
-    index = {}
-    for i, s in enumerate(t.sites):
-        if s.name in index:
-            _fail(src, f"sites[{i}].name", f"duplicate site name {s.name!r} (also sites[{index[s.name]}])")
-        index[s.name] = i
-    given = [s.layers is not None for s in t.sites]
-    if any(given) and not all(given):
-        missing = [s.name for s in t.sites if s.layers is None]
-        _fail(src, f"sites[{given.index(False)}].layers",
-              f"layers given for some sites only; give it for every site or none (missing: {', '.join(missing)})")
-    pairs = {}
-    for i, ln in enumerate(t.links):
-        pair = _check_link(src, f"links[{i}]", ln, index)
-        if pair in pairs:
-            _fail(src, f"links[{i}].between", f"duplicate link {ln.sites[0]}-{ln.sites[1]} (also links[{pairs[pair]}])")
-        pairs[pair] = i
-    for i, (a, b) in enumerate(t.neighbours()):
-        if frozenset((a.name, b.name)) not in pairs:
-            _fail(src, "links", f"no link between pipeline neighbours {a.name!r} (sites[{i}]) and {b.name!r} "
-                                f"(sites[{i + 1}]); add a [[links]] table with between = [\"{a.name}\", \"{b.name}\"]")
-    _check_run(src, t.run)
-
-
-def _check_site(src: str, w: str, s: Site) -> None:
-    if not isinstance(s, Site):
-        _fail(src, w, f"expected a Site, got {_show(s)}")
-    _want_str(src, f"{w}.name", s.name)
-    if not _NAME_RE.fullmatch(s.name):
-        _fail(src, f"{w}.name", f"{s.name!r} is not a valid site name (letters, digits, '_', '.', '-')")
-    _want_str(src, f"{w}.backend", s.backend)
-    for f in ("devices", "data", "tensor", "processes"):
-        _want_int(src, f"{w}.{f}", getattr(s, f))
-    if s.data * s.tensor != s.devices:
-        fix = f"data = {s.devices // s.tensor}" if s.devices % s.tensor == 0 else "devices = data * tensor"
-        _fail(src, w, f"data x tensor = {s.data} x {s.tensor} = {s.data * s.tensor}, but devices = {s.devices}; "
-                      f"make them equal (e.g. {fix})")
-    if s.devices % s.processes:
-        _fail(src, f"{w}.processes", f"{s.devices} devices do not split evenly over {s.processes} processes")
-    if s.layers is not None:
-        _want_int(src, f"{w}.layers", s.layers, " (a layer share: every site holds at least one block)")
-    for f in ("device_kind", "plugin"):
-        if getattr(s, f) is not None:
-            _want_str(src, f"{w}.{f}", getattr(s, f))
-    if s.plugin_options is not None:
-        _check_plugin_options(src, f"{w}.plugin_options", s)
-    if s.first_device is not None and not (_is_int(s.first_device) and s.first_device >= 0):
-        _fail(src, f"{w}.first_device", f"expected an integer >= 0 (a device index on the site's client), got "
-                                        f"{_show(s.first_device)}")
-    if not isinstance(s.share_devices, bool):
-        _fail(src, f"{w}.share_devices", f"expected true or false, got {_show(s.share_devices)}")
-    if s.compute_dtype is not None:
-        _want_choice(src, f"{w}.compute_dtype", s.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
-    for f in ("memory_gib", "peak_tflops"):
-        v = getattr(s, f)
-        if v is not None and not (_is_num(v) and v > 0):
-            _fail(src, f"{w}.{f}", f"expected a positive number, got {_show(v)}")
-    if s.address is not None:
-        m = re.fullmatch(r"(.+):(\d+)", s.address) if isinstance(s.address, str) else None
-        if not m or not 0 < int(m.group(2)) < 65536:
-            _fail(src, f"{w}.address", f"expected 'host:port' with a port in 1..65535, got {_show(s.address)}")
-
-
-def _check_plugin_options(src: str, w: str, s: Site) -> None:
-    if s.plugin is None and not str(s.backend).startswith("plugin:"):
-        _fail(src, w, "options for a plugin, but the site names none; add plugin = \"...\" or remove them")
-    opts = s.plugin_options
-    if not (isinstance(opts, tuple) and all(isinstance(kv, tuple) and len(kv) == 2 for kv in opts)):
-        _fail(src, w, f"expected a table of option = value, got {_show(opts)}")
-    for key, value in opts:
-        if not isinstance(value, (str, int, float, bool)):
-            _fail(src, f"{w}.{key}", f"expected a string, number or boolean (what PJRT create options take), "
-                                     f"got {_show(value)}")
-
-
-def _check_link(src: str, w: str, ln: Link, index: dict[str, int]) -> frozenset:
-    if not isinstance(ln, Link):
-        _fail(src, w, f"expected a Link, got {_show(ln)}")
-    pair = ln.sites
-    if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-        _fail(src, f"{w}.between", f"expected two site names like [\"a\", \"b\"], got {_show(pair)}")
-    for x in pair:
-        if x not in index:
-            _fail(src, f"{w}.between", f"unknown site {x!r}; sites: {', '.join(map(repr, index))}")
-    if pair[0] == pair[1]:
-        _fail(src, f"{w}.between", f"a link from site {pair[0]!r} to itself; name two different sites")
-    if not _is_num(ln.bandwidth_gbps):
-        _fail(src, f"{w}.bandwidth_gbps", f"expected a positive number of Gbit/s, got {_show(ln.bandwidth_gbps)}")
-    if ln.bandwidth_gbps <= 0:
-        _fail(src, f"{w}.bandwidth_gbps", f"got {ln.bandwidth_gbps:g}: a link with no bandwidth cannot carry "
-                                          "activations; give a value > 0 Gbit/s")
-    if not (_is_num(ln.latency_ms) and ln.latency_ms >= 0):
-        _fail(src, f"{w}.latency_ms", f"expected a number >= 0 (milliseconds), got {_show(ln.latency_ms)}")
-    _want_choice(src, f"{w}.activations", ln.activations, CODEC_NAMES, "codec")
-    _want_choice(src, f"{w}.cotangents", ln.cotangents, CODEC_NAMES, "codec")
-    return frozenset(pair)
-
-
-def _check_run(src: str, r: RunDefaults) -> None:
-    if not isinstance(r, RunDefaults):
-        _fail(src, "run", f"expected RunDefaults, got {_show(r)}")
-    _want_str(src, "run.model", r.model)
-    _want_str(src, "run.schedule", r.schedule)
-    for f in ("microbatches", "batch_size", "steps"):
-        _want_int(src, f"run.{f}", getattr(r, f))
-    if r.batch_size % r.microbatches:
-        _fail(src, "run.batch_size", f"a batch of {r.batch_size} does not split into {r.microbatches} "
-                                     "equal microbatches; make batch_size a multiple of microbatches")
-
-
-def _fail(src: str, where: str, msg: str):
-    raise TopologyError(f"{src}: {where}: {msg}")
-
-
-def _show(v) -> str:
-    return f"{v!r} ({type(v).__name__})"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _int_to_float(obj, field: str) -> None:
-    v = getattr(obj, field)
-    if _is_int(v):
-        object.__setattr__(obj, field, float(v))
-
-
-def _want_int(src: str, where: str, v, why: str = "") -> None:
-    if not _is_int(v) or v < 1:
-        _fail(src, where, f"expected a positive integer{why}, got {_show(v)}")
-
-
-def _want_str(src: str, where: str, v) -> None:
-    if not isinstance(v, str) or not v.strip():
-        _fail(src, where, f"expected a non-empty string, got {_show(v)}")
-
-
-def _want_choice(src: str, where: str, v, choices: tuple[str, ...], what: str) -> None:
-    if v not in choices:
-        close = difflib.get_close_matches(str(v), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _fail(src, where, f"unknown {what} {v!r}{hint}; expected one of {', '.join(choices)}")

@@ -13,8 +13,8 @@ from types import MappingProxyType
 from hxtrain.backends._capabilities import Capability
 from hxtrain.backends._registry import BackendError
 from hxtrain.codecs import CODEC_NAMES
+from hxtrain.topology_checks import COMPUTE_DTYPES  # the one list (a topology's compute_dtype)
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = MappingProxyType({"fp32": "float32", "f32": "float32", "bf16": "bfloat16",
                                    "fp16": "float16", "f16": "float16", "half": "float16"})
 _FP8_DTYPES = MappingProxyType({"e4m3fn": "float8_e4m3fn", "e4m3fnuz": "float8_e4m3fnuz"})
