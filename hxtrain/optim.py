@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,9 @@ class OptimizerConfig:
 
     def __post_init__(self):
         for name in ("learning_rate", "total_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"OptimizerConfig.{name}: expected > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # `nan > 0` is False: NaN is refused too
+                raise ValueError(f"OptimizerConfig.{name}: expected a finite number > 0, got {value!r}")
         if self.warmup_steps < 0 or self.clip_norm < 0:
             raise ValueError(f"OptimizerConfig: warmup_steps and clip_norm must be >= 0, got "
                              f"{self.warmup_steps!r} and {self.clip_norm!r}")

@@ -263,6 +263,8 @@ def _find(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise TopologyError(f"{path}: is a folder; expected a topology .toml file or a shipped name such as 'local'")
     if p.parent == Path("."):  # a bare name: look in the shipped files
         cand = meshes.DIR / (p.name if p.suffix == ".toml" else p.name + ".toml")
         if cand.is_file():

@@ -168,6 +168,18 @@ def parse_partition(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected blocks per stage like 5,3; got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def add_run_arguments(p, *, out_help: str) -> None:
     """The flags of a run, the same for `hxtrain train`, `hxtrain site` and `hxtrain launch`; None = the
     topology's [run] table (`RunDefaults.fill`)."""
@@ -182,7 +194,7 @@ def add_run_arguments(p, *, out_help: str) -> None:
     p.add_argument("--partition", type=parse_partition, help="blocks per stage, e.g. 5,3 (default: the topology's "
                                                               "layers, else even)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the model's initialisation and the data order")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,3 +133,18 @@ def test_train_and_site_derive_one_optimizer_from_the_step_count():
     assert got == {3: 1, 50: 5, 200: 20, 10_000: 20}
     opt = hxtrain.OptimizerConfig.for_steps(30, 1e-2)
     assert (opt.learning_rate, opt.total_steps) == (1e-2, 30)
+
+
+def test_cli_names_the_field_of_a_bad_seed_lr_or_mesh(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # argparse: usage, then one error line, exit 2
+        cli.main(["train", "--seed", "-1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "hxtrain train: error: argument --seed: expected a whole number >= 0, got '-1'")
+    assert cli.main(["train", "--model", "tiny", "--steps", "1", "--lr", "nan", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "hxtrain train: error: OptimizerConfig.learning_rate: expected a finite number > 0, got nan")
+    assert cli.main(["train", "--mesh", str(tmp_path), "--steps", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hxtrain train: error: {tmp_path}: is a folder; expected a topology .toml file or a shipped name such as "
+        "'local'")
