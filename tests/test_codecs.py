@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hxtrain import backends, costmodel, topology
+from hxtrain import backends, costmodel, topology_checks
 from hxtrain.codecs import CODEC_NAMES, codec_by_id, get_codec, roundtrip_error_bound
 
 CODECS = [("none", "e4m3fn"), ("bf16", "e4m3fn"), ("int8", "e4m3fn"), ("fp8", "e4m3fn"), ("fp8", "e4m3fnuz")]
@@ -111,7 +111,7 @@ def test_one_list_of_codec_names():
     """Every module takes its codec names from codecs.CODEC_NAMES (least lossy first), and the cost model prices
     exactly those codecs."""
     assert CODEC_NAMES == ("none", "bf16", "int8", "fp8")
-    assert backends.CODECS is CODEC_NAMES and topology.CODEC_NAMES is CODEC_NAMES
+    assert backends.CODECS is CODEC_NAMES and topology_checks.CODEC_NAMES is CODEC_NAMES
     assert tuple(costmodel.CODEC_BYTES) == CODEC_NAMES
     assert {codec_by_id(i).name for i in range(5)} == set(CODEC_NAMES)
 
