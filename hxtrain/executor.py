@@ -253,7 +253,9 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
     put = put_data if put is None else put
     M, mb, T1 = tokens.shape
     transport.clear()  # nothing from an earlier (possibly failed) step may be read by this one
-    scale = jnp.float32(1.0 / (M * last_data))
+    # The loss weight of a microbatch, placed once on the last stage's site (a host scalar would be copied onto
+    # the site's devices at every call).
+    scales = {s.index: put(np.float32(1.0 / (M * last_data)), s, P()) for s in owned.values() if s.role.last}
     for s in owned.values():
         s.gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
         if s.role.last:
@@ -264,20 +266,20 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
             s = owned[0]
             t0 = time.perf_counter()
             toks = put(tokens, s, P(None, DATA))
-            s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scale)
+            s.gacc, s.lacc = _stage.whole_step(s.role, s.params, toks, s.gacc, s.lacc, scales[0])
             if rec is not None:
                 rec.compute(s.site, "step", None, t0, None, (s.gacc, s.lacc))
             return _finish(rec, record, (0,) * n_sites)
         if poison:
             _poison(owned, n_stages, tasks, transport, (mb, T1 - 1, width))
-        peak = _walk(owned, tasks, tokens, transport, rec, scale, n_sites, put)
+        peak = _walk(owned, tasks, tokens, transport, rec, scales, n_sites, put)
         return _finish(rec, record, peak)
     finally:
         if rec is not None:
             rec.close()
 
 
-def _walk(stages: dict[int, StageState], tasks, tokens, transport, rec, scale, n_sites, put) -> tuple[int, ...]:
+def _walk(stages: dict[int, StageState], tasks, tokens, transport, rec, scales, n_sites, put) -> tuple[int, ...]:
     """The per-task loop of `run_step`; returns the peak number of held stage inputs per site."""
     split = any(t.kind == "W" for t in tasks)  # a split-backward table gives every site W tasks
     held: dict[tuple[int, int], jax.Array] = {}  # (stage, microbatch) -> stage input, from F to the last backward
@@ -323,12 +325,12 @@ def _walk(stages: dict[int, StageState], tasks, tokens, transport, rec, scale, n
                     cots[key] = c
                 else:
                     live[st.site] -= 1
-                out = backward_task(st, x, c, split, scale)
+                out = backward_task(st, x, c, split, scales.get(t.stage))
                 if t.stage > 0:
                     send(out, st, ("cot", t.stage - 1, t.microbatch), t)
             elif t.kind == "W":
                 live[st.site] -= 1
-                weight_task(st, _take(held, key, t, "its F"), _take(cots, key, t, "its B"), scale)
+                weight_task(st, _take(held, key, t, "its F"), _take(cots, key, t, "its B"), scales.get(t.stage))
             else:
                 raise ValueError(f"task of stage {t.stage} microbatch {t.microbatch}: kind {t.kind!r} is not one "
                                  "of F, B, W")

@@ -38,7 +38,7 @@ from hxtrain import parts as _parts
 from hxtrain.placement import DATA
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, unsafe_hash=False)
 class StageRole:
     """What a stage computes: embedding on the first, head + loss on the last, its blocks in between.
 
@@ -53,6 +53,16 @@ class StageRole:
     last: bool
     mesh: Mesh
     compute_dtype: str = "float32"  # the site's `dtype_policy(...).compute_dtype`; params stay float32
+
+    def __hash__(self):
+        # Every program call hashes its role (a static argument); hashing the graph definitions costs ~30 us, so
+        # the hash is computed once per role.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.embed_def, self.block_def, self.head_def, self.first, self.last, self.mesh,
+                      self.compute_dtype))
+            object.__setattr__(self, "_hash", h)
+        return h
 
 
 def _to_compute(role: StageRole, tree):
