@@ -13,7 +13,7 @@
    site at its policy dtype (bf16) within 2e-2.
 3. CPU+GPU as two processes: `hxtrain launch` of the same topology at fp32 for 3 steps; site b's losses against
    the in-process run of the same topology, within 1e-5.
-4. MFU of a site's stage program: `hxtrain.profile` times the forward and backward programs of a middle stage of
+4. MFU of a site's stage program: `hxtrain.planning.profile` times the forward and backward programs of a middle stage of
    the `350m` preset on the GPU site (bf16, microbatch 8 x 2048 tokens); model FLOPs per block and microbatch
    (3 x forward: the forward, and the backward's two matmuls per forward one) over (forward + backward time) and
    the device's dense bf16 peak. The backward program recomputes its forward, so the hardware does 4 x forward:
@@ -77,8 +77,8 @@ def rel(a: float, b: float) -> float:
 def losses(topology, steps: int) -> list[float]:
     """Per-step losses of the Trainer `hxtrain site` derives for `steps` steps (same optimizer, data and seed)."""
     import hxtrain
-    from hxtrain.optim import OptimizerConfig
-    from hxtrain.train import build_model
+    from hxtrain.core.optim import OptimizerConfig
+    from hxtrain.training.trainer import build_model
 
     opt = OptimizerConfig.for_steps(steps)
     trainer = hxtrain.Trainer(build_model("small"), topology, schedule="1f1b", microbatches=4, batch_size=16,
@@ -111,7 +111,7 @@ def check_in_process(gpu: str, steps: int, report: dict) -> bool:
     report["in_process_seconds"] = {"cpu+cpu": t1 - t0, f"{gpu}+cpu": t2 - t1}
     ok = compare(f"in-process {gpu}+cpu fp32 vs cpu+cpu", got, ref, 1e-5, 1e-4, report)
     policy = mixed.replace_site("s0", compute_dtype=None)  # the GPU's policy dtype (bf16 on NVIDIA)
-    from hxtrain import placement
+    from hxtrain.core import placement
 
     dtype = placement.site_compute_dtype(policy.sites[0])
     got16 = losses(policy, steps)
@@ -150,7 +150,9 @@ def check_mfu(gpu: str, stand_in: bool, report: dict) -> None:
     import jax
 
     import hxtrain
-    from hxtrain import backends, costmodel, profile
+    from hxtrain import backends
+    from hxtrain.planning import costmodel
+    from hxtrain.planning import profile
     from models import gpt
 
     name, microbatch = ("tiny", 8) if stand_in else ("350m", 8)

@@ -18,9 +18,9 @@ import optax
 from flax import nnx
 
 import hxtrain
-from hxtrain import topology as T
-from hxtrain.optim import OptimizerConfig
-from hxtrain.train import build_model
+from hxtrain.config import topology as T
+from hxtrain.core.optim import OptimizerConfig
+from hxtrain.training.trainer import build_model
 
 
 def plain_step_fn(graphdef, tx, clip):

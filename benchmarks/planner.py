@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from hxtrain import planner
-from hxtrain.topology import Link, RunDefaults, Site, Topology, load_topology, shipped
+from hxtrain.planning import planner
+from hxtrain.config.topology import Link, RunDefaults, Site, Topology, load_topology, shipped
 from models.gpt import PRESETS
 
 MODELS = {"two-dc-nvidia-ascend": "7b", "two-dc-nvidia-amd": "7b", "three-site-longhaul": "13b"}

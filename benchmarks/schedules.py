@@ -35,9 +35,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import hxtrain  # noqa: E402
-from hxtrain import schedules as S  # noqa: E402
-from hxtrain.simulate import bubble_fraction, makespan, simulate  # noqa: E402
-from hxtrain.topology import uniform  # noqa: E402
+from hxtrain.schedules import tables as S  # noqa: E402
+from hxtrain.schedules.simulate import bubble_fraction, makespan, simulate  # noqa: E402
+from hxtrain.config.topology import uniform  # noqa: E402
 from models import gpt  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")

@@ -1,12 +1,12 @@
 """Simulator vs measured step time on this machine: local topologies, GPipe / 1F1B, even / uneven splits, M = 4, 8.
 
-For each topology: `hxtrain.profile.profile_sites` times the real stage programs on every site (1- and 2-block
+For each topology: `hxtrain.planning.profile.profile_sites` times the real stage programs on every site (1- and 2-block
 stages -> per-block and fixed cost), then for each (partition, schedule, M) the step is predicted from those
 per-task times and measured (median of `--steps` plain steps, each `grads` + `block_until_ready`, no recording;
 and one recorded step, `timeline=True`, whose makespan is reported too).
 
 Two predictions, because the sites of a local topology are fake CPU devices sharing the machine's cores:
-  parallel  `hxtrain.simulate.simulate` as the planner uses it: every site is its own machine (transfers free:
+  parallel  `hxtrain.schedules.simulate.simulate` as the planner uses it: every site is its own machine (transfers free:
             in-process `device_put` of a [mb, T, D] activation is a memcpy);
   shared    the same task orders and dependencies, but running tasks share the machine: with k tasks running
             at once each progresses at speed c_k / k, where c_k (<= k) is the machine's measured concurrency:
@@ -37,11 +37,12 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hxtrain import placement, profile  # noqa: E402
-from hxtrain.pipeline import Pipeline  # noqa: E402
-from hxtrain.schedules import dependencies, get_schedule  # noqa: E402
-from hxtrain.simulate import makespan, simulate  # noqa: E402
-from hxtrain.topology import load_topology, uniform  # noqa: E402
+from hxtrain.core import placement  # noqa: E402
+from hxtrain.planning import profile
+from hxtrain.engine.pipeline import Pipeline  # noqa: E402
+from hxtrain.schedules.tables import dependencies, get_schedule  # noqa: E402
+from hxtrain.schedules.simulate import makespan, simulate  # noqa: E402
+from hxtrain.config.topology import load_topology, uniform  # noqa: E402
 from models import gpt  # noqa: E402
 
 MID = gpt.GPTConfig(seq_len=64, d_model=256, n_heads=4, n_layers=8, d_ff=1024)
@@ -56,7 +57,7 @@ class Probe:
     1-block backward alone) / (k sites running it at once), c_1 = 1."""
 
     def __init__(self, model, topo, microbatch: int):
-        from hxtrain import parts as _parts
+        from hxtrain.core import parts as _parts
 
         parts = _parts.split_model(model)
         T, D, V = model.cfg.seq_len, model.cfg.d_model, model.cfg.vocab_size
@@ -115,7 +116,7 @@ class StageClock:
     def __init__(self, pipe, microbatch: int, seq: int, width: int, vocab: int):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from hxtrain import stage as _stage
+        from hxtrain.core import programs as _stage
 
         rng = np.random.default_rng(1)
         self.programs = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hxtrain.launch import free_port, launch  # noqa: E402
+from hxtrain.sites.launch import free_port, launch  # noqa: E402
 
 DELAY_S, RATE_BPS = 0.010, 1e9
 NS = ("hxbench_a", "hxbench_b")

@@ -28,7 +28,7 @@ hxtrain.register_plugins(TWO)  # before the first array
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hxtrain.train import build_model  # noqa: E402
+from hxtrain.training.trainer import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -8,15 +8,15 @@ Public API:
 """
 
 from hxtrain.backends import register_plugins
-from hxtrain.optim import OptimizerConfig
-from hxtrain.parts import ProtocolError, split_model
-from hxtrain.pipeline import Pipeline
-from hxtrain.placement import PlacementError
-from hxtrain.schedules import (ZBH1, GPipe, Interleaved, OneFOneB, ScheduleError, Task, UserTable, analytic_bubble,
+from hxtrain.core.optim import OptimizerConfig
+from hxtrain.core.parts import ProtocolError, split_model
+from hxtrain.engine.pipeline import Pipeline
+from hxtrain.core.placement import PlacementError
+from hxtrain.schedules.tables import (ZBH1, GPipe, Interleaved, OneFOneB, ScheduleError, Task, UserTable, analytic_bubble,
                                get_schedule)
-from hxtrain.spmd import SpmdPipeline
-from hxtrain.topology import Link, RunDefaults, Site, Topology, TopologyError, load_topology, shipped, uniform
-from hxtrain.train import NonFiniteLoss, RunConfig, Trainer, train
+from hxtrain.engine.spmd import SpmdPipeline
+from hxtrain.config.topology import Link, RunDefaults, Site, Topology, TopologyError, load_topology, shipped, uniform
+from hxtrain.training.trainer import NonFiniteLoss, RunConfig, Trainer, train
 
 __all__ = [
     "GPipe", "Interleaved", "Link", "SpmdPipeline", "UserTable", "ZBH1", "analytic_bubble", "NonFiniteLoss", "OneFOneB", "OptimizerConfig", "Pipeline", "PlacementError",

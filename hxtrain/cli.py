@@ -19,7 +19,7 @@ def _ensure_cpu_devices(n: int = 8) -> None:
 
 
 def _cmd_train(args) -> int:
-    from hxtrain.train import RunConfig, train
+    from hxtrain.training.trainer import RunConfig, train
 
     cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
                     batch_size=args.batch_size, steps=args.steps, data=args.data, out=args.out,
@@ -35,9 +35,9 @@ def _cmd_info(args) -> int:
     import jax
 
     from hxtrain import backends
-    from hxtrain.pipeline import Pipeline
-    from hxtrain.topology import load_topology
-    from hxtrain.train import build_model
+    from hxtrain.engine.pipeline import Pipeline
+    from hxtrain.config.topology import load_topology
+    from hxtrain.training.trainer import build_model
 
     topo = load_topology(args.mesh)
     backends.register_plugins(topo.sites)  # before JAX starts its backends, so its plugins are among them
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hxtrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from hxtrain.train import add_run_arguments
+    from hxtrain.training.trainer import add_run_arguments
 
     t = sub.add_parser("train", help="train a model on a topology (default: meshes/local.toml, model small)")
     add_run_arguments(t, out_help="run folder: metrics.jsonl, tb/ (TensorBoard), checkpoints/")
@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="model preset to place (default: the topology's [run] model)")
     i.set_defaults(func=_cmd_info)
 
-    for name in ("plan_cli", "site_cli", "launch", "export", "profile"):  # commands that live in their own modules
-        try:
-            module = __import__(f"hxtrain.{name}", fromlist=["register"])
-        except ImportError:
-            continue
+    from hxtrain.checkpoints import export
+    from hxtrain.planning import cli as plan_cli, profile
+    from hxtrain.sites import cli as site_cli, launch
+
+    for module in (plan_cli, site_cli, launch, export, profile):  # commands that live in their own modules
         module.register(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""Topology files (TOML). Python logic lives in hxtrain.topology; this package only ships the files."""
+"""Topology files (TOML). Python logic lives in hxtrain.config.topology; this package only ships the files."""
 
 from pathlib import Path
 

@@ -22,8 +22,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import hxtrain  # noqa: E402
-from hxtrain import logical, manifest  # noqa: E402
-from hxtrain import checkpoint as ckpt  # noqa: E402
+from hxtrain.checkpoints import logical  # noqa: E402
+from hxtrain.checkpoints import manifest
+from hxtrain.checkpoints import checkpoint as ckpt  # noqa: E402
 from models import gpt  # noqa: E402
 
 CFG = gpt.GPTConfig(seq_len=8, d_model=16, n_heads=2, n_layers=2, d_ff=32)

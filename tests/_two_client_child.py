@@ -64,8 +64,8 @@ def inprocess() -> dict:
     import jax
 
     import helpers
-    from hxtrain.export import export, load_params
-    from hxtrain.optim import OptimizerConfig
+    from hxtrain.checkpoints.export import export, load_params
+    from hxtrain.core.optim import OptimizerConfig
     from models import gpt
 
     out: dict = {"schedules": {}}

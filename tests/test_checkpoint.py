@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import hxtrain
-from hxtrain import logical, manifest
-from hxtrain.checkpoint import (CheckpointError, CheckpointMismatch, Checkpoints, CheckpointWarning)
+from hxtrain.checkpoints import logical
+from hxtrain.checkpoints import manifest
+from hxtrain.checkpoints.checkpoint import (CheckpointError, CheckpointMismatch, Checkpoints, CheckpointWarning)
 from models import gpt
 from tests import _ckpt_child as child
 from tests.helpers import assert_trees_close, rel_err
@@ -94,7 +95,7 @@ def test_restore_onto_other_topology(base, tmp_path, topology, partition):
 
 
 def test_restore_in_bf16_keeps_the_fp32_checkpoint(base):
-    from hxtrain.export import load_params
+    from hxtrain.checkpoints.export import load_params
 
     pipe = hxtrain.Pipeline(gpt.build(gpt.TINY, seed=5), hxtrain.uniform(1), microbatches=2)
     what = load_params(pipe, base["snapshot"], dtype=jax.numpy.bfloat16)
@@ -165,8 +166,9 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(base, tmp_path):
 
     def poisoned(tokens, **kw):  # step 3 runs with NaN weights on the first stage
         if trainer.step == 2:
-            s = trainer.pipeline.stages[0]
-            s.params = jax.tree.map(lambda a: a * np.float32("nan"), s.params)
+            pipe = trainer.pipeline
+            poison = jax.tree.map(lambda a: a * np.float32("nan"), pipe.stages[0].params)
+            pipe.set_params([poison] + [s.params for s in pipe.stages[1:]])
         return step(tokens, **kw)
 
     trainer.train_step = poisoned

@@ -90,6 +90,40 @@ def test_lower_layers_never_import_upper_ones(package, forbidden):
         assert not (_imports(path) & forbidden), f"{path.relative_to(ROOT)} imports {_imports(path) & forbidden}"
 
 
+# hxtrain's subpackages, lowest first: a module imports only from its own package or from packages before it (at
+# any depth, inside functions too), so the packages form no cycle. The top-level modules (the public API in
+# __init__, the command line) sit above all of them.
+LAYERS = ("links", "config", "backends", "core", "schedules", "engine", "network", "checkpoints", "planning",
+          "training", "sites")
+
+
+def _hxtrain_imports(path: Path) -> set[str]:
+    """The hxtrain subpackages `path` imports from (`from hxtrain import x` counts as package x, or as the top)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        mods = []
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods = [node.module] if node.module != "hxtrain" else [f"hxtrain.{a.name}" for a in node.names]
+        out |= {m.split(".")[1] for m in mods if m.startswith("hxtrain.")}
+    return out
+
+
+def test_subpackages_import_only_downward():
+    packages = {p.name for p in (ROOT / "hxtrain").iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(LAYERS), f"hxtrain's subpackages {sorted(packages)} differ from LAYERS"
+    for i, package in enumerate(LAYERS):
+        allowed = set(LAYERS[: i + 1])
+        for path in (ROOT / "hxtrain" / package).rglob("*.py"):
+            upward = _hxtrain_imports(path) - allowed
+            assert not upward, f"{path.relative_to(ROOT)} imports hxtrain.{sorted(upward)}, a layer above {package}"
+
+
+def test_the_top_of_hxtrain_is_only_the_public_api_and_the_command_line():
+    assert sorted(p.name for p in (ROOT / "hxtrain").glob("*.py")) == ["__init__.py", "__main__.py", "cli.py"]
+
+
 def test_hxtrain_names_no_concrete_model_at_import_time():
     """hxtrain reaches concrete models only inside functions (the model registry), never at module level."""
     for path in (ROOT / "hxtrain").rglob("*.py"):
@@ -101,12 +135,12 @@ def test_hxtrain_names_no_concrete_model_at_import_time():
 
 
 def test_only_the_model_registry_imports_models():
-    """hxtrain/model_registry.py is the one hxtrain module that imports `models`, at any depth (inside functions too)."""
-    registry = ROOT / "hxtrain" / "model_registry.py"
+    """hxtrain/core/model_registry.py is the one hxtrain module that imports `models`, at any depth (inside functions too)."""
+    registry = ROOT / "hxtrain" / "core" / "model_registry.py"
     assert "models" in _imports(registry)
     for path in (ROOT / "hxtrain").rglob("*.py"):
         if path != registry:
-            assert "models" not in _imports(path), f"{path.relative_to(ROOT)} imports models; ask hxtrain.model_registry"
+            assert "models" not in _imports(path), f"{path.relative_to(ROOT)} imports models; ask hxtrain.core.model_registry"
 
 
 def test_mesh_axis_names_stay_out_of_models():
@@ -117,7 +151,7 @@ def test_mesh_axis_names_stay_out_of_models():
 
 
 def test_mesh_axis_names_are_spelled_only_in_placement():
-    """Outside hxtrain/placement.py, a PartitionSpec or Mesh names its axes with placement.DATA/TENSOR/SITE."""
+    """Outside hxtrain/core/placement.py, a PartitionSpec or Mesh names its axes with placement.DATA/TENSOR/SITE."""
     for path in (ROOT / "hxtrain").rglob("*.py"):
         if path.name == "placement.py":
             continue

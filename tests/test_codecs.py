@@ -4,8 +4,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hxtrain import backends, costmodel, topology_checks
-from hxtrain.codecs import CODEC_NAMES, codec_by_id, get_codec, roundtrip_error_bound
+from hxtrain import backends
+from hxtrain.planning import costmodel
+from hxtrain.config import checks as topology_checks
+from hxtrain.links.codecs import CODEC_NAMES, codec_by_id, get_codec, roundtrip_error_bound
 
 CODECS = [("none", "e4m3fn"), ("bf16", "e4m3fn"), ("int8", "e4m3fn"), ("fp8", "e4m3fn"), ("fp8", "e4m3fnuz")]
 

@@ -15,12 +15,15 @@ import pytest
 from jax.sharding import Mesh
 
 import hxtrain
-from hxtrain import codecs, topology as T, wire
-from hxtrain.net import Endpoint, Listener, PeerError
-from hxtrain.net_transport import NetTransport
-from hxtrain.optim import OptimizerConfig
-from hxtrain.transport import InProcessTransport, link_codecs
-from hxtrain.train import build_model
+from hxtrain.links import codecs
+from hxtrain.config import topology as T
+from hxtrain.links import wire
+from hxtrain.network.handshake import PeerError
+from hxtrain.network.tcp import Endpoint, Listener
+from hxtrain.network.transport import NetTransport
+from hxtrain.core.optim import OptimizerConfig
+from hxtrain.engine.transport import InProcessTransport, link_codecs
+from hxtrain.training.trainer import build_model
 
 SECRET = b"compression-test-secret-0123456789"
 SHAPE = (4, 16, 32)  # [mb, T, D] as TINY sends with microbatch 4
@@ -83,8 +86,11 @@ def test_in_process_codec_errors():
     with pytest.raises(ValueError, match=r"keys must be \(src site, dst site, 'act' \| 'cot'\), got \(0, 1\)"):
         InProcessTransport(meshes(), codecs={(0, 1): "bf16"})
     t = InProcessTransport(meshes(), codecs={(0, 1, "act"): "int8"})
-    with pytest.raises(ValueError, match="codec 'int8'.*NaN/inf"):  # a diverged activation stops the run loudly
-        t.send(np.full(SHAPE, np.nan, np.float32), 0, 1, ("act", 1, 0))
+    # A diverged activation stops the run loudly, where the receiving task reads it (the codec's host round trip
+    # runs off the sender's path).
+    t.send(np.full(SHAPE, np.nan, np.float32), 0, 1, ("act", 1, 0))
+    with pytest.raises(ValueError, match="codec 'int8'.*NaN/inf"):
+        t.recv(1, ("act", 1, 0))
 
 
 # ---- codecs from the topology ----------------------------------------------------------------------------------

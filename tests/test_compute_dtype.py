@@ -19,10 +19,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hxtrain
-from hxtrain import placement, spmd, stage
-from hxtrain import topology as T
+from hxtrain.core import placement
+from hxtrain.engine import spmd
+from hxtrain.core import programs as stage
+from hxtrain.config import topology as T
 from hxtrain.backends import BackendError
-from hxtrain.optim import OptimizerConfig, SiteOptimizer
+from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
 from models import gpt
 from tests.helpers import assert_trees_close, rel_err
 
@@ -112,7 +114,7 @@ def _train(topology, steps=4):
     for _ in range(steps):
         loss, grads, sqs = pipe.grads(batch())
         assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
-        opt.step(pipe.stages, grads, sqs)
+        pipe.set_params(opt.step(pipe.stages, grads, sqs)[0])
         losses.append(float(loss))
     return pipe, opt, losses
 

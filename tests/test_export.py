@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import hxtrain
-from hxtrain import cli, logical, metrics
-from hxtrain.checkpoint import CheckpointMismatch
-from hxtrain.export import export
+from hxtrain import cli
+from hxtrain.checkpoints import logical
+from hxtrain.training import metrics
+from hxtrain.checkpoints.checkpoint import CheckpointMismatch
+from hxtrain.checkpoints.export import export
 from models import gpt
 from tests.helpers import assert_trees_close, rel_err
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hxtrain import metrics
-from hxtrain.simulate import Event
+from hxtrain.training import metrics
+from hxtrain.schedules.simulate import Event
 
 
 def test_crc32c_known_vectors():

@@ -10,8 +10,9 @@ import time
 import pytest
 
 import hxtrain
-from hxtrain import site_runner, wire
-from hxtrain.launch import SiteExit
+from hxtrain.sites import process as site_runner
+from hxtrain.links import wire
+from hxtrain.sites.launch import SiteExit
 from tests.test_multiprocess import _check_rows, _launch, _reference
 
 _SITE = """
@@ -134,7 +135,7 @@ def test_group_checks_name_the_site(tmp_path):
     import numpy as np
     from jax.sharding import Mesh
 
-    from hxtrain import site_group
+    from hxtrain.network import group as site_group
 
     site = hxtrain.load_topology(_topology(tmp_path)).site("a")
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1), ("data", "tensor"))

@@ -14,9 +14,10 @@ import time
 import pytest
 
 import hxtrain
-from hxtrain import site_runner, wire
-from hxtrain.optim import OptimizerConfig
-from hxtrain.train import build_model
+from hxtrain.sites import process as site_runner
+from hxtrain.links import wire
+from hxtrain.core.optim import OptimizerConfig
+from hxtrain.training.trainer import build_model
 from tests.helpers import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +180,7 @@ def test_sites_with_different_secrets_refuse_each_other(tmp_path):
 
 
 def _free_port():
-    from hxtrain.launch import free_port
+    from hxtrain.sites.launch import free_port
 
     return free_port()
 
@@ -190,7 +191,7 @@ _CLUSTER = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-from hxtrain.site_runner import init_site_cluster
+from hxtrain.sites.process import init_site_cluster
 init_site_cluster(sys.argv[1], 2, int(sys.argv[2]), timeout=60)
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -239,7 +240,7 @@ def test_site_argument_errors(tmp_path):
 
 def test_a_cpu_site_process_restricts_jax_to_the_cpu_unless_the_user_chose():
     # On a GPU host a CPU site must not start a CUDA client (it would reserve the GPU site's memory).
-    code = ("import os, dataclasses, jax, hxtrain; from hxtrain import site_runner as r; "
+    code = ("import os, dataclasses, jax, hxtrain; from hxtrain.sites import process as r; "
             "os.environ.pop('JAX_PLATFORMS', None); s = hxtrain.load_topology('local').sites[0]; "
             "gpu = dataclasses.replace(s, backend='cuda'); "
             "print(r.keep_to_site_client(gpu), r.keep_to_site_client(s), jax.config.jax_platforms, "

@@ -10,10 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hxtrain import net, wire
-from hxtrain.codecs import get_codec
-from hxtrain.net import Endpoint, Listener, PeerError
-from hxtrain.wire import Kind
+from hxtrain.network import tcp as net
+from hxtrain.links import wire
+from hxtrain.links.codecs import get_codec
+from hxtrain.network.handshake import PeerError
+from hxtrain.network.tcp import Endpoint, Listener
+from hxtrain.links.wire import Kind
 
 SECRET = b"x" * 32
 MAX = 1 << 26

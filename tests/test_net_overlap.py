@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hxtrain import codecs, wire
-from hxtrain.net import Endpoint, Listener, PeerError
-from hxtrain.net_transport import NetTransport
-from hxtrain.transport import InProcessTransport
-from hxtrain.wire import Kind
+from hxtrain.links import codecs
+from hxtrain.links import wire
+from hxtrain.network.handshake import PeerError
+from hxtrain.network.tcp import Endpoint, Listener
+from hxtrain.network.transport import NetTransport
+from hxtrain.engine.transport import InProcessTransport
+from hxtrain.links.wire import Kind
 
 SECRET = b"overlap-test-secret-0123456789abcdef"
 TIMEOUT = 2.0

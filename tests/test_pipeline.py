@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import hxtrain
-from hxtrain import topology as T
+from hxtrain.config import topology as T
 from models import gpt, toy
 from tests.helpers import assert_trees_close, batch, model, reference, rel_err
 
@@ -101,7 +101,7 @@ def test_tensor_parallel_shards_weights_over_tensor():
 
 def test_one_data_reduction_per_step():
     """The per-microbatch programs hold no reduction over `data`; the step's one reduction happens in `reduce`."""
-    from hxtrain import stage
+    from hxtrain.core import programs as stage
 
     pipe = hxtrain.Pipeline(model(), T.uniform(2, data=2, tensor=1), microbatches=2)
     s = pipe.stages[0]

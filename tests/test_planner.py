@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from hxtrain import costmodel as cm
-from hxtrain import planner as P
-from hxtrain.plan_cli import run
-from hxtrain.planner_problem import PlanError
-from hxtrain.topology import Link, RunDefaults, Site, Topology, load_topology
+from hxtrain.planning import costmodel as cm
+from hxtrain.planning import planner as P
+from hxtrain.planning.cli import run
+from hxtrain.planning.problem import PlanError
+from hxtrain.config.topology import Link, RunDefaults, Site, Topology, load_topology
 from models.gpt import PRESETS, GPTConfig
 
 SMALL = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=4, n_layers=8, d_ff=256)

@@ -5,10 +5,12 @@ import math
 
 import pytest
 
-from hxtrain import cli, plan_file, planner
-from hxtrain import profile as prof
-from hxtrain.costmodel import SiteProfile
-from hxtrain.topology import load_topology, uniform
+from hxtrain import cli
+from hxtrain.planning import plan_file
+from hxtrain.planning import planner
+from hxtrain.planning import profile as prof
+from hxtrain.planning.costmodel import SiteProfile
+from hxtrain.config.topology import load_topology, uniform
 from models import gpt
 
 # A microbatch big enough that one TINY block's work stands above the timing noise of a shared 2-core machine.

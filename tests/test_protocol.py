@@ -5,8 +5,9 @@ import pytest
 from flax import nnx
 
 import hxtrain
-from hxtrain import parts, placement
-from hxtrain import topology as T
+from hxtrain.core import parts
+from hxtrain.core import placement
+from hxtrain.config import topology as T
 from models import gpt
 
 CFG = gpt.GPTConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_ff=32)

@@ -16,12 +16,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import hxtrain
-from hxtrain import schedules as S
-from hxtrain import stage as _stage
-from hxtrain import placement
-from hxtrain import topology as T
-from hxtrain.executor import run_step
-from hxtrain.transport import InProcessTransport
+from hxtrain.schedules import tables as S
+from hxtrain.core import programs as _stage
+from hxtrain.core import placement
+from hxtrain.config import topology as T
+from hxtrain.engine.executor import run_step
+from hxtrain.engine.transport import InProcessTransport
 from models import gpt, toy
 from tests.helpers import assert_trees_close, rel_err
 

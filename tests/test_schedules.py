@@ -2,9 +2,9 @@
 
 import pytest
 
-from hxtrain.schedules import (GPipe, Interleaved, OneFOneB, ScheduleError, Task, UserTable, ZBH1, analytic_bubble,
+from hxtrain.schedules.tables import (GPipe, Interleaved, OneFOneB, ScheduleError, Task, UserTable, ZBH1, analytic_bubble,
                                dependencies, get_schedule, live_activations, validate)
-from hxtrain.simulate import bubble_fraction, simulate
+from hxtrain.schedules.simulate import bubble_fraction, simulate
 
 
 def _table(orders, sites):

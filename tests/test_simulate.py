@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from hxtrain.schedules import GPipe, OneFOneB, ScheduleError, Task, analytic_bubble
-from hxtrain.simulate import Event, bubble_fraction, busy_fraction, makespan, simulate
-from hxtrain.timeline import format_summary, summarize, to_chrome_trace
+from hxtrain.schedules.tables import GPipe, OneFOneB, ScheduleError, Task, analytic_bubble
+from hxtrain.schedules.simulate import Event, bubble_fraction, busy_fraction, makespan, simulate
+from hxtrain.schedules.timeline import format_summary, summarize, to_chrome_trace
 
 F, B = 1.0, 2.0  # forward and backward cost per stage and microbatch
 

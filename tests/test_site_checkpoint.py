@@ -13,9 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from hxtrain import manifest
-from hxtrain.checkpoint import CheckpointError, CheckpointMismatch
-from hxtrain.site_checkpoint import SiteCheckpoints, agree, check_meta, exchange_steps
+from hxtrain.checkpoints import manifest
+from hxtrain.checkpoints.checkpoint import CheckpointError, CheckpointMismatch
+from hxtrain.checkpoints.site import SiteCheckpoints, agree, check_meta, exchange_steps
 from tests.test_multiprocess import _launch, _topology
 
 

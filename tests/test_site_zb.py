@@ -16,12 +16,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hxtrain
-from hxtrain import site_runner
-from hxtrain import topology as T
-from hxtrain.executor import put_data, run_step
-from hxtrain.schedules import Task
-from hxtrain.executor import warm_up_split
-from hxtrain.site_runner import check_schedule
+from hxtrain.sites import process as site_runner
+from hxtrain.config import topology as T
+from hxtrain.engine.executor import put_data, run_step
+from hxtrain.schedules.tables import Task
+from hxtrain.engine.executor import warm_up_split
+from hxtrain.sites.process import check_schedule
 from models import toy
 from tests.helpers import assert_trees_close, rel_err
 from tests.test_multiprocess import _Run, _check_rows, _reference, _topology
@@ -75,13 +75,13 @@ def _tokens(seed=0):
 
 def _site_threads(pipe, tokens, orders):
     """Each site's part of `run_step` in its own thread, as each site process runs it; re-raises the first error."""
-    boxes, errors = _Mailboxes(pipe.meshes), []
+    boxes, errors, outs = _Mailboxes(pipe.meshes), [], {}
     by_site = [{s.index: s for s in pipe.stages if s.site == k} for k in range(2)]
 
     def site(k):
         try:
-            run_step(by_site[k], orders[k], tokens, boxes.view(k), n_sites=2, n_stages=len(pipe.stages),
-                     last_data=pipe.stages[-1].data)
+            outs[k] = run_step(by_site[k], orders[k], tokens, boxes.view(k), n_sites=2, n_stages=len(pipe.stages),
+                               last_data=pipe.stages[-1].data)
         except BaseException as e:  # noqa: BLE001  (reported by the test thread)
             errors.append(e)
 
@@ -92,29 +92,36 @@ def _site_threads(pipe, tokens, orders):
         t.join(120)
     assert not errors, errors
     assert not boxes.box, f"unread mailboxes: {sorted(boxes.box, key=repr)}"
+    return _host(pipe.stages, *outs.values())
+
+
+def _host(stages, *outs):
+    """Per stage (gacc, lacc or None) on the host, from the `StepOutput`s of the processes that ran them."""
+    merged = {i: (o.gacc[i], o.lacc.get(i)) for o in outs for i in o.gacc}
+    assert sorted(merged) == [s.index for s in stages], f"stages run: {sorted(merged)}"
+    return [jax.device_get(merged[s.index]) for s in stages]
 
 
 @functools.cache
 def _fused():
     """Per stage (gacc, lacc) of one step of the in-process executor with the fused backward (1f1b), on host."""
     fused = _pipe("1f1b")
-    run_step(fused.stages, fused.tasks, _tokens(), fused.transport)
-    return [(jax.device_get(s.gacc), jax.device_get(s.lacc)) for s in fused.stages]
+    return _host(fused.stages, run_step(fused.stages, fused.tasks, _tokens(), fused.transport))
 
 
-def _assert_accumulators(stages, want):
-    for s, (gacc, lacc) in zip(stages, want):
-        assert_trees_close(jax.device_get(s.gacc), gacc, what=f"stage {s.index} gacc")
+def _assert_accumulators(stages, got, want):
+    for s, (gacc, lacc), (want_gacc, want_lacc) in zip(stages, got, want):
+        assert_trees_close(gacc, want_gacc, what=f"stage {s.index} gacc")
         if s.role.last:
-            assert rel_err(jax.device_get(s.lacc), lacc) <= 1e-5
+            assert rel_err(lacc, want_lacc) <= 1e-5
         else:
-            assert lacc is None and s.lacc is None
+            assert lacc is None and want_lacc is None
 
 
 def test_per_site_fused_backward_matches_the_executor():
     pipe = _pipe("1f1b")
-    _site_threads(pipe, _tokens(), pipe.schedule.site_orders(2, M))
-    _assert_accumulators(pipe.stages, _fused())
+    got = _site_threads(pipe, _tokens(), pipe.schedule.site_orders(2, M))
+    _assert_accumulators(pipe.stages, got, _fused())
 
 
 def test_per_site_zero_bubble_accumulates_the_fused_backward():
@@ -141,13 +148,13 @@ def test_per_site_zero_bubble_accumulates_the_fused_backward():
             warm_up_split(s, s.params, put_data, act, act, toks)
         jax.jit(canary)(np.float32(0))
         warmed = len(compiled)
-        _site_threads(zb, tokens, orders)
+        got = _site_threads(zb, tokens, orders)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
     # (stage 0 is first: no input gradient; stage 1 last.) Unless an earlier test compiled them, warm-up compiled them.
     assert "canary" in compiled[:warmed] and set(compiled[:warmed]) <= SPLIT | {"canary"}, compiled
     assert not SPLIT & set(compiled[warmed:]), f"compiled in the step, not in warm-up: {compiled[warmed:]}"
-    _assert_accumulators(zb.stages, want)
+    _assert_accumulators(zb.stages, got, want)
 
 
 def test_per_site_order_errors_name_the_task():

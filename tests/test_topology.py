@@ -6,7 +6,7 @@ import re
 import pytest
 
 import meshes
-from hxtrain.topology import (
+from hxtrain.config.topology import (
     Link, RunDefaults, Site, Topology, TopologyError, even_split, load_topology, shipped, uniform,
 )
 
@@ -265,7 +265,7 @@ def test_replace_revalidates():
 
 
 def test_run_defaults_fill_only_what_is_missing_and_keep_explicit_values():
-    from hxtrain.train import RunConfig
+    from hxtrain.training.trainer import RunConfig
 
     run = RunDefaults(model="tiny", schedule="1f1b", microbatches=4, batch_size=16, steps=20)
     got = run.fill(RunConfig(steps=3, schedule=None))

@@ -1,4 +1,4 @@
-"""The one training loop (`hxtrain.training_loop.run_steps`) that Trainer.fit and site processes share, with
+"""The one training loop (`hxtrain.training.loop.run_steps`) that Trainer.fit and site processes share, with
 stand-in steps: rows, metrics, the NaN stop, checkpoints saved when due and always sealed."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hxtrain.training_loop import NonFiniteLoss, run_steps
+from hxtrain.training.loop import NonFiniteLoss, run_steps
 
 
 class FakeSteps:

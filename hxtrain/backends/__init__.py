@@ -17,7 +17,7 @@ from hxtrain.backends._plugins import (ENV_VAR, PluginSource, check_plugin_libra
 from hxtrain.backends._registry import (BACKENDS, BackendError, BackendInfo, PluginNotInstalledError,
                                         canonical_backend, known_backend_names, plugin_client_name,
                                         plugin_platform_name)
-from hxtrain.codecs import CODEC_NAMES as CODECS  # re-exported; the one list of codec names lives in codecs
+from hxtrain.links.codecs import CODEC_NAMES as CODECS  # re-exported; the one list of codec names lives in codecs
 
 __all__ = [
     "BACKENDS", "CAPABILITIES", "CODECS", "COMPUTE_DTYPES", "ENV_VAR",

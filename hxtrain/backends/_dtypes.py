@@ -12,8 +12,8 @@ from types import MappingProxyType
 
 from hxtrain.backends._capabilities import Capability
 from hxtrain.backends._registry import BackendError
-from hxtrain.codecs import CODEC_NAMES
-from hxtrain.topology_checks import COMPUTE_DTYPES  # the one list (a topology's compute_dtype)
+from hxtrain.links.codecs import CODEC_NAMES
+from hxtrain.config.checks import COMPUTE_DTYPES  # the one list (a topology's compute_dtype)
 
 _DTYPE_ALIASES = MappingProxyType({"fp32": "float32", "f32": "float32", "bf16": "bfloat16",
                                    "fp16": "float16", "f16": "float16", "half": "float16"})

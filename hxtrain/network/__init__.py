@@ -1,0 +1,1 @@
+"""Transports between processes: TCP endpoints, the network transport, several processes per site."""

@@ -1,0 +1,1 @@
+"""Choosing how to split a model over sites: the cost model, the planner, plan files, profiling."""

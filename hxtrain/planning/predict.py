@@ -1,0 +1,188 @@
+"""Planner, predicting one candidate: its step simulated, and the `Prediction` figures a report shows.
+
+`simulated` runs `hxtrain.schedules.simulate` on a `Cand`'s task orders with durations from the cost model; `prediction`
+turns a simulated candidate into per-site and per-link figures; `cross_site_dp` predicts the alternative of
+every site holding the whole model; `ideal_tokens_per_s` is the sum of the sites' capacities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from hxtrain.planning import costmodel as cm
+from hxtrain.planning.problem import MAX_TENSOR, Cand, Ctx, link_list, mb_bytes, occupancy
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One site in a prediction: its layers and device shape, compute seconds per step, memory per device."""
+
+    name: str
+    layers: int
+    data: int
+    tensor: int
+    devices: int
+    busy_s: float
+    utilisation: float  # busy_s / step_s
+    memory_gib: float  # predicted per device
+    memory_limit_gib: float  # the device's memory (the planner fills at most Assumptions.memory_fraction of it)
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """One link in a prediction: codecs, bytes each way per step, the bandwidth that needs vs what it has."""
+
+    sites: tuple[str, str]
+    activations: str
+    cotangents: str
+    bytes_per_step: float  # each way (activations forward = cotangents back in size)
+    needed_gbps: float  # bytes_per_step * 8 / step time
+    available_gbps: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted figures of one way to run the step (the plan, an even split, or cross-site data parallelism)."""
+
+    label: str
+    fits: bool  # False: shown for comparison, but some site runs out of memory (see notes)
+    step_s: float
+    tokens_per_s: float
+    fraction_of_ideal: float  # tokens_per_s / sum of the sites' capacities
+    bubble: float  # idle share of all sites over the step
+    schedule: str
+    microbatches: int
+    recompute: bool
+    sites: tuple[SitePlan, ...]
+    links: tuple[LinkPlan, ...]
+    notes: tuple[str, ...] = ()
+
+    def with_ideal(self, ideal: float) -> Prediction:
+        return replace(self, fraction_of_ideal=self.tokens_per_s / ideal)
+
+
+# --- simulation ----------------------------------------------------------------------------------------------
+
+
+def simulated(ctx: Ctx, c: Cand, free_links: bool = False) -> Cand:
+    """`c` with its simulated step time and events; `free_links`: transfers take no time (compute-bound step)."""
+    from hxtrain.schedules.simulate import simulate
+
+    opt, S, v = c.opt, ctx.S, c.opt.v
+    last_stage = S * v - 1
+    chunk = [[L // v + (k < L % v) for k in range(v)] for L in c.layers]  # layers of each site's chunk
+    sc = [t.costs[int(t.choice[L - 1])] for t, L in zip(c.tables, c.layers)]
+    ov = ctx.a.task_overhead_s
+
+    def duration(site, task):
+        n, s = chunk[site][task.stage // S], sc[site]
+        head = task.stage == last_stage
+        if task.kind == "F":
+            return n * s.block_fwd + head * s.head_fwd + ov
+        if task.kind == "W":
+            return n * s.block_bwd_w + head * s.head_bwd_w + ov
+        extra = 0.0 if opt.split else n * s.block_bwd_w + head * s.head_bwd_w
+        return n * s.block_bwd_in + head * s.head_bwd_in + extra + ov
+
+    cost = {}
+    for (i, j, ln), codec in zip(link_list(ctx, opt), c.codecs):
+        pair = (0.0, 0.0) if free_links else (occupancy(ctx, opt, ln, codec), ln.latency_ms * 1e-3)
+        cost[(i, j)] = cost[(j, i)] = pair
+
+    events = simulate(opt.orders, S, duration=duration, transfer=lambda src, dst, task: cost[(src, dst)])
+    end = [0.0] * S
+    for e in events:
+        if e.category == "compute":
+            end[e.site] = max(end[e.site], e.end)
+    step = max(max(e.end for e in events),
+               max(end[i] + float(t.exposed[L - 1]) for i, (t, L) in enumerate(zip(c.tables, c.layers))))
+    return Cand(opt, c.tables, c.layers, c.codecs, step, tuple(events))
+
+
+# --- predictions ---------------------------------------------------------------------------------------------
+
+
+def prediction(label: str, ctx: Ctx, c: Cand, fits: bool = True, notes=()) -> Prediction:
+    S, opt = ctx.S, c.opt
+    busy = [0.0] * S
+    for e in c.events:
+        if e.category == "compute":
+            busy[e.site] += e.end - e.start
+    sites = []
+    for i, (t, L) in enumerate(zip(c.tables, c.layers)):
+        sc = t.costs[int(t.choice[L - 1])]
+        s = ctx.topo.sites[i]
+        sites.append(SitePlan(s.name, L, sc.data, sc.tensor, s.devices, busy[i], busy[i] / c.step,
+                              float(t.mem[L - 1]) / 2**30, ctx.hw[i].memory_bytes / 2**30))
+    links = []
+    for (i, j, ln), codec in zip(link_list(ctx, opt), c.codecs):
+        crossings = opt.microbatches * (opt.v if j == i + 1 else opt.v - 1)
+        nbytes = crossings * mb_bytes(ctx, opt, codec)  # each way: activations forward, cotangents back
+        links.append(LinkPlan((ctx.topo.sites[i].name, ctx.topo.sites[j].name), codec, codec, nbytes,
+                              nbytes * 8 / c.step / 1e9, ln.bandwidth_gbps, ln.latency_ms))
+    return Prediction(label=label, fits=fits, step_s=c.step, tokens_per_s=ctx.batch * ctx.seq / c.step,
+                      fraction_of_ideal=math.nan, bubble=1.0 - sum(busy) / (S * c.step), schedule=opt.schedule,
+                      microbatches=opt.microbatches, recompute=opt.recompute, sites=tuple(sites),
+                      links=tuple(links), notes=tuple(notes))
+
+
+def cross_site_dp(ctx: Ctx) -> Prediction | None:
+    """Every site holds the whole model; the batch splits over sites in proportion to their speed; gradients are
+    all-reduced across sites once per step (a ring: 2 (n-1)/n x params x 4 bytes each way per link), not
+    overlapped with compute."""
+    sh, a, S = ctx.shape, ctx.a, ctx.S
+    rates, fits, over, sites, exposed = [], True, [], [], []
+    for i, s in enumerate(ctx.topo.sites):
+        best = None
+        for rec in (False, True):
+            for t in range(1, min(MAX_TENSOR, s.devices) + 1):
+                if s.devices % t or sh.n_heads % t or sh.d_ff % t:
+                    continue
+                d = s.devices // t
+                c = cm.stage_costs(sh, ctx.hw[i], microbatch=d, seq=ctx.seq, data=d, tensor=t, recompute=rec,
+                                   assumptions=a, profile=ctx.profiles[i] if ctx.profiles[i] and
+                                   ctx.profiles[i].tensor == t else None)
+                work = (sh.n_layers * (c.block_fwd + c.block_bwd_in + c.block_bwd_w) + 3 * c.head_fwd
+                        + 2 * a.task_overhead_s)
+                mem = (sh.n_layers * (c.block_param_bytes + c.block_act_bytes) + c.block_work_bytes
+                       + c.embed_param_bytes + c.head_param_bytes + c.head_work_bytes)
+                sync = sh.n_layers * c.dp_sync_per_block + c.dp_sync_embed + c.dp_sync_head
+                ok = mem <= ctx.caps[i]
+                cand = (not ok, d / work if ok else -mem, d, t, work, mem, max(0.0, sync - work * 2 / 3))
+                if best is None or (cand[0], -cand[1]) < (best[0], -best[1]):
+                    best = cand
+        bad, _, d, t, work, mem, exp = best
+        if bad:
+            fits = False
+            over.append(f"{s.name} needs {mem / 2**30:.1f} GiB per device for the whole model (has "
+                        f"{ctx.hw[i].memory_bytes / 2**30:.0f})")
+        rates.append(d / work)
+        exposed.append(exp)
+        sites.append((s, d, t, work, mem))
+    compute = ctx.batch / sum(rates)  # seconds: sequences / (sequences per second of all sites)
+    nbytes = 2 * (S - 1) / S * sh.params * a.grad_bytes if S > 1 else 0.0
+    all_links = list(ctx.links) + ([ctx.wrap] if ctx.wrap is not None and S > 2 else [])
+    slowest = min((ln.bandwidth_gbps for ln in all_links), default=math.inf)
+    lat = max((ln.latency_ms for ln in all_links), default=0.0) * 1e-3
+    cross = nbytes * 8 / (slowest * 1e9) + 2 * (S - 1) * lat if S > 1 else 0.0
+    step = compute + max(exposed) + cross
+    # With the batch split in proportion to speed every site computes for the whole `compute` seconds.
+    plans = tuple(SitePlan(s.name, sh.n_layers, d, t, s.devices, compute, compute / step, mem / 2**30,
+                           h.memory_bytes / 2**30) for (s, d, t, work, mem), h in zip(sites, ctx.hw))
+    links = tuple(LinkPlan(tuple(ln.sites), "none", "none", nbytes, nbytes * 8 / step / 1e9, ln.bandwidth_gbps,
+                           ln.latency_ms) for ln in all_links)
+    notes = [f"batch split over sites in proportion to their speed; cross-site gradient all-reduce "
+             f"{nbytes / 1e9:.3g} GB each way per link, {cross:.3g} s, not overlapped"]
+    if not fits:
+        notes.append(f"does not fit in memory: {'; '.join(over)}")
+    return Prediction(label="cross-site DP", fits=fits, step_s=step, tokens_per_s=ctx.batch * ctx.seq / step,
+                      fraction_of_ideal=math.nan, bubble=1.0 - compute / step, schedule="data-parallel",
+                      microbatches=1, recompute=False, sites=plans, links=links, notes=tuple(notes))
+
+
+def ideal_tokens_per_s(ctx: Ctx) -> float:
+    """Sum of the sites' capacities: tokens/s each would train at alone with no communication or bubble."""
+    return sum(cm.site_capacity_tokens_per_s(ctx.shape, h, s.devices, ctx.seq, ctx.a.efficiency)
+               for s, h in zip(ctx.topo.sites, ctx.hw))

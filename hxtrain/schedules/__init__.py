@@ -1,0 +1,1 @@
+"""Pipeline schedules as plain data (task tables), the discrete-event simulator, and timelines."""

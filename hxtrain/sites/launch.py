@@ -1,0 +1,204 @@
+"""`hxtrain launch --mesh FILE`: every site of a topology as a local subprocess (tests, notebooks, one machine).
+
+Each site runs `python -m hxtrain site --site NAME ...` with its own fake CPU device count, a port on loopback (its
+topology `address`, else a free one), and a fresh random secret shared through the environment. Their output is
+streamed with a `[site] ` prefix. When a site fails, the others get `grace` seconds to notice (they stop by
+themselves within their `--timeout`, naming the lost site), then are killed; the launcher exits non-zero naming
+the site that failed first.
+
+A site with `processes = P > 1` is started as P processes `hxtrain site --process-id K --coordinator 127.0.0.1:PORT`
+(a free loopback port for the site's jax.distributed coordinator), each with `devices_per_process` fake CPU devices;
+their output is prefixed `[site/K] `, and the failure of any one of them counts as the site's failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from hxtrain.sites import cli as _site_cli
+from hxtrain.sites import process as _site
+
+LOST_PEER = 3  # the exit code of `hxtrain site` when it stopped because a peer site or a process of its site was lost
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteExit:
+    """How one site process ended. `returncode` < 0 is the signal that killed it; `killed` = by the launcher."""
+
+    site: str
+    returncode: int
+    killed: bool = False
+    process: int | None = None  # rank within a site of several processes; None for a one-process site
+
+    def describe(self) -> str:
+        what = f"site {self.site!r}" + ("" if self.process is None else f" process {self.process}")
+        if self.returncode < 0:
+            sig = signal.Signals(-self.returncode).name if -self.returncode in signal.Signals._value2member_map_ \
+                else str(-self.returncode)
+            who = "by the launcher" if self.killed else "from outside"
+            return f"{what} was killed by {sig} ({who})"
+        return f"{what} exited with code {self.returncode}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def site_addresses(topology) -> dict[str, str]:
+    """Listening address of each site: its topology `address`, else a free loopback port."""
+    return {s.name: s.address or f"127.0.0.1:{free_port()}" for s in topology.sites}
+
+
+def site_command(mesh: str, site: str, addresses: dict[str, str], site_args: list[str], timeout: float,
+                 python: str = sys.executable) -> list[str]:
+    addr = ",".join(f"{k}={v}" for k, v in addresses.items())
+    return [python, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", site, "--addresses", addr,
+            "--timeout", str(timeout), *site_args]
+
+
+def _pump(proc, prefix: str, out, lock) -> None:
+    for line in iter(proc.stdout.readline, ""):
+        with lock:
+            out.write(f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n")
+            out.flush()
+    proc.stdout.close()
+
+
+def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace: float | None = None,
+           addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
+           env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET",
+           extra: dict[str, list[str]] | None = None) -> list[SiteExit]:
+    """Run every site of topology `mesh` as a subprocess and wait for all of them.
+
+    site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
+    prefix: {site: argv prefix}, e.g. ["ip", "netns", "exec", "hxa"] to run a site in a network namespace.
+    extra: {site: more `hxtrain site` arguments for that site only}, e.g. ["--connect", "b=127.0.0.1:7000"].
+    grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
+    A site with processes > 1 is started as that many processes around a coordinator on a free loopback port.
+    Returns one SiteExit per process, the first failure first (all codes 0 when the run succeeded).
+    """
+    from hxtrain.config.topology import load_topology
+
+    topo = load_topology(mesh)
+    out = out or sys.stdout
+    grace = timeout + 5.0 if grace is None else grace
+    addresses = {**site_addresses(topo), **(addresses or {})}
+    base = dict(os.environ if env is None else env)
+    base[secret_env] = secrets.token_hex(32)  # fresh per run: a stray process of another run cannot join
+    base["PYTHONUNBUFFERED"] = "1"
+    lock = threading.Lock()
+    procs, pumps = {}, []
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM to the launcher must still stop the sites (they run in their own sessions): raise, so that
+        # the `finally` below kills them
+        old_term = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        for s in topo.sites:
+            multi = s.processes > 1
+            coordinator = f"127.0.0.1:{free_port()}" if multi else None
+            for k in range(s.processes):
+                child = dict(base)
+                if s.backend == "cpu":
+                    _site.set_cpu_device_count(s.devices_per_process, child)
+                cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args),
+                                                                    timeout)
+                cmd += ["--secret-env", secret_env, *(extra or {}).get(s.name, [])]
+                if multi:
+                    cmd += ["--process-id", str(k), "--coordinator", coordinator]
+                key = (s.name, k if multi else None)
+                proc = procs[key] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, env=child, start_new_session=True)
+                what = f"site {s.name!r}" + (f" process {k} of {s.processes}" if multi else "")
+                role = f"listens on {addresses[s.name]}" if k == 0 else "follower"
+                role += f", coordinator {coordinator}" if multi else ""
+                with lock:
+                    out.write(f"[launch] {what}: pid {proc.pid}, {role}\n")
+                    out.flush()
+                label = s.name + (f"/{k}" if multi else "")
+                t = threading.Thread(target=_pump, args=(proc, f"[{label}] ", out, lock), daemon=True)
+                t.start()
+                pumps.append(t)
+        exits = _wait(procs, grace)
+    finally:
+        for p in procs.values():  # nothing outlives the launcher, whatever happened
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for t in pumps:
+            t.join(5)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    return exits
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _wait(procs: dict, grace: float) -> list[SiteExit]:
+    """Poll until every process exits; after the first failure, give the rest `grace` s, then kill them.
+    `procs` maps (site, process rank or None) to its Popen."""
+    done: dict[tuple, SiteExit] = {}
+    failed_at = None
+    order = []
+    while len(done) < len(procs):
+        for key, p in procs.items():
+            if key not in done and p.poll() is not None:
+                done[key] = SiteExit(key[0], p.returncode, process=key[1])
+                order.append(key)
+                if p.returncode != 0 and failed_at is None:
+                    failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace:
+            for key, p in procs.items():
+                if key not in done:
+                    p.kill()
+                    p.wait()
+                    done[key] = SiteExit(key[0], p.returncode, killed=True, process=key[1])
+                    order.append(key)
+        time.sleep(0.05)
+    exits = [done[n] for n in order]
+    # Failures first: the likely cause, then the sites that stopped because they lost a peer (exit code LOST_PEER),
+    # then those the launcher killed after the grace period; within each group in the order they ended (sorted is
+    # stable). One poll can see a killed process and the peer that stopped for it in either order.
+    return sorted(exits, key=lambda e: (e.returncode == 0, e.killed, e.returncode == LOST_PEER))
+
+
+def _cmd_launch(args) -> int:
+    site_args = []
+    for flag, value in (("--model", args.model), ("--schedule", args.schedule), ("--microbatches", args.microbatches),
+                        ("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
+                        ("--seed", args.seed), ("--data", args.data), ("--out", args.out),
+                        ("--partition", args.partition), ("--checkpoint-dir", args.checkpoint_dir),
+                        ("--save-every", args.save_every), ("--keep", args.keep), ("--resume", args.resume)):
+        if value is not None:
+            site_args += [flag, ",".join(map(str, value)) if flag == "--partition" else str(value)]
+    site_args += ["--sync-sends"] if args.sync_sends else []
+    exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env)
+    failed = [e for e in exits if e.returncode != 0]
+    if not failed:
+        n_sites = len({e.site for e in exits})
+        procs = f" ({len(exits)} processes)" if len(exits) != n_sites else ""
+        print(f"[launch] all {n_sites} sites finished{procs}")
+        return 0
+    print(f"hxtrain launch: error: {failed[0].describe()}; " + "; ".join(e.describe() for e in exits[1:]),
+          file=sys.stderr, flush=True)
+    return 1
+
+
+def register(subparsers) -> None:
+    """Add the `launch` command to hxtrain's argparse subparsers."""
+    p = subparsers.add_parser("launch", help="start every site of a topology as a local process (loopback TCP)")
+    _site_cli.add_run_arguments(p)
+    p.add_argument("--grace", type=float, help="seconds the other sites get after one fails (default timeout+5)")
+    p.set_defaults(func=_cmd_launch)

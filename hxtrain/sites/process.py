@@ -1,0 +1,360 @@
+"""One site as its own OS process: `hxtrain site --mesh FILE --site NAME`.
+
+The process builds only its own stages (stage s lives on site s % n_sites), links to its neighbours in pipeline
+order over TCP (`hxtrain.network.tcp`: site i listens on its address for site i-1 and connects to site i+1), and walks its
+own task order from `schedule.site_orders`, blocking on `recv` for inputs. Every site reads the same seeded data
+stream: site 0 uses the inputs, the last site the targets. The loss exists on the last site only.
+
+Each step ends with the optimizer, as in `hxtrain.core.optim` but with the per-stage squared gradient norms exchanged
+as CONTROL frames (global-norm clipping across processes). With the same topology, model, seed and batch, the
+per-step losses equal those of the in-process `Trainer` (fp32, <= 1e-5 relative).
+
+A site with `processes = P > 1` in its topology entry runs as P processes (hosts), started as
+`hxtrain site --site NAME --process-id K --coordinator host:port` for K = 0 .. P-1 (`hxtrain launch` does this on
+one machine). Each process exposes `devices_per_process` devices, joins the site's `jax.distributed` cluster at the
+coordinator (process 0 hosts it) before JAX starts, and runs the same programs on a mesh over every process's
+devices. Only process 0, the site's leader, links to the neighbouring sites and writes `metrics-<site>.jsonl`;
+every process logs its steps. See `hxtrain.network.group`.
+
+Failure: a peer that dies, stalls or sends a bad frame raises `PeerError` naming it within `timeout` seconds; the
+process prints the error and exits non-zero, closing its own links so that its other neighbours stop too. Inside a
+multi-process site, a process that dies makes the next collective of the others fail at once (exit code 3), or,
+if it stalls, the cluster's heartbeat (max(10, timeout) seconds) aborts them all; the leader's exit then stops the
+neighbouring sites. A failing process of such a site exits at once (`os._exit`), skipping JAX's shutdown barrier,
+which would wait for the dead process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+
+MIN_SECRET_BYTES = 16
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_PROVISIONAL_MAX_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteConfig:
+    """What one site process runs. None fields come from the topology's [run] table."""
+
+    mesh: str
+    site: str
+    model: str | None = None
+    schedule: str | None = None
+    microbatches: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    partition: tuple[int, ...] | None = None
+    learning_rate: float = 3e-3
+    seed: int = 0
+    data: str | None = None
+    out: str | None = None
+    timeout: float = 30.0  # seconds a peer may stay silent before this site stops, naming it
+    connect_timeout: float = 60.0  # seconds to wait for neighbours to come up
+    secret_env: str = "HXTRAIN_SECRET"
+    sync_sends: bool = False  # True: each send waits until its frame is on the wire (no overlap with compute)
+    addresses: tuple[tuple[str, str], ...] = ()  # (site, "host:port") overrides of the topology's `address`
+    connect: tuple[tuple[str, str], ...] = ()  # (site, "host:port") to dial instead of its address (proxy, tunnel)
+    process_id: int | None = None  # rank within a site of several processes (0: the leader); None = 0 / missing
+    coordinator: str | None = None  # "host:port" of the site's jax.distributed coordinator (processes > 1)
+    checkpoint_dir: str | None = None  # checkpoints under checkpoint_dir/<site> (None: none saved)
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep: int = 3  # checkpoints kept per site
+    resume: str = "auto"  # never | auto | must
+
+
+class SiteError(RuntimeError):
+    """A site cannot start or stopped; the message names the site."""
+
+
+def set_cpu_device_count(n: int, env=os.environ) -> None:
+    """Make XLA's host platform expose `n` devices; only effective before JAX initialises its backends."""
+    flags = re.sub(rf"{_DEVICE_FLAG}=\d+", "", env.get("XLA_FLAGS", "")).split()
+    env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={n}"])
+
+
+def keep_to_site_client(site, env=os.environ) -> str | None:
+    """Keep a site process to its own PJRT client when the site runs on a CPU (jaxlib's or a CPU plugin's): JAX
+    would otherwise initialise every installed PJRT plugin, and on a GPU host each CUDA client reserves most of the
+    GPU's memory, so a CPU site started beside a GPU site would take the GPU site's memory. A plugin site then also
+    gets its plugin's client as JAX's default. Sites on an accelerator that JAX discovers itself are left alone.
+    Only before JAX initialises its backends; a JAX_PLATFORMS the user set is left alone. Returns the client name
+    JAX was restricted to, or None."""
+    from hxtrain.backends import BACKENDS, site_client
+
+    backend = BACKENDS.get(site.backend)
+    if env.get("JAX_PLATFORMS") or (backend is not None and not backend.builtin and site.plugin is None):
+        return None
+    import jax
+
+    name = site_client(site, env=env).name
+    jax.config.update("jax_platforms", name)
+    return name
+
+
+def read_secret(env_name: str, env=os.environ) -> bytes:
+    value = env.get(env_name)
+    if not value or len(value.encode()) < MIN_SECRET_BYTES:
+        got = "is not set" if not value else f"has {len(value.encode())} bytes"
+        raise SiteError(f"--secret-env: environment variable {env_name} {got}; every site needs the same random "
+                        f"secret of >= {MIN_SECRET_BYTES} bytes there (`hxtrain launch` sets one), e.g. "
+                        f"export {env_name}=$(python -c 'import secrets; print(secrets.token_hex(32))')")
+    return value.encode()
+
+
+def parse_addresses(text: str) -> tuple[tuple[str, str], ...]:
+    """'a=127.0.0.1:5000,b=10.0.0.2:5001' -> (('a', '127.0.0.1:5000'), ('b', '10.0.0.2:5001'))."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, eq, addr = item.partition("=")
+        if not eq or not name or _split_address(addr) is None:
+            raise ValueError(f"--addresses: expected site=host:port[,site=host:port...], got {item!r}")
+        out.append((name, addr))
+    return tuple(out)
+
+
+def _split_address(addr: str) -> tuple[str, int] | None:
+    host, colon, port = addr.rpartition(":")
+    return (host, int(port)) if colon and host and port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def site_address(topology, name: str, overrides: tuple[tuple[str, str], ...]) -> tuple[str, int]:
+    """(host, port) where site `name` listens for its predecessor: --addresses first, then the topology."""
+    addr = dict(overrides).get(name) or topology.site(name).address
+    if addr is None:
+        raise SiteError(f"site {name!r} has no address: set `address = \"host:port\"` for it in "
+                        f"{topology.source} or pass --addresses {name}=host:port (`hxtrain launch` picks free ports)")
+    parsed = _split_address(addr)
+    if parsed is None:
+        raise SiteError(f"site {name!r}: address {addr!r} is not host:port with 0 < port < 65536")
+    return parsed
+
+
+def check_processes(site, process_id: int | None, coordinator: str | None) -> int:
+    """This process's rank in the site (0 for a one-process site); SiteError unless `--process-id` and
+    `--coordinator` fit the site's `processes`."""
+    n = site.processes
+    if n == 1:
+        if process_id not in (None, 0):
+            raise SiteError(f"--process-id {process_id}: site {site.name!r} runs in one process (processes = 1); "
+                            "leave --process-id out")
+        if coordinator is not None:
+            raise SiteError(f"--coordinator {coordinator}: site {site.name!r} runs in one process (processes = 1) "
+                            "and has no jax.distributed cluster; leave --coordinator out")
+        return 0
+    if process_id is None or not 0 <= process_id < n:
+        got = "is missing" if process_id is None else f"is {process_id}"
+        raise SiteError(f"--process-id {got}: site {site.name!r} spans {n} processes; start one `hxtrain site` per "
+                        f"process with --process-id 0 .. {n - 1} (0 is the leader, which links to the other sites)")
+    if coordinator is None or _split_address(coordinator) is None:
+        got = "is missing" if coordinator is None else f"{coordinator!r} is not host:port"
+        raise SiteError(f"--coordinator {got}: site {site.name!r} spans {n} processes, which meet at a "
+                        "jax.distributed coordinator; pass the same --coordinator host:port (on the host of "
+                        "process 0) to each of them")
+    return process_id
+
+
+def check_schedule(schedule) -> None:
+    """ValueError when the per-site loop cannot run `schedule`.
+
+    The loop runs every task kind a valid table holds (F, B and, with split backward, W), so any `Schedule` runs.
+    What depends on the topology (interleaved sends from the last site back to the first, so it needs 2 sites) is
+    checked by `check_supported`."""
+    if not callable(getattr(schedule, "site_orders", None)):
+        raise ValueError(f"schedule: expected a Schedule with per-site task orders (site_orders), got "
+                         f"{type(schedule).__name__}")
+
+
+def check_supported(topology, name: str, schedule) -> int:
+    """The site's index; SiteError for what this runner cannot do yet."""
+    topology.site(name)  # TopologyError naming the known sites
+
+    try:
+        check_schedule(schedule)
+    except ValueError as e:
+        raise SiteError(str(e)) from None
+    if getattr(schedule, "virtual", 1) > 1 and topology.n_sites > 2:
+        raise SiteError(f"schedule {schedule.name!r} sends from the last site back to the first, but sites are "
+                        f"linked in a chain ({topology.n_sites} sites); use it with 2 sites or use 1f1b / gpipe")
+    return [s.name for s in topology.sites].index(name)
+
+
+def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, timeout: float = 60.0,
+                      heartbeat_timeout: float = 100.0, shutdown_timeout: float = 300.0) -> None:
+    """Join this process to its site's `jax.distributed` cluster (a site spanning several hosts); call before JAX
+    initialises. Afterwards `jax.devices()` lists every process's devices and collectives span them. On CPU the
+    cross-process collectives need the gloo implementation, selected here where this JAX has the option.
+
+    timeout: seconds to wait for every process to join. heartbeat_timeout: a process silent this long is declared
+    dead and the coordination service aborts every process. shutdown_timeout: the most a clean exit waits for the
+    others at JAX's shutdown barrier."""
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # newer JAX: gloo is the default or the option is gone
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(timeout), heartbeat_timeout_seconds=int(heartbeat_timeout),
+                               shutdown_timeout_seconds=int(shutdown_timeout))
+
+
+def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, max_bytes: int) -> dict:
+    """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor."""
+    from hxtrain.network.tcp import Listener
+    from hxtrain.network.tcp import Endpoint
+
+    names = [s.name for s in topology.sites]
+    me = names[index]
+    endpoints = {}
+    listener = None
+    try:
+        if index > 0:
+            host, port = site_address(topology, me, cfg.addresses)
+            listener = Listener(host, port)
+        if index + 1 < len(names):
+            host, port = site_address(topology, names[index + 1], cfg.addresses + cfg.connect)
+            ep = Endpoint.connect(me, names[index + 1], host, port, secret=secret, timeout=cfg.connect_timeout,
+                                  max_bytes=max_bytes)
+            ep.timeout = cfg.timeout  # the long wait was for start-up; from now on a silent peer is a failure
+            endpoints[index + 1] = ep
+        if listener is not None:
+            ep = listener.accept(me, names[index - 1], secret=secret, timeout=cfg.connect_timeout,
+                                 max_bytes=max_bytes)
+            ep.timeout = cfg.timeout
+            endpoints[index - 1] = ep
+    except BaseException:
+        for ep in endpoints.values():
+            ep.close()
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+    return endpoints
+
+
+def run_site(cfg: SiteConfig, log=print) -> list[dict]:
+    """Run one site to the end; returns its per-step metric rows (loss only on the last site).
+
+    JAX must not have initialised yet if the fake CPU device count has to change (the CLI makes sure of that).
+    """
+    from hxtrain.schedules import tables as _schedules
+    from hxtrain.config.topology import load_topology
+
+    topo = load_topology(cfg.mesh)
+    run = topo.run
+    cfg = run.fill(cfg)
+    schedule = _schedules.get_schedule(cfg.schedule)
+    index = check_supported(topo, cfg.site, schedule)
+    site = topo.sites[index]
+    cfg = dataclasses.replace(cfg, process_id=check_processes(site, cfg.process_id, cfg.coordinator))
+    secret = read_secret(cfg.secret_env)
+    if site.backend == "cpu":
+        set_cpu_device_count(site.devices_per_process)
+    keep_to_site_client(site)
+    from hxtrain.backends import register_plugins
+
+    client = register_plugins([site])[0]  # before anything starts JAX's backends (jax.distributed does)
+    if site.processes > 1:
+        beat = max(10.0, math.ceil(cfg.timeout))  # the coordination service's floor for a stalled process
+        init_site_cluster(cfg.coordinator, site.processes, cfg.process_id, timeout=cfg.connect_timeout,
+                          heartbeat_timeout=beat, shutdown_timeout=beat)
+        log(f"site {site.name!r}: process {cfg.process_id} of {site.processes} joined the site's cluster at "
+            f"{cfg.coordinator}")
+
+    from hxtrain.sites import program as _prog  # imports JAX: after the device count is set
+
+    # Link first, so that a wrong secret, a version mismatch or a missing peer shows in seconds, before the model
+    # is built. The frame bound is provisional until the model's width is known; tightening it later can only
+    # leave a looser bound on the read that is already waiting, never refuse a good frame. Only a site's leader
+    # (process 0) links to other sites.
+    endpoints = _connect(topo, index, cfg, secret, _PROVISIONAL_MAX_BYTES) if cfg.process_id == 0 else {}
+    try:
+        if cfg.process_id == 0:
+            log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())}")
+        local = _prog.LocalSite.build(topo, index, cfg)
+        log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
+        log(local.describe())
+        for ep in endpoints.values():
+            ep.max_bytes = local.max_frame_bytes()
+        transport = local.transport(endpoints, overlap=not cfg.sync_sends)
+        log(f"site {site.name!r}: sends {'synchronous' if cfg.sync_sends else 'overlapped with compute'}")
+        t0 = time.perf_counter()
+        local.warm_up()  # compile every program first: afterwards, silence longer than `timeout` is a failure
+        ckpt = newest = None
+        if cfg.checkpoint_dir:
+            from hxtrain.checkpoints.site import SiteCheckpoints
+
+            ckpt = SiteCheckpoints(local, cfg.checkpoint_dir, save_every=cfg.save_every, keep=cfg.keep,
+                                   resume=cfg.resume, log=log)
+            newest = ckpt.newest()  # before the barrier: verifying it may take longer than the link timeout
+        transport.barrier(cfg.connect_timeout)
+        log(f"site {site.name!r}: compiled in {time.perf_counter() - t0:.1f} s; all sites ready")
+        start = 0
+        if ckpt is not None:
+            start = ckpt.resume(transport, newest)  # the same step on every site
+            transport.barrier(cfg.connect_timeout)  # restoring may take longer than the link timeout
+        return _loop(local, transport, cfg, log, start, ckpt)
+    finally:
+        for ep in endpoints.values():
+            ep.close()
+
+
+def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None) -> list[dict]:
+    """Steps start+1 .. cfg.steps through the one training loop; `ckpt` (SiteCheckpoints or None) saves the due
+    ones and the last. The site's leader writes metrics-<site>.jsonl and TensorBoard events under tb/<site>."""
+    from hxtrain.training.metrics import MetricsWriter
+    from hxtrain.training.loop import run_steps
+
+    name = local.site.name
+    metrics = None
+    if cfg.out and cfg.process_id == 0:  # one metrics file per site, by its leader
+        metrics = MetricsWriter(cfg.out, jsonl=f"metrics-{name}.jsonl", tensorboard_dir=f"tb/{name}")
+
+    def report(row):
+        loss_txt = "" if row["loss"] is None else f" loss {row['loss']:.6f}"
+        sent = " ".join(f"{k} {v} B" for k, v in row["bytes_per_link"].items())
+        log(f"step {row['step']}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
+            f"sent {sent or '-'} control {row['control_bytes']} B")
+
+    return run_steps(_SiteSteps(local, transport), first=start + 1, last=cfg.steps, metrics=metrics,
+                     saver=None if ckpt is None else _SiteSaver(ckpt, local), report=report, where=f"site {name!r}: ")
+
+
+class _SiteSteps:
+    """`training.loop.Steps` of a site process: its share of each step over the network transport."""
+
+    def __init__(self, local, transport):
+        self.local, self.transport = local, transport
+        self.tokens_per_step = local.batch_size * local.seq
+        self.learning_rate = local.optimizer.learning_rate
+
+    def next_batch(self):
+        return self.local.next_batch()
+
+    def run(self, batch, step: int) -> dict:
+        t = self.transport
+        t.reset_stats()
+        t.step = step
+        loss, norm = self.local.train_step(batch, t)
+        return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "bytes_per_link": t.bytes_per_link(),
+                "payload_bytes_per_link": t.payload_bytes_per_link(), "control_bytes": t.control_bytes}
+
+
+class _SiteSaver:
+    """`training.loop.Saver` of a site's checkpoints. After a failure a site of several processes does not seal:
+    sealing waits for every process of the site, and one may be gone."""
+
+    def __init__(self, ckpt, local):
+        self.ckpt, self.local = ckpt, local
+
+    def save(self, step: int, *, force: bool = False):
+        return self.ckpt.save(step, force=force)
+
+    def close(self, *, failed: bool) -> None:
+        if not failed or self.local.processes == 1:
+            self.ckpt.close()

@@ -1,0 +1,1 @@
+"""The training loop and what is around it: `Trainer`, the data, metrics."""

@@ -1,0 +1,309 @@
+"""Training: a `Pipeline`, a per-site optimizer with global-norm clipping, grain batches, metrics, progress.
+
+    trainer = hxtrain.Trainer(model, "local", schedule="1f1b", microbatches=8, batch_size=32)
+    history = trainer.fit(steps=100)         # list of per-step metric dicts
+
+`hxtrain train` calls `train(...)`, which builds the model from a preset name and runs `Trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from hxtrain.training import data as _data
+from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
+from hxtrain.engine.pipeline import Pipeline
+from hxtrain.training.loop import NonFiniteLoss, run_steps
+
+__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "build_model", "train"]
+
+
+class Trainer:
+    def __init__(self, model, topology="local", *, schedule="1f1b", microbatches: int = 8, partition=None,
+                 batch_size: int = 32, seq: int | None = None, optimizer: OptimizerConfig | None = None,
+                 data: str | os.PathLike | None = None, seed: int = 0, max_corpus_bytes: int | None = 8_000_000,
+                 out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 3, resume: str = "auto",
+                 init_from: str | os.PathLike | None = None, executor: str = "mpmd"):
+        """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/); with it, checkpoints are saved
+        every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and `resume` ("never",
+        "auto", "must") decides whether the newest intact checkpoint in out/checkpoints is restored here
+        (`self.resumed_from` = its step or None). `init_from`: start from an exported model
+        (`hxtrain export`) or a checkpoint folder's parameters (fresh optimizer, step 0)."""
+        if executor not in ("mpmd", "spmd"):
+            raise ValueError(f"executor: expected 'mpmd' or 'spmd', got {executor!r}")
+        if executor == "spmd":  # one program over every site (same backend and shape everywhere), GPipe only
+            from hxtrain.engine.spmd import SpmdPipeline
+
+            self.pipeline = SpmdPipeline(model, topology, schedule=schedule, microbatches=microbatches,
+                                         partition=partition)
+        else:
+            self.pipeline = Pipeline(model, topology, schedule=schedule, microbatches=microbatches,
+                                     partition=partition)
+        self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
+        if self.seq is None:
+            raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")
+        self.batch_size = batch_size
+        self.pipeline._check_tokens(np.zeros((batch_size, self.seq + 1), np.int32))  # fail before any work
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.optimizer = (self.pipeline.make_optimizer(self.optimizer_config) if executor == "spmd"
+                          else SiteOptimizer(self.optimizer_config, self.pipeline.stages))
+        self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
+        self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
+        self.step = 0
+        self.timeline_summary: str | None = None  # set by fit(timeline=...)
+        self.seed, self.out, self.checkpoints, self.resumed_from = seed, out, None, None
+        if init_from is not None:
+            from hxtrain.checkpoints.export import load_params
+
+            load_params(self.pipeline, init_from)
+        if out is not None:
+            from hxtrain.checkpoints.checkpoint import Checkpoints
+
+            self.checkpoints = Checkpoints(Path(out) / "checkpoints", save_every=save_every, keep=keep)
+            restored = self.checkpoints.resume(self, resume)
+            if restored is not None:
+                self.load(restored)
+                self.resumed_from = restored.step
+
+    def load(self, restored) -> None:
+        """Continue from a restored checkpoint (`Checkpoints.restore`): its params, optimizer states, step, and
+        the data order at the saved position (the order depends on the seed, so the iterator is rebuilt first)."""
+        self.pipeline.set_params(restored.params)
+        self.optimizer.load_states(restored.opt_states)
+        self.step, self.seed = restored.step, restored.seed
+        self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=self.batch_size, seed=restored.seed)
+        self.batches.set_state(restored.data)
+
+    def train_step(self, tokens, *, timeline: bool = False) -> dict:
+        """One optimizer step on one batch; returns device values (no host sync). `timeline`: record the step's
+        per-site events (slower) so `metrics.busy_fractions(self.pipeline)` can report busy time."""
+        pipe = self.pipeline
+        loss, grads, sqs = pipe.grads(tokens, timeline=True) if timeline else pipe.grads(tokens)
+        params, norm = self.optimizer.step(pipe.stages, grads, sqs)
+        pipe.set_params(params)
+        self.step += 1
+        return {"loss": loss, "grad_norm": norm}
+
+    def fit(self, steps: int, *, out: str | os.PathLike | None = None, progress: bool = True,
+            log_every: int = 1, timeline_every: int = 0, timeline: str | os.PathLike | None = None,
+            timeline_step: int | None = None) -> list[dict]:
+        """Train `steps` steps. Metrics (loss, lr, grad norm, tokens/s, bytes per link, and per-site `busy`
+        fraction on steps that are multiples of `timeline_every`) go to `out/metrics.jsonl` and TensorBoard events
+        in `out/tb/` when `out` (default: the Trainer's `out`) is given. Checkpoints: see `__init__`; one is
+        also saved at the end. Raises NonFiniteLoss at the first NaN/inf loss; the last checkpoint saved before
+        it is sealed and intact.
+
+        `timeline`: write step `timeline_step` of this call (1..steps, default the last) as a Chrome trace there
+        (that step is recorded, so a little slower); its per-site busy/idle summary lands in `timeline_summary`."""
+        if steps < 1:
+            raise ValueError(f"steps: expected >= 1, got {steps}")
+        timeline_step = steps if timeline_step is None else timeline_step
+        if timeline is not None and not (isinstance(timeline_step, int) and 1 <= timeline_step <= steps):
+            raise ValueError(f"timeline_step: expected a step in 1..{steps}, got {timeline_step!r}")
+        if timeline is not None and not hasattr(self.pipeline, "write_timeline"):
+            raise ValueError("timeline: this executor records no timeline; use the mpmd executor")
+        from tqdm.auto import tqdm
+
+        from hxtrain.training import metrics as _metrics
+
+        out = out if out is not None else self.out
+        bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
+
+        def report(row):
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+
+        source = _TrainerSteps(self, first=self.step + 1, timeline=timeline, timeline_step=timeline_step,
+                               timeline_every=timeline_every)
+        saver = _TrainerSaver(self) if self.checkpoints is not None else None
+        try:
+            return run_steps(source, first=self.step + 1, last=self.step + steps, report=report, saver=saver,
+                             metrics=_metrics.MetricsWriter(out) if out is not None else None, log_every=log_every)
+        finally:
+            bar.close()
+
+
+class _TrainerSteps:
+    """`training.loop.Steps` of a Trainer: its batches, its `train_step`, the rows' transfer and timeline fields."""
+
+    def __init__(self, trainer: Trainer, *, first: int, timeline, timeline_step: int, timeline_every: int):
+        self.trainer, self.first = trainer, first
+        self.timeline, self.timeline_step, self.timeline_every = timeline, timeline_step, timeline_every
+        self.tokens_per_step = trainer.batch_size * trainer.seq
+        self.learning_rate = trainer.optimizer.learning_rate
+
+    def next_batch(self):
+        return next(self.trainer.batches)
+
+    def run(self, batch, step: int) -> dict:
+        from hxtrain.training import metrics as _metrics
+
+        t, pipe = self.trainer, self.trainer.pipeline
+        recorded = self.timeline is not None and step - self.first + 1 == self.timeline_step
+        sampled = bool(self.timeline_every) and step % self.timeline_every == 0
+        pipe.transport.reset_stats()
+        m = t.train_step(batch, timeline=recorded or sampled)
+        row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "bytes_per_link": pipe.transport.bytes_per_link()}
+        busy = _metrics.busy_fractions(pipe) if sampled else None
+        if busy is not None:
+            row["busy"] = busy
+        if recorded:
+            pipe.write_timeline(self.timeline)
+            t.timeline_summary = f"step {step}:\n{pipe.timeline_summary()}"
+        return row
+
+
+class _TrainerSaver:
+    """`training.loop.Saver` of a Trainer's `Checkpoints`."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, step: int, *, force: bool = False):
+        return self.trainer.checkpoints.save(self.trainer, force=force)
+
+    def close(self, *, failed: bool) -> None:
+        self.trainer.checkpoints.wait()  # after a NaN too: seal what was saved before it
+
+
+def parse_partition(text: str) -> tuple[int, ...]:
+    """`--partition 5,3` -> (5, 3): blocks per stage."""
+    import argparse
+
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected blocks per stage like 5,3; got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def add_run_arguments(p, *, out_help: str) -> None:
+    """The flags of a run, the same for `hxtrain train`, `hxtrain site` and `hxtrain launch`; None = the
+    topology's [run] table (`RunDefaults.fill`)."""
+    p.add_argument("--mesh", default="local", help="topology TOML file or shipped name (default: local)")
+    p.add_argument("--model", help="model preset: tiny, small, ... (default: the topology's [run] model)")
+    p.add_argument("--schedule", help="gpipe, 1f1b, interleaved, zb-h1 or a table file (default: the topology's)")
+    p.add_argument("--microbatches", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch in sequences")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--data", help="a text file or folder (default: this Python's standard library sources)")
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--partition", type=parse_partition, help="blocks per stage, e.g. 5,3 (default: the topology's "
+                                                              "layers, else even)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the model's initialisation and the data order")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What `hxtrain train` runs; every field has a sane default (the topology's [run] table fills the rest)."""
+
+    mesh: str = "local"
+    model: str | None = None
+    schedule: str | None = None
+    microbatches: int | None = None
+    batch_size: int | None = None
+    steps: int | None = None
+    data: str | None = None
+    out: str | None = None
+    partition: tuple[int, ...] | None = None
+    learning_rate: float = 3e-3
+    seed: int = 0
+    executor: str = "mpmd"  # "spmd": the whole pipeline as one program (hxtrain.engine.spmd; GPipe, uniform sites)
+    timeline: str | None = None  # Chrome-trace file for one recorded step
+    timeline_step: int | None = None  # which step (default: the last)
+    save_every: int = 0  # checkpoint every N steps under out/checkpoints (0: only at the end); needs `out`
+    keep: int = 3  # checkpoints kept
+    resume: str = "auto"  # never | auto | must: continue from the newest intact checkpoint in out/checkpoints
+    init_from: str | None = None  # an `hxtrain export` folder (or a run folder) to take the parameters from
+    plan: str | None = None  # a plan file from `hxtrain plan`: its topology, model, schedule, microbatches, batch
+
+
+def build_model(name: str, seed: int = 0):
+    """A model from a preset name ('tiny', 'small', ...), from the model registry."""
+    from hxtrain.core import model_registry
+
+    return model_registry.build(name, seed=seed)
+
+
+def _from_plan(config: RunConfig) -> RunConfig:
+    """`config` with the plan file's topology, model, schedule, microbatches and global batch (the partition comes
+    from the planned topology's `layers`; interleaved schedules get each site's chunks spelled out)."""
+    from hxtrain.core import model_registry
+    from hxtrain.planning.planner import Plan
+    from hxtrain.schedules.tables import get_schedule
+
+    taken = [f for f in ("model", "schedule", "microbatches", "batch_size", "partition") if getattr(config, f)]
+    if taken:
+        raise ValueError(f"--plan {config.plan}: the plan fixes {', '.join(taken)}; drop those options (or edit "
+                         "the plan's topology file)")
+    plan = Plan.load(config.plan)
+    model_seq = getattr(model_registry.find(plan.model or ""), "seq_len", None)
+    if model_seq is not None and model_seq != plan.seq:
+        raise ValueError(f"--plan {config.plan}: planned for sequences of {plan.seq} tokens, but model "
+                         f"{plan.model!r} trains on {model_seq}; plan again with --seq {model_seq}")
+    topo, partition = plan.topology, None
+    v = getattr(get_schedule(plan.schedule), "virtual", 1)
+    if v > 1:  # stage k * S + i is chunk k of site i (Pipeline's order), split as the planner simulated it
+        partition = tuple(L // v + (k < L % v) for k in range(v) for L in plan.layers)
+    return dataclasses.replace(config, mesh=topo.source, model=plan.model, schedule=plan.schedule,
+                               microbatches=plan.microbatches, batch_size=plan.global_batch, partition=partition)
+
+
+def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[dict]]:
+    """Resolve defaults from the topology's [run] table, print them once, build and fit."""
+    from hxtrain.backends import register_plugins
+    from hxtrain.config.topology import load_topology
+
+    if config.plan is not None:
+        config = _from_plan(config)
+    topo = load_topology(config.mesh)
+    register_plugins(topo.sites)  # before anything below starts JAX's backends
+    run = topo.run
+    # the SPMD executor runs GPipe only, so it does not inherit the topology's default schedule
+    resolved = run.fill(config, schedule="gpipe" if config.executor == "spmd" else None)
+    print(f"hxtrain train: mesh={topo.source} model={resolved.model} schedule={resolved.schedule} "
+          f"microbatches={resolved.microbatches} batch={resolved.batch_size} steps={resolved.steps} "
+          f"data={resolved.data or 'stdlib'} out={resolved.out or '-'} ({jax.devices()[0].platform}, "
+          f"{jax.device_count()} devices)")
+    model = build_model(resolved.model, seed=resolved.seed)
+    opt = OptimizerConfig.for_steps(resolved.steps, resolved.learning_rate)
+    trainer = Trainer(model, topo, schedule=resolved.schedule, microbatches=resolved.microbatches,
+                      partition=resolved.partition, batch_size=resolved.batch_size, optimizer=opt,
+                      data=resolved.data, seed=resolved.seed, executor=resolved.executor, out=resolved.out,
+                      save_every=resolved.save_every, keep=resolved.keep, resume=resolved.resume,
+                      init_from=resolved.init_from)
+    print(trainer.pipeline.describe())
+    if resolved.init_from is not None:
+        print(f"initialised from {resolved.init_from}")
+    if trainer.resumed_from is not None:  # --steps is the run's total: a resumed run does the rest
+        print(f"resuming from {Path(resolved.out) / 'checkpoints'} at step {trainer.resumed_from} "
+              f"({max(resolved.steps - trainer.step, 0)} of {resolved.steps} steps left)")
+        if trainer.step >= resolved.steps:
+            print(f"done: already at step {trainer.step} of {resolved.steps}; nothing to train")
+            return trainer, []
+    history = trainer.fit(resolved.steps - trainer.step, out=resolved.out, progress=progress,
+                          timeline=resolved.timeline, timeline_step=resolved.timeline_step)
+    if resolved.timeline is not None:
+        print(f"timeline -> {resolved.timeline} (Chrome trace: Perfetto / chrome://tracing), "
+              f"{trainer.timeline_summary}")
+    first, last = history[0]["loss"], history[-1]["loss"]
+    print(f"done: {len(history)} steps, loss {first:.4f} -> {last:.4f}, "
+          f"cross-site bytes/step {sum(history[-1]['bytes_per_link'].values())}")
+    return trainer, history
