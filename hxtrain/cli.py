@@ -40,7 +40,7 @@ def _cmd_info(args) -> int:
     from hxtrain.training.trainer import build_model
 
     topo = load_topology(args.mesh)
-    backends.register_plugins(topo.sites)  # before JAX starts its backends, so its plugins are among them
+    backends.register_plugins(topo)  # before JAX starts its backends, so its plugins are among them
     print(f"jax {jax.__version__}; default backend {jax.default_backend()}; {jax.device_count()} devices")
     for d in jax.devices():
         print(f"  {d.id}: {d.platform} {d.device_kind}")

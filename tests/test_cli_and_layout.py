@@ -182,3 +182,29 @@ def test_cli_names_the_field_of_a_bad_seed_lr_or_mesh(capsys, tmp_path):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"hxtrain train: error: {tmp_path}: is a folder; expected a topology .toml file or a shipped name such as "
         "'local'")
+
+
+def test_cli_names_the_field_of_a_bad_schedule_backend_or_out(capsys, tmp_path):
+    def last_error(argv):
+        assert cli.main(["train", "--steps", "1", "--no-progress", *argv]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert last_error(["--schedule", "nope"]) == (
+        "hxtrain train: error: --schedule: unknown schedule 'nope'; choices: gpipe, 1f1b, interleaved, "
+        "interleaved:<v>, zb-h1, zbh1, <path>.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[sites]]\nname = "a"\nbackend = "cudaa"\ndata = 1\ntensor = 1\ndevices = 1\n')
+    assert last_error(["--mesh", str(bad)]) == (
+        f"hxtrain train: error: {bad}: sites[0].backend (site 'a'): unknown backend 'cudaa': known backends are "
+        "amd, ascend, cpu, cuda, gpu, npu, nvidia, rocm, tpu, or 'plugin:/path/to/libpjrt_x.so'; did you mean "
+        "'cuda'?")
+    in_run = tmp_path / "run.toml"
+    in_run.write_text('[[sites]]\nname = "a"\nbackend = "cpu"\ndata = 1\ntensor = 1\ndevices = 1\n'
+                      '[run]\nschedule = "nope"\n')
+    assert last_error(["--mesh", str(in_run)]).startswith(
+        f"hxtrain train: error: {in_run}: run.schedule: unknown schedule 'nope'; choices: gpipe,")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert last_error(["--out", str(afile), "--model", "tiny"]) == (
+        f"hxtrain train: error: --out: expected a run folder (created if missing), got '{afile}', which is a file")
+    assert afile.read_text() == "keep me"  # nothing lost

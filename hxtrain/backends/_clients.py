@@ -47,13 +47,17 @@ class SiteClient:
         return f"client {self.name!r} ({self.source.how}: {self.source.where})"
 
 
-def site_client(site, *, env: Mapping[str, str] | None = None,
-                providers: frozenset[str] | None = None) -> SiteClient:
-    """The client of one topology site (`backend`, `plugin`, `plugin_options`); BackendError if it has none."""
+def site_client(site, *, env: Mapping[str, str] | None = None, providers: frozenset[str] | None = None,
+                where: str | None = None) -> SiteClient:
+    """The client of one topology site (`backend`, `plugin`, `plugin_options`); BackendError if it has none,
+    naming the field (`where`.backend, where `where` is the site's path, e.g. "meshes/x.toml: sites[1]"), or else
+    the site's name."""
     try:
         src = find_plugin(site.backend, plugin=site.plugin, env=env, providers=providers)
     except BackendError as e:
-        raise BackendError(f"site {site.name!r}: {e}") from None
+        if where is None:
+            raise BackendError(f"site {site.name!r}: {e}") from None
+        raise BackendError(f"{where}.{'plugin' if site.plugin else 'backend'} (site {site.name!r}): {e}") from None
     return SiteClient(site.name, src, tuple(getattr(site, "plugin_options", None) or ()))
 
 
@@ -70,7 +74,9 @@ def register_plugins(sites, *, env: Mapping[str, str] | None = None) -> list[Sit
     leaves it out, or when two sites give one client name different libraries or options.
     """
     env = os.environ if env is None else env
-    clients = [site_client(s, env=env) for s in getattr(sites, "sites", sites)]
+    source = getattr(sites, "source", None)  # a Topology: errors name the field path
+    clients = [site_client(s, env=env, where=None if source is None else f"{source}: sites[{i}]")
+               for i, s in enumerate(getattr(sites, "sites", sites))]
     wanted: dict[str, SiteClient] = {}
     for c in clients:
         if not c.registered_by_hxtrain:

@@ -21,8 +21,8 @@ form is two files: a topology that `load_topology` reads as is (chosen data/tens
 and the plan itself (`[plan]`, `[predicted]`, ...), which names the topology file by a relative path
 (`hxtrain.planning.plan_file`).
 
-Code: `planner_problem` (inputs, options, per-site tables), `planner_search` (steps 2-4),
-`planner_predict` (simulating a candidate, the `Prediction` figures); this module: `plan` and `Plan`.
+Code: `problem` (inputs, options, per-site tables), `search` (steps 2-4),
+`predict` (simulating a candidate, the `Prediction` figures); this module: `plan` and `Plan`.
 """
 
 from __future__ import annotations

@@ -245,9 +245,10 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     from hxtrain.schedules import tables as _schedules
     from hxtrain.config.topology import load_topology
 
+    from hxtrain.training.trainer import resolve_run
+
     topo = load_topology(cfg.mesh)
-    run = topo.run
-    cfg = run.fill(cfg)
+    cfg = resolve_run(topo, cfg)
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
     site = topo.sites[index]

@@ -266,6 +266,24 @@ def _from_plan(config: RunConfig) -> RunConfig:
                                microbatches=plan.microbatches, batch_size=plan.global_batch, partition=partition)
 
 
+def resolve_run(topology, config, **defaults):
+    """`config` with each None field from `defaults` or the topology's [run] table (`RunDefaults.fill`), then the
+    choices the topology layer cannot check: the schedule's name, and a run folder that is not a file. For
+    `hxtrain train` and `hxtrain site` alike; ValueError naming the field."""
+    from hxtrain.schedules.tables import ScheduleError, get_schedule
+
+    resolved = topology.run.fill(config, **defaults)
+    try:
+        get_schedule(resolved.schedule)
+    except ScheduleError as e:
+        field = "--schedule" if config.schedule is not None else f"{topology.source}: run.schedule"
+        raise ValueError(f"{field}: {e}") from None
+    out = getattr(resolved, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: expected a run folder (created if missing), got {str(out)!r}, which is a file")
+    return resolved
+
+
 def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[dict]]:
     """Resolve defaults from the topology's [run] table, print them once, build and fit."""
     from hxtrain.backends import register_plugins
@@ -274,10 +292,9 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
     if config.plan is not None:
         config = _from_plan(config)
     topo = load_topology(config.mesh)
-    register_plugins(topo.sites)  # before anything below starts JAX's backends
-    run = topo.run
+    register_plugins(topo)  # before anything below starts JAX's backends
     # the SPMD executor runs GPipe only, so it does not inherit the topology's default schedule
-    resolved = run.fill(config, schedule="gpipe" if config.executor == "spmd" else None)
+    resolved = resolve_run(topo, config, schedule="gpipe" if config.executor == "spmd" else None)
     print(f"hxtrain train: mesh={topo.source} model={resolved.model} schedule={resolved.schedule} "
           f"microbatches={resolved.microbatches} batch={resolved.batch_size} steps={resolved.steps} "
           f"data={resolved.data or 'stdlib'} out={resolved.out or '-'} ({jax.devices()[0].platform}, "
