@@ -221,6 +221,9 @@ def test_site_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=r"--addresses: expected site=host:port\[,site=host:port...\], got 'a=x'"):
         site_runner.parse_addresses("a=x")
     assert site_runner.parse_addresses("a=127.0.0.1:5,b=h:6") == (("a", "127.0.0.1:5"), ("b", "h:6"))
+    assert site_runner.parse_addresses(None) == ()
+    with pytest.raises(ValueError, match=r"^--connect: expected site=host:port\[,site=host:port\.\.\.\], got 'b'$"):
+        site_runner.parse_addresses("b", "--connect")
     with pytest.raises(site_runner.SiteError, match="environment variable HXT_NONE is not set; every site needs"):
         site_runner.read_secret("HXT_NONE", env={})
     with pytest.raises(site_runner.SiteError, match="HXT_S has 5 bytes"):

@@ -45,9 +45,9 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
 
 def _cmd_site(args) -> int:
     try:
-        addresses = parse_addresses(args.addresses or "")
+        addresses = parse_addresses(args.addresses)
         cfg = dataclasses.replace(config_from_args(args, args.site, addresses),
-                                  connect=parse_addresses(args.connect or ""))
+                                  connect=parse_addresses(args.connect, "--connect"))
     except ValueError as e:
         print(f"hxtrain site: error: {e}", file=sys.stderr)
         return 2

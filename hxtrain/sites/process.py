@@ -106,13 +106,16 @@ def read_secret(env_name: str, env=os.environ) -> bytes:
     return value.encode()
 
 
-def parse_addresses(text: str) -> tuple[tuple[str, str], ...]:
-    """'a=127.0.0.1:5000,b=10.0.0.2:5001' -> (('a', '127.0.0.1:5000'), ('b', '10.0.0.2:5001'))."""
+def parse_addresses(text: str | None, flag: str = "--addresses") -> tuple[tuple[str, str], ...]:
+    """'a=127.0.0.1:5000,b=10.0.0.2:5001' -> (('a', '127.0.0.1:5000'), ('b', '10.0.0.2:5001')); None (the flag
+    not given) -> (). A bad entry is refused naming `flag`."""
+    if text is None:
+        return ()
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, eq, addr = item.partition("=")
         if not eq or not name or _split_address(addr) is None:
-            raise ValueError(f"--addresses: expected site=host:port[,site=host:port...], got {item!r}")
+            raise ValueError(f"{flag}: expected site=host:port[,site=host:port...], got {item!r}")
         out.append((name, addr))
     return tuple(out)
 
