@@ -112,7 +112,7 @@ def test_site_command_names_the_missing_flag(tmp_path, capsys, monkeypatch):
     from hxtrain import cli
 
     mesh = str(_topology(tmp_path))
-    monkeypatch.setenv("HXT_TEST_SECRET", "0123456789abcdef0123")
+    monkeypatch.setenv("HXT_TEST_SECRET", "0123456789abcdef" * 2)
     common = ["--mesh", mesh, "--secret-env", "HXT_TEST_SECRET"]
     assert cli.main(["site", "--site", "a", *common]) == 2
     assert "hxtrain site 'a': error: --process-id is missing: site 'a' spans 2 processes" in capsys.readouterr().err

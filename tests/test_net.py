@@ -1,5 +1,6 @@
-"""TCP endpoints over loopback: round trips, out-of-order recv, bad frames, handshake refusals, dead peers,
-timeouts and the bounded send queue. Every socket is closed; timeouts are <= 2 s."""
+"""TCP endpoints over loopback (plaintext, the loopback-only opt-out; TLS is tests/test_tls.py): round trips,
+out-of-order recv, bad frames, handshake refusals, dead peers, timeouts and the bounded send queue. Every socket is
+closed; timeouts are <= 2 s."""
 
 import contextlib
 import socket
@@ -14,7 +15,8 @@ from hxtrain.network import tcp as net
 from hxtrain.links import wire
 from hxtrain.links.codecs import get_codec
 from hxtrain.network.handshake import PeerError
-from hxtrain.network.tcp import Endpoint, Listener
+from hxtrain.network.listener import Listener
+from hxtrain.network.tcp import Endpoint
 from hxtrain.links.wire import Kind
 
 SECRET = b"x" * 32
@@ -28,7 +30,8 @@ def _accept_in_thread(listener, me, peer, **kw):
 
     def run():
         try:
-            out["ep"] = listener.accept(me, peer, **{"secret": SECRET, "timeout": T, "max_bytes": MAX, **kw})
+            out["ep"] = listener.accept(me, peer, **{"secret": SECRET, "tls": None, "timeout": T, "max_bytes": MAX,
+                                                     **kw})
         except Exception as e:  # handed to the test thread
             out["err"] = e
 
@@ -50,7 +53,7 @@ def _pair(**kw):
     with Listener() as listener:
         accepted = _accept_in_thread(listener, "a", "b", **kw)
         b = Endpoint.connect("b", "a", "127.0.0.1", listener.port,
-                             **{"secret": SECRET, "timeout": T, "max_bytes": MAX, **kw})
+                             **{"secret": SECRET, "tls": None, "timeout": T, "max_bytes": MAX, **kw})
         a = accepted()
     try:
         yield a, b
@@ -69,7 +72,7 @@ def _raw_peer(rcvbuf=None, **kw):
             if rcvbuf:  # a small receive buffer (set before connect) makes a non-reading peer fill up fast
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.connect(("127.0.0.1", listener.port))
-            send_key, _ = net.handshake(sock, "raw", "a", secret=SECRET, timeout=T)
+            send_key, _ = net.handshake(sock, "raw", "a", secret=SECRET, timeout=T, initiator=True)
             ep = accepted()
             try:
                 yield ep, sock, send_key
@@ -139,16 +142,19 @@ def test_recv_timeout_names_peer_and_wanted_key():
         assert b.recv(step=3, microbatch=0)[0].step == 3  # the link is still fine
 
 
-def _bad_frames(key):
-    good = wire.encode(Kind.ACTIVATION, np.arange(8, dtype=np.float32), secret=key, step=1)
+def _bad_frames(key):  # each is the link's second frame (seq 1)
+    good = wire.encode(Kind.ACTIVATION, np.arange(8, dtype=np.float32), key=key, seq=1, step=1)
     corrupt = bytearray(good)
     corrupt[-2] ^= 0x10
     return {
         "truncated": (good[:-3], "stream ended after"),
         "checksum": (bytes(corrupt), "CRC32 mismatch"),
-        "auth": (wire.encode(Kind.ACTIVATION, np.ones(8, np.float32), secret=SECRET, step=1), "HMAC"),  # not the session key
-        "oversize": (wire.encode(Kind.ACTIVATION, np.ones(300, np.float32), secret=key, step=1), "max_bytes=1000"),
-        "version": (wire.encode(Kind.ACTIVATION, np.ones(8, np.float32), secret=key, version=3), "version 3"),
+        "auth": (wire.encode(Kind.ACTIVATION, np.ones(8, np.float32), key=SECRET, seq=1, step=1), "HMAC"),  # not the session key
+        "oversize": (wire.encode(Kind.ACTIVATION, np.ones(300, np.float32), key=key, seq=1, step=1),
+                     "max_bytes=1000"),
+        "version": (wire.encode(Kind.ACTIVATION, np.ones(8, np.float32), key=key, seq=1, version=3), "version 3"),
+        "sequence": (wire.encode(Kind.ACTIVATION, np.ones(8, np.float32), key=key, seq=0, step=1),  # a replay
+                     "frame number 0 arrived where 1 was due"),
         "magic": (b"XXXX" + good[4:], "expected magic"),
     }
 
@@ -156,7 +162,7 @@ def _bad_frames(key):
 @pytest.mark.parametrize("reason", list(_bad_frames(SECRET)))
 def test_bad_frame_closes_link_and_raises_on_next_recv(reason):
     with _raw_peer(max_bytes=1000) as (ep, sock, key):
-        sock.sendall(wire.encode(Kind.ACTIVATION, np.ones(4, np.float32), secret=key, step=0))
+        sock.sendall(wire.encode(Kind.ACTIVATION, np.ones(4, np.float32), key=key, step=0))
         buf, detail = _bad_frames(key)[reason]
         sock.sendall(buf)
         if reason == "truncated":
@@ -173,49 +179,54 @@ def test_bad_frame_closes_link_and_raises_on_next_recv(reason):
 
 def test_stalled_frame_is_truncated_after_timeout():
     with _raw_peer(timeout=0.3) as (ep, sock, key):
-        sock.sendall(wire.encode(Kind.ACTIVATION, np.ones(4, np.float32), secret=key)[:50])
+        sock.sendall(wire.encode(Kind.ACTIVATION, np.ones(4, np.float32), key=key)[:50])
         with pytest.raises(PeerError, match=r"bad frame \(truncated\): .*stalled after 50 bytes"):
             ep.recv(timeout=1.0)
 
 
-def test_wrong_secret_refused_at_connect():
+def test_wrong_secret_refused_at_connect_and_the_listener_keeps_waiting():
     with Listener() as listener:
-        accepted = _accept_in_thread(listener, "a", "b")
-        with pytest.raises(PeerError, match="site 'a' failed authentication during the handshake.*different secrets"):
-            Endpoint.connect("b", "a", "127.0.0.1", listener.port, secret=b"y" * 32, timeout=T, max_bytes=MAX)
-        with pytest.raises(PeerError, match="site 'b' failed authentication during the handshake"):
+        accepted = _accept_in_thread(listener, "a", "b", timeout=0.8)
+        with pytest.raises(PeerError, match="site 'a' refused the connection: site 'b' failed the challenge-response: "
+                                            "it does not hold the secret of site 'a'"):
+            Endpoint.connect("b", "a", "127.0.0.1", listener.port, secret=b"y" * 32, tls=None, timeout=T,
+                             max_bytes=MAX)
+        with pytest.raises(PeerError, match=r"site 'a' waited 0.8 s for site 'b' to connect on .*; 1 connection\(s\) "
+                                            r"failed to authenticate, the last 127.0.0.1:\d+: site 'b' failed the "
+                                            "challenge-response"):
             accepted()
 
 
 def test_version_mismatch_refused_at_connect_both_ways():
-    hello = b'{"version": 2, "site": "b", "nonce": "00"}'
+    hello = b'{"version": 3, "site": "b", "nonce": "00"}'
     with Listener() as listener:  # a future peer connects to us
-        accepted = _accept_in_thread(listener, "a", "b")
+        accepted = _accept_in_thread(listener, "a", "b", timeout=0.8)
         with socket.create_connection(("127.0.0.1", listener.port)) as sock:
-            sock.sendall(wire.encode(Kind.HELLO, hello, secret=SECRET, version=2))
-            with pytest.raises(PeerError, match="site 'b' speaks hxtrain wire format version 2, site 'a' speaks "
-                                                "version 1: run the same hxtrain version"):
+            sock.sendall(wire.encode(Kind.HELLO, hello, key=None, version=3))
+            with pytest.raises(PeerError, match="site 'b' speaks hxtrain wire format version 3, site 'a' speaks "
+                                                "version 2: run the same hxtrain version"):
                 accepted()
     with socket.create_server(("127.0.0.1", 0)) as server:  # we connect to a future peer
         def future_peer():
             conn, _ = server.accept()
             with conn:
-                conn.sendall(wire.encode(Kind.HELLO, hello, secret=SECRET, version=2))
+                conn.sendall(wire.encode(Kind.HELLO, hello, key=None, version=3))
                 conn.recv(4096)
 
         th = threading.Thread(target=future_peer)
         th.start()
-        with pytest.raises(PeerError, match="site 'b' speaks hxtrain wire format version 2, site 'a' speaks version 1"):
-            Endpoint.connect("a", "b", "127.0.0.1", server.getsockname()[1], secret=SECRET, timeout=T, max_bytes=MAX)
+        with pytest.raises(PeerError, match="site 'b' speaks hxtrain wire format version 3, site 'a' speaks version 2"):
+            Endpoint.connect("a", "b", "127.0.0.1", server.getsockname()[1], secret=SECRET, tls=None, timeout=T,
+                             max_bytes=MAX)
         th.join(T)
 
 
 def test_unexpected_site_name_refused():
     with Listener() as listener:
-        accepted = _accept_in_thread(listener, "a", "b")
+        accepted = _accept_in_thread(listener, "a", "b", timeout=0.8)
         with pytest.raises(PeerError, match="site 'a' refused the connection: expected site 'b' at the other "
                                             "end, but site 'c' answered"):
-            Endpoint.connect("c", "a", "127.0.0.1", listener.port, secret=SECRET, timeout=T, max_bytes=MAX)
+            Endpoint.connect("c", "a", "127.0.0.1", listener.port, secret=SECRET, tls=None, timeout=T, max_bytes=MAX)
         with pytest.raises(PeerError, match="expected site 'b' at the other end, but site 'c' answered"):
             accepted()
 
@@ -280,11 +291,12 @@ def test_connect_retries_until_listener_appears():
 
     def late_listener():
         time.sleep(0.3)
-        out["a"] = Endpoint.listen("a", "b", "127.0.0.1", port, secret=SECRET, timeout=T, max_bytes=MAX)
+        with Listener("127.0.0.1", port) as listener:
+            out["a"] = listener.accept("a", "b", secret=SECRET, tls=None, timeout=T, max_bytes=MAX)
 
     th = threading.Thread(target=late_listener)
     th.start()
-    b = Endpoint.connect("b", "a", "127.0.0.1", port, secret=SECRET, timeout=T, max_bytes=MAX)
+    b = Endpoint.connect("b", "a", "127.0.0.1", port, secret=SECRET, tls=None, timeout=T, max_bytes=MAX)
     th.join(T)
     try:
         b.send(Kind.CONTROL, np.arange(3, dtype=np.int32), step=0)
@@ -298,10 +310,10 @@ def test_connect_and_accept_deadlines():
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     with pytest.raises(PeerError, match=rf"site 'b' could not connect to site 'a' at 127.0.0.1:{port} within 0.3 s"):
-        Endpoint.connect("b", "a", "127.0.0.1", port, secret=SECRET, timeout=0.3, max_bytes=MAX)
+        Endpoint.connect("b", "a", "127.0.0.1", port, secret=SECRET, tls=None, timeout=0.3, max_bytes=MAX)
     with Listener() as listener:
         with pytest.raises(PeerError, match=r"site 'a' waited 0.2 s for site 'b' to connect on 127.0.0.1:"):
-            listener.accept("a", "b", secret=SECRET, timeout=0.2, max_bytes=MAX)
+            listener.accept("a", "b", secret=SECRET, tls=None, timeout=0.2, max_bytes=MAX)
 
 
 def test_bad_arguments_raise_on_the_callers_thread():
@@ -315,16 +327,16 @@ def test_bad_arguments_raise_on_the_callers_thread():
         a.send(Kind.ACTIVATION, np.ones(1, np.float32), step=5)  # the link survived all of that
         assert b.recv(step=5)[1].tolist() == [1]
     with socket.socket() as sock, pytest.raises(ValueError, match="me must be a non-empty site name"):
-        net.handshake(sock, "", "a", secret=SECRET, timeout=T)
+        net.handshake(sock, "", "a", secret=SECRET, timeout=T, initiator=True)
     with socket.socket() as sock, pytest.raises(ValueError, match="me and peer must be different sites, got 'a'"):
-        net.handshake(sock, "a", "a", secret=SECRET, timeout=T)
+        net.handshake(sock, "a", "a", secret=SECRET, timeout=T, initiator=True)
 
 
 def test_malformed_hello_refused():
     with Listener() as listener:
-        accepted = _accept_in_thread(listener, "a", "b")
+        accepted = _accept_in_thread(listener, "a", "b", timeout=0.8)
         with socket.create_connection(("127.0.0.1", listener.port)) as sock:
-            sock.sendall(wire.encode(Kind.HELLO, b'{"site": "b", "nonce": "abcd"}', secret=SECRET))
+            sock.sendall(wire.encode(Kind.HELLO, b'{"site": "b", "nonce": "abcd"}', key=None))
             with pytest.raises(PeerError, match=r"handshake with site 'b' failed: ValueError\('nonce of 2 bytes"):
                 accepted()
 
@@ -332,10 +344,10 @@ def test_malformed_hello_refused():
 def test_replayed_proof_refused():
     """A proof recorded from another session (other nonces) does not pass."""
     with Listener() as listener:
-        accepted = _accept_in_thread(listener, "a", "b")
+        accepted = _accept_in_thread(listener, "a", "b", timeout=0.8)
         with socket.create_connection(("127.0.0.1", listener.port)) as sock:
             hello = b'{"site": "b", "nonce": "' + b"00" * 32 + b'"}'
-            sock.sendall(wire.encode(Kind.HELLO, hello, secret=SECRET))
-            sock.sendall(wire.encode(Kind.HELLO, b"\1" * 32, secret=SECRET, step=1))  # a stale proof
+            sock.sendall(wire.encode(Kind.HELLO, hello, key=None))
+            sock.sendall(wire.encode(Kind.HELLO, b"\1" * 32, key=None, step=1))  # a stale proof
             with pytest.raises(PeerError, match="site 'b' failed the challenge-response"):
                 accepted()

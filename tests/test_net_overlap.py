@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hxtrain.links import codecs
 from hxtrain.links import wire
 from hxtrain.network.handshake import PeerError
-from hxtrain.network.tcp import Endpoint, Listener
+from hxtrain.network.listener import Listener
+from hxtrain.network.tcp import Endpoint
 from hxtrain.network.transport import NetTransport
 from hxtrain.engine.transport import InProcessTransport
 from hxtrain.links.wire import Kind
@@ -36,10 +37,11 @@ def _linked(overlap=True, codecs_=None):
     """(transport a = site 0, transport b = site 1, endpoint a->b, endpoint b->a) over loopback."""
     with Listener() as lst:
         box = {}
-        th = threading.Thread(target=lambda: box.setdefault("b", lst.accept("b", "a", secret=SECRET,
+        th = threading.Thread(target=lambda: box.setdefault("b", lst.accept("b", "a", secret=SECRET, tls=None,
                                                                             timeout=TIMEOUT, max_bytes=1 << 22)))
         th.start()
-        ea = Endpoint.connect("a", "b", "127.0.0.1", lst.port, secret=SECRET, timeout=TIMEOUT, max_bytes=1 << 22)
+        ea = Endpoint.connect("a", "b", "127.0.0.1", lst.port, secret=SECRET, tls=None, timeout=TIMEOUT,
+                              max_bytes=1 << 22)
         th.join()
     eb = box["b"]
     ta = NetTransport(0, 2, _meshes()[0], {1: ea}, codecs_, names=["a", "b"], overlap=overlap)

@@ -19,7 +19,7 @@ MAX = 1 << 20
 
 def _frame(x=None, **kw):
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4) if x is None else x
-    return wire.encode(Kind.ACTIVATION, x, secret=SECRET, step=7, microbatch=3, stage=1, **kw)
+    return wire.encode(Kind.ACTIVATION, x, key=SECRET, step=7, microbatch=3, stage=1, **kw)
 
 
 @pytest.mark.parametrize(
@@ -31,9 +31,9 @@ def _frame(x=None, **kw):
 def test_roundtrip_dtypes_and_shapes(dtype, shape):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 10).astype(dtype)
-    buf = wire.encode(Kind.COTANGENT, x, secret=SECRET, step=2**40, microbatch=5, stage=3)
+    buf = wire.encode(Kind.COTANGENT, x, key=SECRET, step=2**40, microbatch=5, stage=3)
     assert len(buf) == wire.frame_size(x.nbytes) == wire.HEADER_SIZE + x.nbytes
-    h, y = wire.decode(buf, secret=SECRET, max_bytes=MAX)
+    h, y = wire.decode(buf, key=SECRET, max_bytes=MAX)
     assert (h.kind, h.step, h.microbatch, h.stage, h.shape, h.dtype) == (
         Kind.COTANGENT, 2**40, 5, 3, shape, np.dtype(dtype))
     assert h.frame_bytes == len(buf)
@@ -42,26 +42,33 @@ def test_roundtrip_dtypes_and_shapes(dtype, shape):
 
 
 def test_bytes_payload_extra_and_read_frame_from_stream():
-    a = wire.encode(Kind.CONTROL, b"hello", secret=SECRET, extra=b"meta")
+    a = wire.encode(Kind.CONTROL, b"hello", key=SECRET, extra=b"meta")
     b = _frame()
     stream = io.BytesIO(a + b)
-    h, p = wire.read_frame(stream, secret=SECRET, max_bytes=MAX, timeout=None)
+    h, p = wire.read_frame(stream, key=SECRET, max_bytes=MAX, timeout=None)
     assert (h.kind, h.dtype, h.extra, p) == (Kind.CONTROL, None, b"meta", b"hello")
-    h, y = wire.read_frame(stream, secret=SECRET, max_bytes=MAX, timeout=None)
+    h, y = wire.read_frame(stream, key=SECRET, max_bytes=MAX, timeout=None)
     assert (h.step, h.microbatch, h.stage) == (7, 3, 1) and y.sum() == sum(range(24))
     with pytest.raises(FrameError, match="end of stream between frames") as e:
-        wire.read_frame(stream, secret=SECRET, max_bytes=MAX, timeout=None)
+        wire.read_frame(stream, key=SECRET, max_bytes=MAX, timeout=None)
     assert e.value.reason == "closed"
 
 
 def _resign(buf: bytes) -> bytes:
-    """Recompute CRC and HMAC after editing a header field, so only the edited field is wrong."""
-    head = bytearray(buf[: wire.HEADER_SIZE - 36])
+    """Recompute CRC and both tags after editing a header field, so only the edited field is wrong."""
+    head = bytearray(buf[:78])
     body = buf[wire.HEADER_SIZE:]
-    crc = zlib.crc32(body, zlib.crc32(bytes(head)))
-    head += struct.pack("!I", crc)
-    tag = hmac.new(SECRET, bytes(head) + body, hashlib.sha256).digest()
-    return bytes(head) + tag + body
+    head += struct.pack("!I", zlib.crc32(body, zlib.crc32(bytes(head))))
+    head += hmac.new(SECRET, b"body" + bytes(head) + body, hashlib.sha256).digest()
+    head += hmac.new(SECRET, b"head" + bytes(head), hashlib.sha256).digest()[:16]
+    return bytes(head) + body
+
+
+def _recrc(buf: bytes) -> bytes:
+    """Fix the CRC and the head tag after editing the body, keeping the old body tag, which no longer verifies."""
+    body = buf[wire.HEADER_SIZE:]
+    head = buf[:78] + struct.pack("!I", zlib.crc32(body, zlib.crc32(buf[:78]))) + buf[82:114]
+    return head + hmac.new(SECRET, b"head" + head, hashlib.sha256).digest()[:16] + body
 
 
 def _bad_frames():
@@ -79,10 +86,11 @@ def _bad_frames():
     return {
         "truncated": (good[:-5], "announces a 96-byte body, got 91"),
         "checksum": (bytes(flipped_body), "CRC32 mismatch"),
-        "checksum-header": (bytes(flipped_step), "CRC32 mismatch"),
-        "auth": (wire.encode(Kind.ACTIVATION, np.ones(3, np.float32), secret=b"t" * 32), "HMAC-SHA256 tag mismatch"),
+        "auth-header": (bytes(flipped_step), "HMAC-SHA256 header tag mismatch"),  # checked before the body
+        "auth": (wire.encode(Kind.ACTIVATION, np.ones(3, np.float32), key=b"t" * 32), "header tag mismatch"),
+        "auth-body": (_recrc(bytes(flipped_body)), "HMAC-SHA256 tag mismatch"),
         "oversize": (_frame(np.zeros(1000, np.float32)), "exceeds max_bytes=1000"),
-        "version": (_frame(version=2), "peer speaks wire format version 2, this side speaks 1"),
+        "version": (_frame(version=3), "peer speaks wire format version 3, this side speaks 2"),
         "magic": (b"GET / HTTP/1.1\r\n" + good[16:], "expected magic b'HXTR', got b'GET '"),
         "dtype": (_resign(bytes(unknown_dtype)), "unknown dtype code 200"),
         "kind": (_resign(bytes(unknown_kind)), "unknown message kind 99"),
@@ -95,14 +103,46 @@ def test_bad_frames_refused_with_reason(name):
     buf, message = _bad_frames()[name]
     reason = name.split("-")[0]
     with pytest.raises(FrameError, match=message) as e:
-        wire.decode(buf, secret=SECRET, max_bytes=1000 if reason == "oversize" else MAX)
+        wire.decode(buf, key=SECRET, max_bytes=1000 if reason == "oversize" else MAX)
     assert e.value.reason == reason
     # same verdict when read from a stream (truncated: the stream ends mid-frame)
     with pytest.raises(FrameError) as e:
-        wire.read_frame(io.BytesIO(buf), secret=SECRET, max_bytes=1000 if reason == "oversize" else MAX, timeout=1)
+        wire.read_frame(io.BytesIO(buf), key=SECRET, max_bytes=1000 if reason == "oversize" else MAX, timeout=1)
     assert e.value.reason == reason
     if reason == "version":
-        assert e.value.version == 2
+        assert e.value.version == 3
+
+
+def test_untagged_frames_of_a_tls_link_still_catch_corruption():
+    """key=None (a TLS link, which authenticates every byte itself): no tags are written or checked, the CRC
+    still refuses a corrupted header or body, and a tagged reader refuses an untagged frame."""
+    buf = wire.encode(Kind.ACTIVATION, np.arange(6, dtype=np.float32), key=None, seq=5, step=1)
+    assert buf[82:130] == bytes(48)
+    h, y = wire.decode(buf, key=None, max_bytes=MAX)
+    assert (h.seq, h.step, y.tolist()) == (5, 1, [0, 1, 2, 3, 4, 5])
+    for at in (49, len(buf) - 1):  # the step's low byte, the last payload byte
+        bad = bytearray(buf)
+        bad[at] ^= 1
+        with pytest.raises(FrameError, match="CRC32 mismatch"):
+            wire.decode(bytes(bad), key=None, max_bytes=MAX)
+    with pytest.raises(FrameError, match="header tag mismatch") as e:
+        wire.decode(buf, key=SECRET, max_bytes=MAX)
+    assert e.value.reason == "auth"
+
+
+def test_a_forged_header_is_refused_before_its_body_is_read():
+    """Nothing is read (or allocated) at the size an unauthenticated header claims."""
+    class Reader(io.BytesIO):
+        asked = 0
+
+        def read(self, n=-1):
+            Reader.asked += n
+            return super().read(n)
+
+    forged = wire.encode(Kind.ACTIVATION, np.zeros(1 << 18, np.float32), key=b"t" * 32)
+    with pytest.raises(FrameError, match="header tag mismatch"):
+        wire.read_frame(Reader(forged), key=SECRET, max_bytes=1 << 30, timeout=None)
+    assert Reader.asked == wire.HEADER_SIZE
 
 
 def test_oversize_is_refused_before_reading_the_body():
@@ -115,51 +155,53 @@ def test_oversize_is_refused_before_reading_the_body():
 
     r = Reader(_frame(np.zeros(10_000, np.float32)))
     with pytest.raises(FrameError, match="exceeds max_bytes=100") as e:
-        wire.read_frame(r, secret=SECRET, max_bytes=100, timeout=None)
+        wire.read_frame(r, key=SECRET, max_bytes=100, timeout=None)
     assert e.value.reason == "oversize" and Reader.asked == wire.HEADER_SIZE
 
 
 def test_truncated_header_and_short_secret():
-    with pytest.raises(FrameError, match="the header alone needs 106") as e:
-        wire.decode(_frame()[:50], secret=SECRET, max_bytes=MAX)
+    with pytest.raises(FrameError, match="the header alone needs 130") as e:
+        wire.decode(_frame()[:50], key=SECRET, max_bytes=MAX)
     assert e.value.reason == "truncated"
     with pytest.raises(FrameError, match="stream ended after 50 bytes") as e:
-        wire.read_frame(io.BytesIO(_frame()[:50]), secret=SECRET, max_bytes=MAX, timeout=None)
+        wire.read_frame(io.BytesIO(_frame()[:50]), key=SECRET, max_bytes=MAX, timeout=None)
     assert e.value.reason == "truncated"
-    with pytest.raises(ValueError, match=r"secret must be bytes of length >= 16, got 5 bytes"):
-        wire.encode(Kind.CONTROL, b"x", secret=b"short")
+    with pytest.raises(ValueError, match=r"key must be None \(TLS link\) or bytes of length >= 16, got 5 bytes"):
+        wire.encode(Kind.CONTROL, b"x", key=b"short")
 
 
 def test_encode_input_errors():
     with pytest.raises(ValueError, match="dtype 'complex64' has no wire code; supported: float32"):
-        wire.encode(Kind.ACTIVATION, np.zeros(2, np.complex64), secret=SECRET)
+        wire.encode(Kind.ACTIVATION, np.zeros(2, np.complex64), key=SECRET)
     with pytest.raises(ValueError, match="ndim 9; the wire carries at most 8"):
-        wire.encode(Kind.ACTIVATION, np.zeros((1,) * 9, np.float32), secret=SECRET)
+        wire.encode(Kind.ACTIVATION, np.zeros((1,) * 9, np.float32), key=SECRET)
     with pytest.raises(ValueError, match=r"microbatch must be in \[0, 2\*\*32\), got -1"):
-        wire.encode(Kind.ACTIVATION, np.zeros(2, np.float32), secret=SECRET, microbatch=-1)
+        wire.encode(Kind.ACTIVATION, np.zeros(2, np.float32), key=SECRET, microbatch=-1)
     with pytest.raises(ValueError, match="codec=2 needs a pre-encoded bytes payload"):
-        wire.encode(Kind.ACTIVATION, np.zeros(2, np.float32), secret=SECRET, codec=2)
+        wire.encode(Kind.ACTIVATION, np.zeros(2, np.float32), key=SECRET, codec=2)
     with pytest.raises(ValueError, match="7 is not a valid Kind"):
-        wire.encode(7, b"", secret=SECRET)
+        wire.encode(7, b"", key=SECRET)
 
 
 def test_big_endian_input_is_sent_little_endian():
     x = np.arange(5, dtype=">i4")
-    h, y = wire.decode(wire.encode(Kind.ACTIVATION, x, secret=SECRET), secret=SECRET, max_bytes=MAX)
+    h, y = wire.decode(wire.encode(Kind.ACTIVATION, x, key=SECRET), key=SECRET, max_bytes=MAX)
     assert h.dtype == np.dtype("<i4") and y.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_transport_modules_do_not_depend_on_jax():
-    """The wire format and the TCP endpoints stay framework-free: links/wire, links/codecs, network/tcp and
-    network/handshake import stdlib, numpy, ml_dtypes and each other."""
+    """The wire format and the TCP endpoints stay framework-free: links/wire, links/codecs, network/tcp,
+    network/handshake, network/tls and network/listener import stdlib, numpy, ml_dtypes and each other."""
     import ast
     import pathlib
     import sys
 
     allowed = set(sys.stdlib_module_names) | {"numpy", "ml_dtypes", "hxtrain", "__future__"}
-    ours = {"hxtrain.links.wire", "hxtrain.links.codecs", "hxtrain.network.tcp", "hxtrain.network.handshake"}
+    names = ("links/wire.py", "links/codecs.py", "network/tcp.py", "network/handshake.py", "network/tls.py",
+             "network/listener.py")
+    ours = {"hxtrain." + n[:-3].replace("/", ".") for n in names}
     root = pathlib.Path(wire.__file__).parents[1]
-    for name in ("links/wire.py", "links/codecs.py", "network/tcp.py", "network/handshake.py"):
+    for name in names:
         tree = ast.parse((root / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

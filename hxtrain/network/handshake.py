@@ -1,11 +1,18 @@
-"""The authenticating handshake that opens every TCP link between sites (`hxtrain.network.tcp`), and `PeerError`,
+"""The authenticating handshake that opens every link between sites (`hxtrain.network.tcp`), and `PeerError`,
 the error any failed link raises (the handshake being the first thing that can fail).
 
-Handshake (both sides, symmetric): HELLO{version, site, 32-byte nonce} each way, then HELLO{proof} each way with
-proof = HMAC(secret, "hxtrain-proof" | prover | verifier | verifier's nonce | prover's nonce). Fresh nonces make
-a recorded handshake useless; names in the proof stop a reflected one. Data frames are then authenticated with
-per-direction session keys derived from the secret and both nonces, so frames of another session or of the other
-direction are refused as "auth".
+It proves that both ends hold this run's shared secret (`hxtrain launch` draws a fresh one per run), over TLS (whose
+certificates say which site is at the other end) or, opted out, over plain loopback TCP:
+
+1. both ends send HELLO{version, site, 32-byte nonce} (not tagged: it proves nothing and reveals nothing);
+2. the initiator (the end that connected) sends its proof = HMAC(secret, "hxtrain-proof" | prover | verifier |
+   verifier's nonce | prover's nonce);
+3. the responder (the listener) checks it and only then sends its own proof; the initiator checks that.
+
+Fresh nonces make a recorded handshake useless and names in the proof stop a reflected one. A stranger who connects
+to a listener never receives anything computed from the secret, so it cannot test guesses offline. Over plain TCP,
+data frames are then tagged with per-direction session keys derived from the secret and both nonces (frames of
+another session or direction are refused as "auth"); over TLS the frames carry no tags of their own.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import hashlib
 import hmac
 import json
 import os
-import socket
+import ssl
 
 from hxtrain.links import wire
 from hxtrain.links.wire import FrameError, Kind
@@ -48,46 +55,49 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"\0".join(parts), hashlib.sha256).digest()
 
 
-def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout: float) -> tuple[bytes, bytes]:
-    """Authenticate `peer` on a connected socket; returns (send_key, recv_key) for data frames.
+def handshake(sock, me: str, peer: str, *, secret: bytes, timeout: float, initiator: bool,
+              tls: bool = False) -> tuple[bytes | None, bytes | None]:
+    """Authenticate `peer` on a connected socket or `TlsChannel`; returns (send_key, recv_key) for data frames,
+    (None, None) over TLS.
 
     PeerError on a wrong secret, a version mismatch, an unexpected site name or a silent peer.
     """
     me_b, peer_b = _check_name("me", me), _check_name("peer", peer)
     if me_b == peer_b:  # the proofs and session keys are bound to the (prover, verifier) order
         raise ValueError(f"me and peer must be different sites, got {me!r} for both")
+    wire.check_key(secret)
     nonce = os.urandom(_NONCE_BYTES)
     hello = json.dumps({"version": wire.FORMAT_VERSION, "site": me, "nonce": nonce.hex()}).encode()
 
     def read(step: int) -> bytes:
         try:
-            header, payload = wire.read_frame(sock, secret=secret, max_bytes=_HANDSHAKE_MAX_BYTES, timeout=timeout)
+            header, payload = wire.read_frame(sock, key=None, max_bytes=_HANDSHAKE_MAX_BYTES, timeout=timeout)
         except FrameError as e:
             if e.reason == "version":
                 raise PeerError(
                     f"site {peer!r} speaks hxtrain wire format version {e.version}, site {me!r} speaks version "
                     f"{wire.FORMAT_VERSION}: run the same hxtrain version on both sites"
                 ) from None
-            if e.reason == "auth":
-                raise PeerError(
-                    f"site {peer!r} failed authentication during the handshake: its HELLO does not verify with "
-                    f"site {me!r}'s secret (the two sites use different secrets?)"
-                ) from None
             if e.reason == "closed":
-                raise PeerError(f"site {peer!r} closed the connection during the handshake") from None
-            raise PeerError(f"site {peer!r} sent a bad handshake frame ({e})") from None
+                raise PeerError(f"site {peer!r} closed the connection during the handshake", "closed") from None
+            raise PeerError(f"site {peer!r} sent a bad handshake frame ({e})", e.reason) from None
         except TimeoutError:
-            raise PeerError(f"no handshake from site {peer!r} within {timeout} s") from None
+            raise PeerError(f"no handshake from site {peer!r} within {timeout} s", "timeout") from None
+        except ssl.SSLError as e:  # over TLS: the peer refused this end's certificate, or a record failed its tag
+            raise PeerError(f"TLS link with site {peer!r} failed during the handshake: {e.reason or e}", "tls") from None
         except OSError as e:
-            raise PeerError(f"site {peer!r} dropped the connection during the handshake ({e})") from None
+            raise PeerError(f"site {peer!r} dropped the connection during the handshake ({e})", "closed") from None
         if header.kind == Kind.ERROR:
             raise _Refused(f"site {peer!r} refused the connection: {payload.decode(errors='replace')}")
         if header.kind != Kind.HELLO or header.step != step:
             raise PeerError(f"site {peer!r} sent {header.kind.name} (step {header.step}) instead of HELLO {step}")
         return payload
 
+    def send(kind, payload: bytes, step: int = 0) -> None:
+        sock.sendall(wire.encode(kind, payload, key=None, step=step))
+
     try:
-        sock.sendall(wire.encode(Kind.HELLO, hello, secret=secret, step=0))
+        send(Kind.HELLO, hello)
         theirs = json.loads(read(0))
         if theirs.get("site") != peer:
             raise PeerError(f"expected site {peer!r} at the other end, but site {theirs.get('site')!r} answered")
@@ -95,18 +105,24 @@ def handshake(sock: socket.socket, me: str, peer: str, *, secret: bytes, timeout
         if len(their_nonce) != _NONCE_BYTES:
             raise ValueError(f"nonce of {len(their_nonce)} bytes, expected {_NONCE_BYTES}")
         proof = _mac(secret, b"hxtrain-proof", me_b, peer_b, their_nonce, nonce)
-        sock.sendall(wire.encode(Kind.HELLO, proof, secret=secret, step=1))
         expected = _mac(secret, b"hxtrain-proof", peer_b, me_b, nonce, their_nonce)
+        if initiator:
+            send(Kind.HELLO, proof, 1)
         if not hmac.compare_digest(read(1), expected):
-            raise PeerError(f"site {peer!r} failed the challenge-response (wrong secret or replayed handshake)")
+            raise PeerError(f"site {peer!r} failed the challenge-response: it does not hold the secret of site {me!r} "
+                            "(the two sites use different secrets, or the handshake was replayed)", "auth")
+        if not initiator:
+            send(Kind.HELLO, proof, 1)
     except _Refused:
         raise
     except PeerError as e:  # tell the peer why, so both logs say the same thing (best effort)
         with contextlib.suppress(OSError):
-            sock.sendall(wire.encode(Kind.ERROR, str(e).encode(), secret=secret))
+            send(Kind.ERROR, str(e).encode())
         raise
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:  # socket error or malformed HELLO
         raise PeerError(f"handshake with site {peer!r} failed: {e!r}") from None
+    if tls:
+        return None, None
     nonces = sorted([nonce, their_nonce])
     send_key = _mac(secret, b"hxtrain-data", me_b, peer_b, *nonces)
     recv_key = _mac(secret, b"hxtrain-data", peer_b, me_b, *nonces)

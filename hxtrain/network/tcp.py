@@ -9,15 +9,22 @@ Each Endpoint owns one socket and two threads:
 A peer that dies, stalls or sends a bad frame never crashes this process and never yields a corrupt tensor: the
 thread records a `PeerError` naming the peer and the reason, closes the link, and the next send/recv raises it.
 
-This module holds the `Listener`, the `Endpoint` and its `LinkStats`; the authenticating handshake every new
-connection passes first (and `PeerError`) is `hxtrain.network.handshake`.
+Every frame carries a sequence number per link direction; one that arrives out of turn (duplicated, dropped or
+reordered on the path) ends the link, reason "sequence".
+
+This module holds the `Endpoint` and its `LinkStats`; `hxtrain.network.listener` accepts connections. A new connection passes mutual TLS first
+(`hxtrain.network.tls`; plaintext only on loopback, opted out and logged), then the run's handshake
+(`hxtrain.network.handshake`, which also defines `PeerError`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import queue as queue_lib
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ from hxtrain.links import codecs
 from hxtrain.links import wire
 from hxtrain.links.wire import FrameError, Header, Kind
 from hxtrain.network.handshake import PeerError, handshake
+from hxtrain.network.tls import TlsChannel, check_peer_name
 
 _log = logging.getLogger(__name__)
 
@@ -43,42 +51,31 @@ class LinkStats:
     send_seconds: float = 0.0  # time the sender thread spent framing + writing
 
 
-class Listener:
-    """A bound listening socket; `accept()` turns the next connection into an Endpoint. Use port 0 for an
-    ephemeral port and read it back from `.port`."""
+HANDSHAKE_TIMEOUT = 10.0  # seconds one connection may take to authenticate before a listener drops it
+MAX_HANDSHAKES = 8  # connections a listener authenticates at once; more are closed at once (and logged)
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        self._sock = socket.create_server((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
 
-    def accept(self, me: str, peer: str, *, secret: bytes, timeout: float, max_bytes: int, queue: int = 8):
-        """Wait up to `timeout` s for `peer` to connect and pass the handshake; returns the Endpoint."""
-        self._sock.settimeout(timeout)
-        try:
-            sock, _ = self._sock.accept()
-        except TimeoutError:
-            raise PeerError(
-                f"site {me!r} waited {timeout} s for site {peer!r} to connect on {self.host}:{self.port}"
-            ) from None
-        return Endpoint._start(sock, me, peer, secret=secret, timeout=timeout, max_bytes=max_bytes, queue=queue)
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+def _check_plaintext(sock: socket.socket, me: str, peer: str) -> None:
+    """A link without TLS is for loopback only, and says so loudly."""
+    ends = [sock.getsockname()[0], sock.getpeername()[0]]
+    off = [a for a in ends if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
+    if off:
+        raise ValueError(f"plaintext link from site {me!r} to site {peer!r} refused: {off[0]} is not a loopback "
+                         "address; plaintext (--insecure-plaintext) is for loopback only, use TLS between hosts")
+    _log.warning("link from site %r to site %r is NOT encrypted (plaintext opt-out, loopback only)", me, peer)
 
 
 class Endpoint:
-    """One site's end of a link to one peer. Build with `listen`, `connect` or `Listener.accept`."""
+    """One site's end of a link to one peer. Build with `connect` or `hxtrain.network.listener.Listener.accept`.
+
+    `tls` is a `hxtrain.network.tls.TlsConfig` (mutual TLS 1.3, the peer's certificate must name `peer`), or None
+    for a plaintext link on loopback (HMAC-tagged frames)."""
 
     def __init__(self, sock, me, peer, keys, *, timeout, max_bytes, queue):
         self.me, self.peer, self.timeout, self.max_bytes = me, peer, timeout, max_bytes
-        self._sock = sock
+        self._sock = sock  # a socket, or a TlsChannel over one
         self._send_key, self._recv_key = keys
+        self._send_seq = self._recv_seq = 0
         self._queue: queue_lib.Queue = queue_lib.Queue(maxsize=queue)
         self._cond = threading.Condition()
         self._inbox: dict[tuple, list] = {}  # (kind, step, microbatch, stage) -> [(Header, array)], FIFO
@@ -90,28 +87,38 @@ class Endpoint:
         self._sender.start()
         self._reader.start()
 
+    @property
+    def encrypted(self) -> bool:
+        return isinstance(self._sock, TlsChannel)
+
     @classmethod
-    def _start(cls, sock, me, peer, *, secret, timeout, max_bytes, queue):
-        wire._check_secret(secret)
+    def _start(cls, sock, me, peer, *, secret, tls, initiator, timeout, handshake_timeout, max_bytes, queue):
+        """TLS (unless `tls` is None), then the run's handshake, within `handshake_timeout` s; then an Endpoint
+        whose peer may stay silent `timeout` s."""
+        wire.check_key(secret)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small control frames must not wait
+        deadline = time.monotonic() + handshake_timeout
         try:
-            sock.settimeout(timeout)  # bounds every sendall; reads use select deadlines (wire.read_frame)
-            keys = handshake(sock, me, peer, secret=secret, timeout=timeout)
+            sock.settimeout(handshake_timeout)  # bounds every sendall; reads use poll deadlines (wire.read_frame)
+            channel = sock
+            if tls is None:
+                _check_plaintext(sock, me, peer)
+            else:
+                channel = TlsChannel(sock, tls.context(server_side=not initiator), server_side=not initiator)
+                _tls_handshake(channel, me, peer, deadline, handshake_timeout)
+            keys = handshake(channel, me, peer, secret=secret, timeout=max(0.01, deadline - time.monotonic()),
+                             initiator=initiator, tls=tls is not None)
+            sock.settimeout(timeout)
         except BaseException:
             sock.close()
             raise
-        return cls(sock, me, peer, keys, timeout=timeout, max_bytes=max_bytes, queue=queue)
+        return cls(channel, me, peer, keys, timeout=timeout, max_bytes=max_bytes, queue=queue)
 
     @classmethod
-    def listen(cls, me, peer, host="127.0.0.1", port=0, *, secret, timeout, max_bytes, queue=8) -> Endpoint:
-        """Bind host:port, wait up to `timeout` s for `peer` to connect, handshake. For an ephemeral port that the
-        peer must learn first, use `Listener` directly."""
-        with Listener(host, port) as listener:
-            return listener.accept(me, peer, secret=secret, timeout=timeout, max_bytes=max_bytes, queue=queue)
-
-    @classmethod
-    def connect(cls, me, peer, host, port, *, secret, timeout, max_bytes, queue=8) -> Endpoint:
-        """Connect to `peer` at host:port, retrying until `timeout` s have passed (it may start later)."""
+    def connect(cls, me, peer, host, port, *, secret, tls, timeout, max_bytes, queue=8,
+                handshake_timeout=HANDSHAKE_TIMEOUT) -> Endpoint:
+        """Connect to `peer` at host:port, retrying until `timeout` s have passed: it may start later, or drop
+        this connection unauthenticated while it is busy with others."""
         deadline, delay, last = time.monotonic() + timeout, 0.02, None
         while True:
             left = deadline - time.monotonic()
@@ -122,12 +129,16 @@ class Endpoint:
                 )
             try:
                 sock = socket.create_connection((host, port), timeout=left)
-                break
+                return cls._start(sock, me, peer, secret=secret, tls=tls, initiator=True, timeout=timeout,
+                                  handshake_timeout=min(handshake_timeout, left), max_bytes=max_bytes, queue=queue)
+            except PeerError as e:
+                if e.reason != "closed":  # refused for a reason: trying again would not change it
+                    raise
+                last = e
             except OSError as e:
                 last = e
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.5)
-        return cls._start(sock, me, peer, secret=secret, timeout=timeout, max_bytes=max_bytes, queue=queue)
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -140,7 +151,7 @@ class Endpoint:
         item = (Kind(kind), payload, array.shape, array.dtype, codec.id, step, microbatch, stage)
         # Validate dtype, shape and counters here, on the caller's thread, where an error can be raised to the
         # caller; framing an empty payload costs microseconds (the real HMAC runs on the sender thread).
-        wire.encode(kind, b"", secret=self._send_key, step=step, microbatch=microbatch, stage=stage,
+        wire.encode(kind, b"", key=self._send_key, step=step, microbatch=microbatch, stage=stage,
                     codec=codec.id, shape=array.shape, dtype=array.dtype)
         self._raise_if_failed()
         deadline = time.monotonic() + self.timeout
@@ -165,8 +176,9 @@ class Endpoint:
             kind, payload, shape, dtype, codec_id, step, mb, stage = item
             t0 = time.perf_counter()
             try:
-                frame = wire.encode(kind, payload, secret=self._send_key, step=step, microbatch=mb, stage=stage,
-                                    codec=codec_id, shape=shape, dtype=dtype)
+                frame = wire.encode(kind, payload, key=self._send_key, seq=self._send_seq, step=step,
+                                    microbatch=mb, stage=stage, codec=codec_id, shape=shape, dtype=dtype)
+                self._send_seq += 1
                 self._sock.sendall(frame)
             except TimeoutError:
                 self._fail(f"site {self.peer!r} did not accept data for {self.timeout} s "
@@ -188,8 +200,12 @@ class Endpoint:
     def _read_loop(self) -> None:
         while True:
             try:
-                header, payload = wire.read_frame(self._sock, secret=self._recv_key, max_bytes=self.max_bytes,
+                header, payload = wire.read_frame(self._sock, key=self._recv_key, max_bytes=self.max_bytes,
                                                   timeout=self.timeout)
+                if header.seq != self._recv_seq:
+                    raise FrameError("sequence", f"frame number {header.seq} arrived where {self._recv_seq} was due "
+                                                 "(duplicated, dropped or reordered on the path)")
+                self._recv_seq += 1
                 self._count_received(header)
                 if header.kind == Kind.BYE:
                     self._fail(f"site {self.peer!r} closed the connection (it said goodbye)")
@@ -210,6 +226,10 @@ class Endpoint:
                 return
             except ValueError as e:  # authenticated but undecodable: a sender bug, still never delivered
                 self._fail(f"site {self.peer!r} sent an undecodable payload ({e}); connection closed", reason="codec")
+                return
+            except ssl.SSLError as e:  # a TLS record failed its tag: duplicated, reordered or altered on the path
+                self._fail(f"TLS link from site {self.peer!r} failed: {e.reason or e} (a record was duplicated, "
+                           "reordered or altered on the path); connection closed", reason="tls")
                 return
             except OSError as e:
                 self._fail(f"connection to site {self.peer!r} failed: {e}")
@@ -314,3 +334,26 @@ class Endpoint:
     def __exit__(self, *exc):
         self.close()
 
+
+
+def _tls_handshake(channel: TlsChannel, me: str, peer: str, deadline: float, seconds: float) -> None:
+    """The TLS handshake and the site-name check, as PeerErrors: reason "closed" when the other end dropped the
+    connection before authenticating (`connect` tries again), "tls" when it refused or was refused."""
+    try:
+        channel.handshake(deadline)
+        check_peer_name(channel.peer_names(), peer, me=me)
+    except TimeoutError:
+        raise PeerError(f"no TLS handshake from site {peer!r} within {seconds} s", "timeout") from None
+    except ssl.SSLCertVerificationError as e:
+        raise PeerError(f"site {me!r} refused the certificate of the peer it expected as site {peer!r}: "
+                        f"{e.verify_message}", "tls") from None
+    except (ssl.SSLEOFError, ConnectionError) as e:
+        raise PeerError(f"site {peer!r} closed the connection during the TLS handshake ({e})", "closed") from None
+    except ssl.SSLError as e:
+        raise PeerError(f"TLS handshake with site {peer!r} failed: {e.reason or e}", "tls") from None
+    except ValueError as e:  # a certificate of the run's CA that names another site: tell the other end why
+        with contextlib.suppress(OSError, ssl.SSLError):
+            channel.sendall(wire.encode(Kind.ERROR, str(e).encode(), key=None))
+        raise PeerError(str(e), "tls") from None
+    except OSError as e:
+        raise PeerError(f"site {peer!r} dropped the connection during the TLS handshake ({e})", "closed") from None

@@ -26,6 +26,8 @@ def add_run_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N steps (default 0: only at the end); needs --checkpoint-dir")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per site (default 3)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="link the sites without TLS (loopback only; logged as a warning). Default: mutual TLS 1.3")
     p.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
                    help="continue from the newest step every site has sealed in --checkpoint-dir: never, auto "
                         "(if there is one; default) or must")
@@ -40,7 +42,9 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       sync_sends=getattr(args, "sync_sends", False), addresses=addresses,
                       process_id=getattr(args, "process_id", None),
                       coordinator=getattr(args, "coordinator", None), checkpoint_dir=args.checkpoint_dir,
-                      save_every=args.save_every, keep=args.keep, resume=args.resume)
+                      save_every=args.save_every, keep=args.keep, resume=args.resume,
+                      tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
+                      tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext)
 
 
 def _cmd_site(args) -> int:
@@ -118,6 +122,9 @@ def register(subparsers) -> None:
     p.add_argument("--site", required=True, help="the site of the topology this process runs")
     p.add_argument("--addresses", help="site=host:port,... where sites listen (default: the topology's address)")
     p.add_argument("--connect", help="site=host:port,... to dial instead of a site's address (a proxy or tunnel)")
+    p.add_argument("--tls-cert", help="this site's certificate (PEM), naming the site; with --tls-key and --tls-ca")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", help="the CA certificate (PEM) that every site's certificate is signed by")
     p.add_argument("--process-id", type=int,
                    help="this process's rank in a site of several processes (0 = the leader, which links to the "
                         "other sites); required when the site has processes > 1")

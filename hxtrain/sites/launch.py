@@ -1,7 +1,9 @@
 """`hxtrain launch --mesh FILE`: every site of a topology as a local subprocess (tests, notebooks, one machine).
 
 Each site runs `python -m hxtrain site --site NAME ...` with its own fake CPU device count, a port on loopback (its
-topology `address`, else a free one), and a fresh random secret shared through the environment. Their output is
+topology `address`, else a free one), a fresh random secret shared through the environment, and its own certificate
+of a CA minted for the run (`hxtrain.network.certs`, in a private temporary folder deleted at the end), so that every
+link is mutual TLS 1.3 (`plaintext=True` / `--insecure-plaintext` opts out, on loopback only). Their output is
 streamed with a `[site] ` prefix. When a site fails, the others get `grace` seconds to notice (they stop by
 themselves within their `--timeout`, naming the lost site), then are killed; the launcher exits non-zero naming
 the site that failed first.
@@ -16,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -43,7 +47,7 @@ class SiteExit:
         if self.returncode < 0:
             sig = signal.Signals(-self.returncode).name if -self.returncode in signal.Signals._value2member_map_ \
                 else str(-self.returncode)
-            who = "by the launcher" if self.killed else "from outside"
+            who = "by the launcher: it did not stop within the grace period" if self.killed else "from outside"
             return f"{what} was killed by {sig} ({who})"
         return f"{what} exited with code {self.returncode}"
 
@@ -77,12 +81,13 @@ def _pump(proc, prefix: str, out, lock) -> None:
 def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace: float | None = None,
            addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
            env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET",
-           extra: dict[str, list[str]] | None = None) -> list[SiteExit]:
+           extra: dict[str, list[str]] | None = None, plaintext: bool = False) -> list[SiteExit]:
     """Run every site of topology `mesh` as a subprocess and wait for all of them.
 
     site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
     prefix: {site: argv prefix}, e.g. ["ip", "netns", "exec", "hxa"] to run a site in a network namespace.
     extra: {site: more `hxtrain site` arguments for that site only}, e.g. ["--connect", "b=127.0.0.1:7000"].
+    plaintext: link the sites without TLS (loopback only) instead of minting a certificate per site.
     grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
     A site with processes > 1 is started as that many processes around a coordinator on a free loopback port.
     Returns one SiteExit per process, the first failure first (all codes 0 when the run succeeded).
@@ -99,11 +104,18 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
     lock = threading.Lock()
     procs, pumps = {}, []
     old_term = None
+    cert_dir = None if plaintext else tempfile.mkdtemp(prefix="hxtrain-run-certs-")
     if threading.current_thread() is threading.main_thread():
         # a SIGTERM to the launcher must still stop the sites (they run in their own sessions): raise, so that
         # the `finally` below kills them
         old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
+        tls_flags = {}
+        if cert_dir is not None:
+            from hxtrain.network.certs import mint_run_certs
+
+            tls_flags = {name: ["--tls-cert", c.cert, "--tls-key", c.key, "--tls-ca", c.ca]
+                         for name, c in mint_run_certs(cert_dir, [s.name for s in topo.sites]).items()}
         for s in topo.sites:
             multi = s.processes > 1
             coordinator = f"127.0.0.1:{free_port()}" if multi else None
@@ -113,7 +125,8 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
                     _site.set_cpu_device_count(s.devices_per_process, child)
                 cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args),
                                                                     timeout)
-                cmd += ["--secret-env", secret_env, *(extra or {}).get(s.name, [])]
+                cmd += ["--secret-env", secret_env, *tls_flags.get(s.name, ["--insecure-plaintext"]),
+                        *(extra or {}).get(s.name, [])]
                 if multi:
                     cmd += ["--process-id", str(k), "--coordinator", coordinator]
                 key = (s.name, k if multi else None)
@@ -139,6 +152,8 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
             t.join(5)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if cert_dir is not None:
+            shutil.rmtree(cert_dir, ignore_errors=True)
     return exits
 
 
@@ -168,10 +183,11 @@ def _wait(procs: dict, grace: float) -> list[SiteExit]:
                     order.append(key)
         time.sleep(0.05)
     exits = [done[n] for n in order]
-    # Failures first: the likely cause, then the sites that stopped because they lost a peer (exit code LOST_PEER),
-    # then those the launcher killed after the grace period; within each group in the order they ended (sorted is
+    # The likely cause first: a site that failed by itself; then one the launcher had to kill because it did not
+    # stop within the grace period although its peers had (it was stalled: they lost it); then the sites that
+    # stopped because they lost a peer (exit code LOST_PEER); within each group in the order they ended (sorted is
     # stable). One poll can see a killed process and the peer that stopped for it in either order.
-    return sorted(exits, key=lambda e: (e.returncode == 0, e.killed, e.returncode == LOST_PEER))
+    return sorted(exits, key=lambda e: (e.returncode == 0, e.returncode == LOST_PEER, not e.killed))
 
 
 def _cmd_launch(args) -> int:
@@ -184,7 +200,8 @@ def _cmd_launch(args) -> int:
         if value is not None:
             site_args += [flag, ",".join(map(str, value)) if flag == "--partition" else str(value)]
     site_args += ["--sync-sends"] if args.sync_sends else []
-    exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env)
+    exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env,
+                   plaintext=args.insecure_plaintext)
     failed = [e for e in exits if e.returncode != 0]
     if not failed:
         n_sites = len({e.site for e in exits})

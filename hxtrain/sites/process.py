@@ -32,7 +32,8 @@ import os
 import re
 import time
 
-MIN_SECRET_BYTES = 16
+MIN_SECRET_BYTES = 32
+MIN_SECRET_SYMBOLS = 8  # a token_hex(32) has ~16; 'aaaa...' or 'abab...' is not a secret
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 _PROVISIONAL_MAX_BYTES = 1 << 30
 
@@ -65,6 +66,10 @@ class SiteConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep: int = 3  # checkpoints kept per site
     resume: str = "auto"  # never | auto | must
+    tls_cert: str | None = None  # this site's certificate (PEM), naming the site
+    tls_key: str | None = None  # its private key
+    tls_ca: str | None = None  # the CA certificate every site's certificate is signed by
+    insecure_plaintext: bool = False  # links without TLS: loopback only, logged loudly
 
 
 class SiteError(RuntimeError):
@@ -97,13 +102,46 @@ def keep_to_site_client(site, env=os.environ) -> str | None:
 
 
 def read_secret(env_name: str, env=os.environ) -> bytes:
+    """The run's shared secret from environment variable `env_name`: >= MIN_SECRET_BYTES bytes, not a repeated
+    pattern (fewer than MIN_SECRET_SYMBOLS distinct characters); SiteError naming the flag otherwise."""
     value = env.get(env_name)
-    if not value or len(value.encode()) < MIN_SECRET_BYTES:
-        got = "is not set" if not value else f"has {len(value.encode())} bytes"
+    raw = (value or "").encode()
+    if len(raw) < MIN_SECRET_BYTES or len(set(raw)) < MIN_SECRET_SYMBOLS:
+        got = ("is not set" if not value else f"has {len(raw)} bytes" if len(raw) < MIN_SECRET_BYTES
+               else f"has only {len(set(raw))} distinct characters")
         raise SiteError(f"--secret-env: environment variable {env_name} {got}; every site needs the same random "
                         f"secret of >= {MIN_SECRET_BYTES} bytes there (`hxtrain launch` sets one), e.g. "
                         f"export {env_name}=$(python -c 'import secrets; print(secrets.token_hex(32))')")
-    return value.encode()
+    return raw
+
+
+def site_tls(cfg: SiteConfig):
+    """The site's `TlsConfig`, or None with --insecure-plaintext; SiteError naming the flags otherwise."""
+    from hxtrain.network.tls import TlsConfig, TlsError
+
+    given = [f for f, v in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key), ("--tls-ca", cfg.tls_ca)) if v]
+    if cfg.insecure_plaintext:
+        if given:
+            raise SiteError(f"--insecure-plaintext: links are either TLS or plaintext, got it with {given[0]}; "
+                            "leave one out")
+        return None
+    if len(given) < 3:
+        missing = [f for f in ("--tls-cert", "--tls-key", "--tls-ca") if f not in given]
+        raise SiteError(f"{missing[0]}: every link between sites is mutual TLS; give this site's certificate, its key "
+                        "and the run's CA (--tls-cert, --tls-key, --tls-ca; `hxtrain launch` mints them), or "
+                        "--insecure-plaintext for sites on one machine (loopback only)")
+    tls = TlsConfig(cert=cfg.tls_cert, key=cfg.tls_key, ca=cfg.tls_ca)
+    try:
+        tls.check()
+    except TlsError as e:
+        raise SiteError(str(e)) from None
+    from hxtrain.network.certs import certificate_names
+
+    names = certificate_names(tls.cert)
+    if cfg.site not in names:
+        raise SiteError(f"--tls-cert: the certificate {tls.cert!r} names {', '.join(map(repr, names)) or 'no site'}, "
+                        f"not this site {cfg.site!r}; its peers would refuse it")
+    return tls
 
 
 def parse_addresses(text: str | None, flag: str = "--addresses") -> tuple[tuple[str, str], ...]:
@@ -206,9 +244,10 @@ def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, 
                                shutdown_timeout_seconds=int(shutdown_timeout))
 
 
-def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, max_bytes: int) -> dict:
-    """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor."""
-    from hxtrain.network.tcp import Listener
+def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, tls, max_bytes: int) -> dict:
+    """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor. `tls`: the
+    site's TlsConfig, or None (plaintext, loopback only)."""
+    from hxtrain.network.listener import Listener
     from hxtrain.network.tcp import Endpoint
 
     names = [s.name for s in topology.sites]
@@ -221,12 +260,12 @@ def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, max_bytes: in
             listener = Listener(host, port)
         if index + 1 < len(names):
             host, port = site_address(topology, names[index + 1], cfg.addresses + cfg.connect)
-            ep = Endpoint.connect(me, names[index + 1], host, port, secret=secret, timeout=cfg.connect_timeout,
-                                  max_bytes=max_bytes)
+            ep = Endpoint.connect(me, names[index + 1], host, port, secret=secret, tls=tls,
+                                  timeout=cfg.connect_timeout, max_bytes=max_bytes)
             ep.timeout = cfg.timeout  # the long wait was for start-up; from now on a silent peer is a failure
             endpoints[index + 1] = ep
         if listener is not None:
-            ep = listener.accept(me, names[index - 1], secret=secret, timeout=cfg.connect_timeout,
+            ep = listener.accept(me, names[index - 1], secret=secret, tls=tls, timeout=cfg.connect_timeout,
                                  max_bytes=max_bytes)
             ep.timeout = cfg.timeout
             endpoints[index - 1] = ep
@@ -257,6 +296,10 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     site = topo.sites[index]
     cfg = dataclasses.replace(cfg, process_id=check_processes(site, cfg.process_id, cfg.coordinator))
     secret = read_secret(cfg.secret_env)
+    tls = site_tls(cfg) if cfg.process_id == 0 else None  # only the leader links to other sites
+    if cfg.process_id == 0 and tls is None:
+        log(f"site {site.name!r}: WARNING: links to other sites are NOT encrypted (--insecure-plaintext); they are "
+            "refused unless both ends are on loopback")
     if site.backend == "cpu":
         set_cpu_device_count(site.devices_per_process)
     keep_to_site_client(site)
@@ -276,10 +319,11 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     # is built. The frame bound is provisional until the model's width is known; tightening it later can only
     # leave a looser bound on the read that is already waiting, never refuse a good frame. Only a site's leader
     # (process 0) links to other sites.
-    endpoints = _connect(topo, index, cfg, secret, _PROVISIONAL_MAX_BYTES) if cfg.process_id == 0 else {}
+    endpoints = _connect(topo, index, cfg, secret, tls, _PROVISIONAL_MAX_BYTES) if cfg.process_id == 0 else {}
     try:
         if cfg.process_id == 0:
-            log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())}")
+            how = "mutual TLS 1.3" if tls is not None else "plaintext"
+            log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())} ({how})")
         local = _prog.LocalSite.build(topo, index, cfg)
         log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
         log(local.describe())
