@@ -21,6 +21,7 @@ were never sealed (the run died while saving them).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -40,7 +41,17 @@ __all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointMismatch", "Checkp
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint where one is required, or checkpoints where none may be."""
+    """No usable checkpoint where one is required, checkpoints where none may be, or a save that failed."""
+
+
+def _orbax_reraises(record: logging.LogRecord) -> bool:
+    """Logging filter: False for an orbax error logged with its exception and traceback. orbax logs a failed
+    background save that way on its own threads, then raises the same exception to `Checkpoints.wait` / `save`,
+    which report it as one CheckpointError line (the traceback stays on its `__cause__`)."""
+    return not (record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_orbax_reraises)  # orbax logs through absl's logger
 
 
 class CheckpointMismatch(ValueError):
@@ -118,13 +129,24 @@ class Checkpoints:
             raise ValueError(f"keep: expected a whole number >= 1 of checkpoints to keep, got {keep!r}")
         self.directory = Path(directory).absolute()
         self.save_every, self.keep = save_every, keep
+        # A missing folder is made here, or refused in one line. One that exists may be read-only (read from by
+        # `hxtrain export`, `--init-from`); saving into it fails at `save`, in one line too. `hxtrain train` and
+        # `hxtrain site` probe the folders they save into before they start (`training.trainer.resolve_run`).
+        why = None if self.directory.is_dir() else _manifest.unwritable(self.directory)
+        if why is not None:
+            raise CheckpointError(f"cannot write to checkpoint folder {str(self.directory)!r} ({why})")
         # Rotation is done here, not by orbax (max_to_keep=None): orbax would count a step that is written but not
         # yet sealed, so with keep=1 a kill before the seal would leave nothing restorable. Here only sealed steps
         # count, and old ones are deleted after the new one is sealed.
+        # Step folders are made synchronously, in `save`: made in the background, a folder that cannot be made (the
+        # checkpoint folder became read-only) fails that thread while orbax's other save threads wait 300 s for its
+        # "created" signal, and the process cannot exit before they give up.
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True, create=True)
+                                               cleanup_tmp_directories=True, create=True,
+                                               async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._unsealed: list[int] = []
+        self._failed: CheckpointError | None = None  # a failed save: raised once, then nothing is waited for
 
     # ---- listing -----------------------------------------------------------------------------------------------
 
@@ -173,35 +195,56 @@ class Checkpoints:
         args = ocp.args.Composite(params=ocp.args.StandardSave(items["params"]),
                                   opt=ocp.args.StandardSave(items["opt"]),
                                   data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
-        self._mngr.save(step, args=args, force=True)
+        try:
+            self._mngr.save(step, args=args, force=True)
+        except OSError as e:  # the step folder could not be made: nothing of the step runs in the background
+            raise self._failure([step], e) from e
+        self._failed = None
         self._unsealed.append(step)
         return True
+
+    def _failure(self, steps: list[int], e: BaseException) -> CheckpointError:
+        """One line naming the step(s), this folder and the cause (a read-only folder, a full disk, ...)."""
+        what = {0: "checkpoint", 1: f"checkpoint step {steps[0]}"}.get(len(steps), f"checkpoint steps {steps}")
+        if isinstance(e, OSError) and e.strerror:
+            why = e.strerror + (f": {str(e.filename)!r}" if e.filename else "")
+            return CheckpointError(f"{what}: cannot write to checkpoint folder {str(self.directory)!r} ({why})")
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return CheckpointError(f"{what}: saving into checkpoint folder {str(self.directory)!r} failed ({why})")
 
     def wait(self) -> list[int]:
         """Finish the save in flight, seal it (write its manifest), then keep only the newest `keep` sealed.
         Returns the steps sealed now. Under jax.distributed (a site of several processes) every process calls it:
         process 0 seals, the others wait for it, then all delete the same old steps (orbax's delete is a
-        collective)."""
-        self._mngr.wait_until_finished()
-        if not self._unsealed:
+        collective). A save that failed, in the background too, is a CheckpointError naming the step and the
+        cause, raised once: later calls (the loop's close after that failure) return []."""
+        if self._failed is not None:
             return []
-        import jax
-
         sealed, self._unsealed = self._unsealed, []
-        if jax.process_index() == 0:
-            for step in sealed:
-                _manifest.seal(self.directory / str(step))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        try:
+            self._mngr.wait_until_finished()
+            if not sealed:
+                return []
+            import jax
 
-            multihost_utils.sync_global_devices(f"hxtrain: sealed {self.directory} {sealed}")
-        for old in self.steps()[:-self.keep]:
-            self._mngr.delete(old)
+            if jax.process_index() == 0:
+                for step in sealed:
+                    _manifest.seal(self.directory / str(step))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"hxtrain: sealed {self.directory} {sealed}")
+            for old in self.steps()[:-self.keep]:
+                self._mngr.delete(old)
+        except (OSError, ValueError) as e:  # a background write (tensorstore: ValueError), the seal or a deletion
+            self._failed = self._failure(sealed, e)  # failed: a read-only folder, a full disk, ...
+            raise self._failed from e
         return sealed
 
     def close(self) -> None:
         self.wait()
-        self._mngr.close()
+        if self._failed is None:  # orbax's close would wait for (and raise) the failed save again
+            self._mngr.close()
 
     # ---- restore -----------------------------------------------------------------------------------------------
 

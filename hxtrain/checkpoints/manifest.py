@@ -1,4 +1,5 @@
 """Sealing a checkpoint: a manifest of every file's size and sha256, written after orbax has finished the step.
+(And `unwritable`: whether a run or checkpoint folder can be written at all, probed before a run starts.)
 
 orbax makes a step atomic (it writes into a temporary folder and renames it when complete), but it does not
 checksum array data, so a file truncated or altered later would restore garbage or fail deep inside tensorstore.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 MANIFEST = "hxtrain_manifest.json"
@@ -48,6 +50,23 @@ def seal(step_dir: str | os.PathLike) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, step_dir / MANIFEST)
     return step_dir / MANIFEST
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be written, e.g. 'Permission denied', or None when it can. Creates it (and its parents)
+    if missing, then creates and deletes a probe file in it: `os.access` says yes to root on a read-only folder.
+    No JAX here: `hxtrain site` probes its folders before JAX starts."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "it is a file"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".hxtrain-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def is_sealed(step_dir: str | os.PathLike) -> bool:

@@ -20,6 +20,11 @@ at most `SEND_DEPTH` sends pending per link. A failure there (a lost peer, an en
 peer, by the next send / recv / flush / exchange_norms. `flush()` waits until every pending send is framed; the
 byte counters, `exchange_norms` (so CONTROL frames follow the data frames on a link) and `close` call it first.
 
+Every received activation and cotangent is checked against what this site expects under its key (`expect`,
+given at construction: `LocalSite.expected`): a tensor of another shape or dtype, from however authenticated a peer,
+is a PeerError naming the peer, the key and both shapes and dtypes, never a broadcasting error deep in a program or
+a silent cast. Codecs decode to the dtype the sender sent, so the check sees what the sender's stage produced.
+
 Besides activations and cotangents, one thing crosses sites each step: the per-stage squared gradient norms for
 global-norm clipping (`exchange_norms`, CONTROL frames, counted apart from the data bytes).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -127,11 +133,15 @@ class NetTransport:
 
     overlap: True (default) ships sends from a thread per link, so `send` returns before `x` is computed; False
     stages and frames each send on the caller's thread before `send` returns (for side-by-side measurement).
+    expect: `expect((kind, stage, microbatch))` -> (shape, accepted dtypes) of what may arrive under that key;
+    anything else is refused with PeerError. None checks nothing (tests that move arbitrary arrays).
     """
 
     def __init__(self, site: int, n_sites: int, mesh, endpoints: dict[int, Endpoint], codecs=None, names=None, *,
-                 overlap: bool = True):
+                 overlap: bool = True, expect: Callable[[tuple], tuple[tuple, tuple]] | None = None):
         self.site, self.n_sites, self.mesh = site, n_sites, mesh
+        self.expect = expect
+        self._expected: dict[tuple, tuple[tuple, tuple]] = {}  # (kind, stage) -> expect(key): one call per kind/stage
         self.endpoints = dict(endpoints)
         self.codecs = dict(codecs or {})
         self.names = list(names) if names is not None else [str(i) for i in range(n_sites)]
@@ -214,7 +224,24 @@ class NetTransport:
                     sender.reported = True
                     raise sender.error from e
             raise
+        if self.expect is not None:
+            self._check_arrival(ep, key, host)
         return jax.device_put(host, NamedSharding(self.mesh, P(DATA)))
+
+    def _check_arrival(self, ep: Endpoint, key: tuple, host: np.ndarray) -> None:
+        """PeerError (the link aborted, so the peer stops too) unless `host` has the shape and a dtype that
+        `expect` gives for `key`."""
+        want = self._expected.get(key[:2])
+        if want is None:
+            shape, dtypes = self.expect(key)
+            want = self._expected[key[:2]] = (tuple(int(n) for n in shape), tuple(np.dtype(d) for d in dtypes))
+        shape, dtypes = want
+        if host.shape == shape and host.dtype in dtypes:
+            return
+        message = (f"site {self.names[self.site]!r} received {key} (step {self.step}) from site {ep.peer!r}: "
+                   f"expected {_describe(shape, dtypes)}, got {_describe(host.shape, (host.dtype,))}")
+        ep.abort(message)
+        raise PeerError(message)
 
     def barrier(self, timeout: float) -> None:
         """Wait until every site reached this point (step 0 CONTROL frames along the chain), at most `timeout` s
@@ -243,12 +270,12 @@ class NetTransport:
         vec = np.zeros(n_stages, np.float32)
         prev, nxt = self.site - 1, self.site + 1
         if prev >= 0:
-            vec = np.array(self._control_recv(prev, _UP), np.float32)
+            vec = np.array(self._control_recv(prev, _UP, n_stages), np.float32)
         for stage, value in local.items():
             vec[stage] = np.float32(value)
         if nxt < self.n_sites:
             self._control_send(nxt, vec, _UP)
-            vec = np.array(self._control_recv(nxt, _DOWN), np.float32)
+            vec = np.array(self._control_recv(nxt, _DOWN, n_stages), np.float32)
         if prev >= 0:
             self._control_send(prev, vec, _DOWN)
         return vec
@@ -257,8 +284,16 @@ class NetTransport:
         nbytes = self._endpoint(peer, "control").send(Kind.CONTROL, vec, step=self.step, microbatch=direction)
         self._count((self.site, peer, "control"), nbytes, vec.nbytes)
 
-    def _control_recv(self, peer: int, direction: int) -> np.ndarray:
-        return self._endpoint(peer, "control").recv(kind=Kind.CONTROL, step=self.step, microbatch=direction)[1]
+    def _control_recv(self, peer: int, direction: int, n: int) -> np.ndarray:
+        ep = self._endpoint(peer, "control")
+        vec = ep.recv(kind=Kind.CONTROL, step=self.step, microbatch=direction)[1]
+        if vec.shape != (n,) or vec.dtype != np.float32:  # every site must run the same stages
+            message = (f"site {self.names[self.site]!r} received the control vector (step {self.step}) from site "
+                       f"{ep.peer!r}: expected {_describe((n,), (np.float32,))}, got "
+                       f"{_describe(vec.shape, (vec.dtype,))}")
+            ep.abort(message)
+            raise PeerError(message)
+        return vec
 
     # ---- the InProcessTransport surface the executor and trainer use ----------------------------------------
 
@@ -313,6 +348,11 @@ class NetTransport:
             sender.reported = True
         if unreported or stalled:
             raise unreported[0].error if unreported else stalled
+
+
+def _describe(shape: tuple, dtypes: tuple) -> str:
+    """'shape (4, 8, 16) float32' (several accepted dtypes: 'float32 | bfloat16')."""
+    return f"shape {tuple(shape)} {' | '.join(np.dtype(d).name for d in dtypes)}"
 
 
 __all__ = ["LinkStats", "NetTransport", "PeerError"]

@@ -158,7 +158,7 @@ class LocalSite:
         if not multi or jax.process_index() == 0:
             mesh = _group.leader_mesh(self.mesh) if multi else self.mesh
             t = NetTransport(self.index, self.topology.n_sites, mesh, endpoints, codecs=link_codecs(self.topology),
-                             names=names, overlap=overlap)
+                             names=names, overlap=overlap, expect=self.expected)
         elif endpoints:
             raise ValueError(f"site {self.site.name!r} process {jax.process_index()}: only process 0 links to "
                              f"other sites, got endpoints to {sorted(endpoints)}")
@@ -179,6 +179,19 @@ class LocalSite:
         kind, stage, _ = key
         shape = (self.batch_size // self.microbatches, self.seq, self.width)
         return shape, self.stage_dtype(stage - 1 if kind == "act" else stage)
+
+    def expected(self, key: tuple) -> tuple[tuple[int, ...], tuple[np.dtype, ...]]:
+        """(shape, accepted dtypes) of what may arrive from another site under `key` (the NetTransport refuses
+        anything else): `arrival`'s. An activation from a site whose compute dtype the topology does not pin (no
+        `compute_dtype`, and a device kind it cannot tell from `device_kind` / `backend`, e.g. backend "cuda"
+        alone) may come in any compute dtype: that site picks its dtype from devices only it sees."""
+        shape, dtype = self.arrival(key)
+        kind, stage, _ = key
+        owner = self.topology.sites[(stage - 1 if kind == "act" else stage) % self.topology.n_sites]  # its dtype
+        if owner is self.site or owner.compute_dtype is not None or \
+                _backends.capability_for(owner.device_kind or owner.backend).known:
+            return shape, (dtype,)
+        return shape, tuple(np.dtype(d) for d in _backends.COMPUTE_DTYPES)
 
     def warm_up(self) -> None:
         """Run every program of this site on zeros, twice (updated params may come back with another layout and
