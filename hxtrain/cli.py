@@ -19,6 +19,7 @@ def _ensure_cpu_devices(n: int = 8) -> None:
 
 
 def _cmd_train(args) -> int:
+    from hxtrain.training.diloco_run import diloco_overrides
     from hxtrain.training.trainer import RunConfig, train
 
     cfg = RunConfig(mesh=args.mesh, model=args.model, schedule=args.schedule, microbatches=args.microbatches,
@@ -26,7 +27,7 @@ def _cmd_train(args) -> int:
                     partition=args.partition, learning_rate=args.lr, seed=args.seed, executor=args.executor,
                     timeline=args.timeline, timeline_step=args.timeline_step,
                     save_every=args.save_every, keep=args.keep, resume=args.resume, init_from=args.init_from,
-                    plan=args.plan)
+                    plan=args.plan, strategy=args.strategy, diloco=diloco_overrides(args))
     train(cfg, progress=not args.no_progress)
     return 0
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--timeline-step", type=int, metavar="N", help="which step --timeline records (default: the last)")
     t.add_argument("--plan", metavar="FILE", help="run a plan written by `hxtrain plan` (its topology, model, "
                                                   "schedule, microbatches and global batch)")
+    from hxtrain.training.diloco_run import add_diloco_arguments
+
+    add_diloco_arguments(t)
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("info", help="devices and backends JAX sees, and the topology as it will be placed")

@@ -7,7 +7,7 @@ by library path or installed package (`plugin:/path/libpjrt_x.so`, `plugin:packa
 """
 
 from hxtrain.backends._clients import (SiteClient, client_rows, client_summary, format_clients, place_sites,
-                                       register_plugins, site_client)
+                                       register_plugins, site_client, site_offsets)
 from hxtrain.backends._capabilities import CAPABILITIES, Capability, capability_for
 from hxtrain.backends._devices import describe, devices_for, format_table
 from hxtrain.backends._dtypes import COMPUTE_DTYPES, DtypePolicy, dtype_policy, link_wire_dtype
@@ -24,6 +24,6 @@ __all__ = [
     "BackendError", "BackendInfo", "Capability", "DtypePolicy", "PluginNotInstalledError", "PluginSource",
     "SiteClient", "canonical_backend", "capability_for", "check_plugin_library", "client_rows", "client_summary", "describe",
     "devices_for", "dtype_policy", "find_plugin", "format_clients", "format_table", "installed_providers",
-    "known_backend_names", "link_wire_dtype", "locate_plugin_library", "parse_pjrt_env", "place_sites",
+    "known_backend_names", "link_wire_dtype", "locate_plugin_library", "parse_pjrt_env", "place_sites", "site_offsets",
     "plugin_client_name", "plugin_platform_name", "register_plugin_library", "register_plugins", "site_client",
 ]

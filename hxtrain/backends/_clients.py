@@ -134,13 +134,10 @@ def place_sites(sites: Sequence, *, env: Mapping[str, str] | None = None) -> lis
     two sites on one device (unless both set `share_devices`), or two client names that are one client.
     """
     clients = register_plugins(sites, env=env)
-    next_free: dict[str, int] = {}
     owners: dict[tuple[int, int], object] = {}
     client_names: dict[int, str] = {}
     placed = []
-    for site, c in zip(sites, clients):
-        first = getattr(site, "first_device", None)
-        offset = next_free.get(c.name, 0) if first is None else first
+    for site, c, offset in zip(sites, clients, _offsets(sites, clients)):
         devs = devices_for(site.backend, site.devices, offset, site=site.name, plugin=site.plugin, env=env)
         client = devs[0].client
         if any(d.client is not client for d in devs):
@@ -157,9 +154,26 @@ def place_sites(sites: Sequence, *, env: Mapping[str, str] | None = None) -> lis
                     f"sites {other.name!r} and {site.name!r} are both placed on device {d.id} of client "
                     f"{c.name!r}; give {site.name!r} a first_device past the other's devices, or set "
                     "share_devices = true on both to share them on purpose")
-        next_free[c.name] = max(next_free.get(c.name, 0), offset + site.devices)
         placed.append(devs)
     return placed
+
+
+def site_offsets(sites: Sequence, *, env: Mapping[str, str] | None = None) -> list[int]:
+    """Where each site's devices start on its own client, as `place_sites` places them: its `first_device`, else
+    after the devices earlier sites took on the same client. A group of the sites placed on its own (a replica)
+    keeps the devices it has in the whole topology by setting these as its `first_device`s."""
+    return _offsets(sites, register_plugins(sites, env=env))
+
+
+def _offsets(sites: Sequence, clients: Sequence) -> list[int]:
+    next_free: dict[str, int] = {}
+    out = []
+    for site, c in zip(sites, clients):
+        first = getattr(site, "first_device", None)
+        offset = next_free.get(c.name, 0) if first is None else first
+        next_free[c.name] = max(next_free.get(c.name, 0), offset + site.devices)
+        out.append(offset)
+    return out
 
 
 def client_summary(client) -> str:

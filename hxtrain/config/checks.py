@@ -49,6 +49,69 @@ def validate(t) -> None:
             _fail(src, "links", f"no link between pipeline neighbours {a.name!r} (sites[{i}]) and {b.name!r} "
                                 f"(sites[{i + 1}]); add a [[links]] table with between = [\"{a.name}\", \"{b.name}\"]")
     _check_run(src, t.run)
+    if t.diloco is not None:
+        check_diloco(src, t.diloco, [s.name for s in t.sites])
+
+
+def check_diloco(src: str, d, site_names, flags: dict[str, str] | None = None) -> None:
+    """A `Diloco` against the topology's sites; TopologyError naming `diloco.<field>` (or the field's flag in
+    `flags`, for a value given on the command line)."""
+    from hxtrain.config import topology as _t
+
+    flags = flags or {}
+
+    def fail(field: str, msg: str):
+        if field in flags:
+            raise TopologyError(f"{flags[field]}: {msg}")
+        _fail(src, f"diloco.{field}", msg)
+
+    if not isinstance(d, _t.Diloco):
+        _fail(src, "diloco", f"expected a Diloco, got {show(d)}")
+    if not is_int(d.sync_every) or d.sync_every < 1:
+        fail("sync_every", f"expected a whole number of inner steps >= 1, got {show(d.sync_every)}")
+    if not is_int(d.fragments) or not 1 <= d.fragments <= d.sync_every:
+        fail("fragments", f"expected a whole number in 1..sync_every ({d.sync_every}), got {show(d.fragments)}")
+    spacing = d.sync_every // d.fragments
+    if not is_int(d.overlap) or not 0 <= d.overlap < spacing:
+        fail("overlap", f"expected a whole number of inner steps in 0..{spacing - 1} (less than the "
+                        f"{spacing} steps between two fragments' syncs), got {show(d.overlap)}")
+    if not (_is_num(d.outer_lr) and d.outer_lr > 0):
+        fail("outer_lr", f"expected a finite number > 0, got {show(d.outer_lr)}")
+    for f in ("outer_momentum", "mix"):
+        v = getattr(d, f)
+        if not (_is_num(v) and 0 <= v < 1):
+            fail(f, f"expected a number in [0, 1), got {show(v)}")
+    if d.codec not in CODEC_NAMES:
+        close = difflib.get_close_matches(str(d.codec), CODEC_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        fail("codec", f"unknown codec {d.codec!r}{hint}; expected one of {', '.join(CODEC_NAMES)}")
+    if d.replicas is not None:
+        if not isinstance(d.replicas, tuple) or not d.replicas or not all(
+                isinstance(g, tuple) and g and all(isinstance(n, str) for n in g) for g in d.replicas):
+            fail("replicas", f"expected groups of site names like [[\"a\", \"b\"], [\"c\", \"d\"]], got "
+                             f"{show(d.replicas)}")
+    groups = d.replicas if d.replicas is not None else tuple((n,) for n in site_names)
+    if len(groups) < 2:
+        fail("replicas", f"expected at least 2 replicas to average over, got {len(groups)} "
+                         f"({'+'.join(groups[0])}); give a topology of several sites, or group them in replicas")
+    if d.replicas is not None:
+        seen = [n for g in groups for n in g]
+        unknown = [n for n in seen if n not in site_names]
+        twice = sorted({n for n in seen if seen.count(n) > 1})
+        missing = [n for n in site_names if n not in seen]
+        if unknown or twice or missing:
+            what = (f"unknown site {unknown[0]!r}" if unknown else f"site {twice[0]!r} is in two replicas"
+                    if twice else f"site {missing[0]!r} is in no replica")
+            fail("replicas", f"the groups must cover every site exactly once ({', '.join(site_names)}); {what}")
+        for g in groups:
+            order = [site_names.index(n) for n in g]
+            if order != sorted(order):
+                fail("replicas", f"replica {list(g)} lists its sites out of pipeline order; list them as in "
+                                 f"[[sites]]: {sorted(g, key=site_names.index)}")
+    if d.shares is not None:
+        if (not isinstance(d.shares, tuple) or len(d.shares) != len(groups)
+                or not all(_is_num(x) and x > 0 for x in d.shares)):
+            fail("shares", f"expected {len(groups)} numbers > 0 (one per replica), got {show(d.shares)}")
 
 
 def _check_site(src: str, w: str, s) -> None:

@@ -105,6 +105,40 @@ class RunDefaults:
 
 
 @dataclass(frozen=True)
+class Diloco:
+    """Low-communication data parallelism across replicas (the `[diloco]` table; `hxtrain train --strategy diloco`).
+
+    Each replica (a site, or a group of sites that pipeline the model among themselves) trains the whole model on
+    its share of the batch; every `sync_every` inner steps the replicas average their pseudo-gradients
+    (params at the last sync - params now) and all apply the same outer Nesterov step (DiLoCo, Douillard et al.
+    2023). `fragments` > 1: parameter fragments sync at staggered steps (Streaming DiLoCo), each one's result
+    applied `overlap` inner steps after its exchange began, keeping a `mix` share of the local params then."""
+
+    replicas: tuple[tuple[str, ...], ...] | None = None  # groups of sites, each in pipeline order; None: one per site
+    sync_every: int = 500  # H: inner steps per outer step (the paper's value at scale)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9  # Nesterov; 0 = plain SGD
+    fragments: int = 1
+    overlap: int = 0  # tau: inner steps between a fragment's exchange and the use of its result
+    mix: float = 0.0  # alpha: share of the local params kept when a late result is applied (0: take the global)
+    codec: str = "none"  # pseudo-gradients on the link: none, bf16, int8 or fp8 (hxtrain.links.codecs)
+    shares: tuple[float, ...] | None = None  # each replica's share of the global batch; None = equal
+
+    def __post_init__(self):
+        if isinstance(self.replicas, list):
+            object.__setattr__(self, "replicas", tuple(tuple(g) if isinstance(g, list) else g
+                                                       for g in self.replicas))
+        if isinstance(self.shares, list):
+            object.__setattr__(self, "shares", tuple(self.shares))
+        for f in ("outer_lr", "outer_momentum", "mix"):
+            int_to_float(self, f)
+
+    def groups(self, topology) -> tuple[tuple[str, ...], ...]:
+        """The replicas as groups of site names (one site each when `replicas` is None)."""
+        return self.replicas if self.replicas is not None else tuple((s.name,) for s in topology.sites)
+
+
+@dataclass(frozen=True)
 class Topology:
     """Sites in pipeline order, their links and the default run; validated on construction."""
 
@@ -114,6 +148,7 @@ class Topology:
     run: RunDefaults
     source: str  # the file it came from, or "<code>"
     description: str = ""
+    diloco: Diloco | None = None  # the [diloco] table: how `--strategy diloco` groups and syncs the sites
 
     def __post_init__(self):
         object.__setattr__(self, "sites", tuple(self.sites))
@@ -244,7 +279,7 @@ def load_topology(path: str | os.PathLike) -> Topology:
     except OSError as e:
         raise TopologyError(f"{src}: cannot read: {e}") from e
 
-    _check_keys(src, "", raw, {"name", "description", "sites", "links", "run"}, set())
+    _check_keys(src, "", raw, {"name", "description", "sites", "links", "run", "diloco"}, set())
     sites = [_build(src, f"sites[{i}]", t, Site, {"name", "backend", "devices", "data", "tensor"})
              for i, t in enumerate(_tables(src, "sites", raw.get("sites", [])))]
     links = [_build(src, f"links[{i}]", t, Link, {"sites", "bandwidth_gbps", "latency_ms"}, {"sites": "between"})
@@ -253,7 +288,13 @@ def load_topology(path: str | os.PathLike) -> Topology:
     if not isinstance(run, dict):
         raise TopologyError(f"{src}: run: expected a table [run], got {show(run)}")
     run = _build(src, "run", run, RunDefaults, set())
-    return Topology(raw.get("name", p.stem), tuple(sites), tuple(links), run, src, raw.get("description", ""))
+    diloco = raw.get("diloco")
+    if diloco is not None:
+        if not isinstance(diloco, dict):
+            raise TopologyError(f"{src}: diloco: expected a table [diloco], got {show(diloco)}")
+        diloco = _build(src, "diloco", diloco, Diloco, set())
+    return Topology(raw.get("name", p.stem), tuple(sites), tuple(links), run, src, raw.get("description", ""),
+                    diloco)
 
 
 # --- loading helpers --------------------------------------------------------------------------------------

@@ -28,8 +28,11 @@ class OptimizerConfig:
     b2: float = 0.95
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # global norm over every site's gradients; 0 disables
+    kind: str = "adamw"  # or "sgd" (plain SGD on the same schedule: DiLoCo's exactness check uses it)
 
     def __post_init__(self):
+        if self.kind not in ("adamw", "sgd"):
+            raise ValueError(f"OptimizerConfig.kind: expected 'adamw' or 'sgd', got {self.kind!r}")
         for name in ("learning_rate", "total_steps"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):  # `nan > 0` is False: NaN is refused too
@@ -51,6 +54,8 @@ class OptimizerConfig:
             decay_steps=max(self.total_steps, warmup + 1), end_value=self.learning_rate * self.end_lr_fraction)
 
     def transform(self) -> optax.GradientTransformation:
+        if self.kind == "sgd":
+            return optax.sgd(self.schedule())
         # AdamW with decoupled weight decay on matrices only (not on norms and biases).
         return optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay,
                            mask=_matrix_mask)

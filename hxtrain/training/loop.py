@@ -80,3 +80,28 @@ def run_steps(steps: Steps, *, first: int, last: int, metrics=None, saver: Saver
         if saver is not None:
             saver.close(failed=failed)  # also after NonFiniteLoss: seal what was saved before it
     return history
+
+
+def fit_steps(steps: Steps, *, first: int, count: int, out=None, progress: bool = True, log_every: int = 1,
+              saver: Saver | None = None, postfix: Callable[[dict], dict] | None = None) -> list[dict]:
+    """`run_steps` for `count` steps from `first` with a progress bar (tqdm: terminal or Jupyter) showing the loss,
+    tokens/s and `postfix(row)`, and metrics (JSONL + TensorBoard) in `out` when given: `Trainer.fit` and
+    `DilocoTrainer.fit`."""
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        raise ValueError(f"steps: expected >= 1, got {count!r}")
+    from tqdm.auto import tqdm
+
+    from hxtrain.training.metrics import MetricsWriter
+
+    bar = tqdm(total=count, disable=not progress, unit="step", dynamic_ncols=True)
+
+    def report(row):
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        **(postfix(row) if postfix else {}))
+        bar.update(1)
+
+    try:
+        return run_steps(steps, first=first, last=first + count - 1, report=report, saver=saver,
+                         metrics=MetricsWriter(out) if out is not None else None, log_every=log_every)
+    finally:
+        bar.close()

@@ -18,7 +18,7 @@ import numpy as np
 from hxtrain.training import data as _data
 from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.engine.pipeline import Pipeline
-from hxtrain.training.loop import NonFiniteLoss, run_steps
+from hxtrain.training.loop import NonFiniteLoss
 
 __all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "build_model", "train"]
 
@@ -100,32 +100,20 @@ class Trainer:
 
         `timeline`: write step `timeline_step` of this call (1..steps, default the last) as a Chrome trace there
         (that step is recorded, so a little slower); its per-site busy/idle summary lands in `timeline_summary`."""
-        if steps < 1:
-            raise ValueError(f"steps: expected >= 1, got {steps}")
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps: expected >= 1, got {steps!r}")
         timeline_step = steps if timeline_step is None else timeline_step
         if timeline is not None and not (isinstance(timeline_step, int) and 1 <= timeline_step <= steps):
             raise ValueError(f"timeline_step: expected a step in 1..{steps}, got {timeline_step!r}")
         if timeline is not None and not hasattr(self.pipeline, "write_timeline"):
             raise ValueError("timeline: this executor records no timeline; use the mpmd executor")
-        from tqdm.auto import tqdm
-
-        from hxtrain.training import metrics as _metrics
-
-        out = out if out is not None else self.out
-        bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
-
-        def report(row):
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
+        from hxtrain.training.loop import fit_steps
 
         source = _TrainerSteps(self, first=self.step + 1, timeline=timeline, timeline_step=timeline_step,
                                timeline_every=timeline_every)
         saver = _TrainerSaver(self) if self.checkpoints is not None else None
-        try:
-            return run_steps(source, first=self.step + 1, last=self.step + steps, report=report, saver=saver,
-                             metrics=_metrics.MetricsWriter(out) if out is not None else None, log_every=log_every)
-        finally:
-            bar.close()
+        return fit_steps(source, first=self.step + 1, count=steps, out=out if out is not None else self.out,
+                         progress=progress, log_every=log_every, saver=saver)
 
 
 class _TrainerSteps:
@@ -233,6 +221,8 @@ class RunConfig:
     resume: str = "auto"  # never | auto | must: continue from the newest intact checkpoint in out/checkpoints
     init_from: str | None = None  # an `hxtrain export` folder (or a run folder) to take the parameters from
     plan: str | None = None  # a plan file from `hxtrain plan`: its topology, model, schedule, microbatches, batch
+    strategy: str = "pipeline"  # or "diloco": replicas that sync every H steps (hxtrain.training.diloco)
+    diloco: tuple[tuple[str, object], ...] = ()  # (Diloco field, value) given on the command line
 
 
 def build_model(name: str, seed: int = 0):
@@ -266,10 +256,29 @@ def _from_plan(config: RunConfig) -> RunConfig:
                                microbatches=plan.microbatches, batch_size=plan.global_batch, partition=partition)
 
 
+def run_folders(config) -> list[tuple[str, str, Path]]:
+    """(flag, what, folder) of every folder a run writes: `--out` and, for `hxtrain train`, its checkpoints/; for
+    a site process (a config with `checkpoint_dir`), --checkpoint-dir/<site> instead, and --out only on the
+    site's leader (process 0, the one that writes metrics there)."""
+    out = getattr(config, "out", None)
+    if getattr(config, "process_id", None) not in (None, 0):
+        out = None
+    folders = [] if out is None else [("--out", "run folder", Path(out))]
+    if hasattr(config, "checkpoint_dir"):  # a site's checkpoints: under --checkpoint-dir, one folder per site
+        if config.checkpoint_dir:
+            folders.append(("--checkpoint-dir", "checkpoint folder", Path(config.checkpoint_dir) / config.site))
+    elif out is not None:  # Trainer(out=...) keeps its checkpoints in out/checkpoints
+        folders.append(("--out", "checkpoint folder", Path(out) / "checkpoints"))
+    return folders
+
+
 def resolve_run(topology, config, **defaults):
     """`config` with each None field from `defaults` or the topology's [run] table (`RunDefaults.fill`), then the
-    choices the topology layer cannot check: the schedule's name, and a run folder that is not a file. For
-    `hxtrain train` and `hxtrain site` alike; ValueError naming the field."""
+    choices the topology layer cannot check: the schedule's name, a run folder that is not a file, and every
+    folder the run writes (`run_folders`, created here) writable. For `hxtrain train` and `hxtrain site` alike,
+    before any model is built; ValueError naming the flag. Starts no JAX backend (a site process resolves before
+    it sets its device count)."""
+    from hxtrain.checkpoints.manifest import unwritable
     from hxtrain.schedules.tables import ScheduleError, get_schedule
 
     resolved = topology.run.fill(config, **defaults)
@@ -281,6 +290,10 @@ def resolve_run(topology, config, **defaults):
     out = getattr(resolved, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out: expected a run folder (created if missing), got {str(out)!r}, which is a file")
+    for flag, what, folder in run_folders(resolved):
+        why = unwritable(folder)
+        if why is not None:
+            raise ValueError(f"{flag}: cannot write to {what} {str(folder)!r} ({why})")
     return resolved
 
 
@@ -289,6 +302,10 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
     from hxtrain.backends import register_plugins
     from hxtrain.config.topology import load_topology
 
+    if config.strategy == "diloco":
+        from hxtrain.training.diloco_run import train_diloco
+
+        return train_diloco(config, progress=progress)
     if config.plan is not None:
         config = _from_plan(config)
     topo = load_topology(config.mesh)
@@ -324,3 +341,4 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
     print(f"done: {len(history)} steps, loss {first:.4f} -> {last:.4f}, "
           f"cross-site bytes/step {sum(history[-1]['bytes_per_link'].values())}")
     return trainer, history
+
