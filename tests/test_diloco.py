@@ -3,6 +3,7 @@ so, replicas that agree bit for bit, a hand-checked weighted outer step, the str
 pipelined over several sites, and clear errors for bad settings."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ from helpers import batch, rel_err
 from hxtrain.checkpoints import logical
 from hxtrain.config.topology import Diloco, TopologyError, uniform
 from hxtrain.core.optim import OptimizerConfig
+from hxtrain.links.codecs import get_codec
 from hxtrain.training import diloco as dl
+from hxtrain.training import outer as _outer
 from models import gpt
 
 T = gpt.TINY.seq_len
@@ -31,7 +34,7 @@ def _run(topology, cfg, *, batch_size=8, optimizer=SGD, **kw):
 
 def _flat_params(model) -> dict:
     """The plain model's params keyed like a replica's (logical layout), via a one-site pipeline on device 0."""
-    return dl._flat(jax.device_get(logical.to_logical(hxtrain.Pipeline(model, uniform(1), microbatches=1))["params"]))
+    return _outer.flat(jax.device_get(logical.to_logical(hxtrain.Pipeline(model, uniform(1), microbatches=1))["params"]))
 
 
 def test_h1_outer_sgd_lr1_inner_sgd_equals_synchronous_data_parallelism():
@@ -65,7 +68,7 @@ def test_replicas_hold_bit_identical_global_params_after_every_outer_step():
     holds exactly the global params; between syncs they differ."""
     cfg = Diloco(sync_every=2, shares=(3, 1), codec="int8")
     run = _run(uniform(2), cfg, optimizer=ADAMW)
-    for step in range(1, 5):
+    for step in range(1, 4):
         row = run.train_step(batch(8, seed=step))
         a, b = (rep.params() for rep in run.replicas)
         same = all(np.array_equal(a[k], b[k]) for k in a)
@@ -73,34 +76,39 @@ def test_replicas_hold_bit_identical_global_params_after_every_outer_step():
         if step % 2 == 0:
             assert all(np.array_equal(a[k], run.global_params[k]) for k in a)
             # int8: one byte per element plus a float32 scale per row, each replica's delta to the other replica
-            assert row["sync_bytes"] == 2 * sum(dl._codecs.get_codec("int8").wire_bytes(v.shape, v.dtype)
+            assert row["sync_bytes"] == 2 * sum(get_codec("int8").wire_bytes(v.shape, v.dtype)
                                                 for v in a.values())
         else:
             assert row["sync_bytes"] == 0
     assert [rep.rows for rep in run.replicas] == [slice(0, 6), slice(6, 8)]
-    assert row["replica_tokens"] == {"s0": 4 * 6 * T, "s1": 4 * 2 * T}
+    assert row["replica_tokens"] == {"s0": 3 * 6 * T, "s1": 3 * 2 * T}
 
 
 def test_the_outer_step_is_the_token_weighted_mean_then_nesterov():
-    cfg = Diloco(sync_every=4, outer_lr=0.7, outer_momentum=0.9, shares=(3, 1))
-    run = _run(uniform(2), cfg)
+    """OuterSync alone (numpy, no device): unequal token counts weight the decoded deltas; Nesterov on top."""
     rng = np.random.default_rng(0)
-    keys = run.fragments[0][:3]
-    g = {k: rng.standard_normal(run.global_params[k].shape).astype(np.float32) for k in keys}
-    m = {k: rng.standard_normal(g[k].shape).astype(np.float32) for k in keys}
-    local = [{k: rng.standard_normal(g[k].shape).astype(np.float32) for k in keys} for _ in range(2)]
-    run.global_params.update(g)
-    run.momentum.update({k: v.copy() for k, v in m.items()})
-    run._since[0] = [300, 100]  # tokens since the last sync: weights 0.75 / 0.25
-    run.fragments = [keys]
-    new, nbytes = run._outer_step(0, local)
-    for k in keys:
+    g = {k: rng.standard_normal((3, 5)).astype(np.float32) for k in ("embed/w", "blocks/0/w", "head/w")}
+    sync = _outer.OuterSync(Diloco(sync_every=4, outer_lr=0.7, outer_momentum=0.9), g, 2)
+    m = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in g.items()}
+    sync.momentum = {k: v.copy() for k, v in m.items()}
+    local = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in g.items()} for _ in range(2)]
+    sync.add_tokens(0, 300)
+    sync.add_tokens(1, 100)  # weights 0.75 / 0.25
+    assert sync.due(3) == [] and sync.due(4) == [0] and sync.due(8) == [0]
+    deltas = [sync.delta(0, mine)[1] for mine in local]
+    new = sync.combine(0, deltas, step=4)
+    for k in g:
         avg = 0.75 * (g[k] - local[0][k]) + 0.25 * (g[k] - local[1][k])
         mom = 0.9 * m[k] + avg
         np.testing.assert_allclose(new[k], g[k] - 0.7 * (avg + 0.9 * mom), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(run.momentum[k], mom, rtol=1e-6, atol=1e-6)
-    assert nbytes == 2 * sum(4 * g[k].size for k in keys)  # codec none: each replica's float32 delta to the other
-    assert run._since[0] == [0, 0]
+        np.testing.assert_allclose(sync.momentum[k], mom, rtol=1e-6, atol=1e-6)
+    assert sync.since == [[0, 0]] and sync.outer_steps == 1
+    assert sync.wire_bytes(0) == sum(4 * v.size for v in g.values())  # codec none: float32
+    ready = sync.landed(4)
+    assert len(ready) == 1 and all(np.array_equal(sync.global_params[k], new[k]) for k in g)
+    mine = dict(local[0])
+    sync.apply(mine, ready)
+    assert all(np.array_equal(mine[k], new[k]) for k in g)
 
 
 def test_streaming_fragments_sync_every_parameter_once_per_h_steps():
@@ -108,12 +116,12 @@ def test_streaming_fragments_sync_every_parameter_once_per_h_steps():
     staggered offsets that sync each fragment once in every window of H steps."""
     shapes = {f"blocks/{i}/w": ((64, 64 * (1 + i % 3)), "float32") for i in range(12)}
     for fragments in (1, 2, 3, 4):
-        groups = dl.fragment_keys(shapes, fragments)
+        groups = _outer.fragment_keys(shapes, fragments)
         assert len(groups) == fragments and [k for g in groups for k in g] == list(shapes)
         sizes = [sum(np.prod(shapes[k][0]) * 4 for k in g) for g in groups]
         assert max(sizes) <= 1.5 * sum(sizes) / fragments
         for H in (fragments, 6, 12):
-            offsets = [dl.sync_offset(f, fragments, H) for f in range(fragments)]
+            offsets = [_outer.sync_offset(f, fragments, H) for f in range(fragments)]
             assert len(set(offsets)) == fragments and max(offsets) == H and min(offsets) >= 1
             for start in range(1, 3 * H):  # every window of H consecutive steps syncs each fragment exactly once
                 for d in offsets:
@@ -128,7 +136,7 @@ def test_streaming_run_peaks_at_a_fragment_and_lands_late_results():
     for s in range(1, 5):
         rows.append(run.train_step(batch(8, seed=s)))
         a, b = (rep.params() for rep in run.replicas)
-        same.append([all(np.array_equal(a[k], b[k]) for k in frag) for frag in run.fragments])
+        same.append([all(np.array_equal(a[k], b[k]) for k in frag) for frag in run.outer.fragments])
     sent = [r["sync_bytes"] for r in rows]
     assert sent[0] == sent[2] == 0 and sent[1] > 0 and sent[3] > 0  # fragment 0 at step 2, fragment 1 at step 4
     total = 2 * sum(4 * v.size for v in run.global_params.values())  # both replicas' float32 deltas
@@ -139,14 +147,14 @@ def test_streaming_run_peaks_at_a_fragment_and_lands_late_results():
 
 def test_two_replicas_of_two_pipeline_stages_match_each_replica_unsplit():
     """local-4site as 2 replicas x 2 stages (pipelined over its own sites) against 2 replicas of one site each
-    (data 2, the whole model): the same DiLoCo run, fp32 rel <= 1e-5 after two outer steps. Inner SGD: AdamW
+    (data 2, the whole model): the same DiLoCo run, fp32 rel <= 1e-5 after an outer step. Inner SGD: AdamW
     would turn the fp32 rounding of near-zero gradients into lr-sized steps, whatever the split."""
     cfg = Diloco(sync_every=2, outer_momentum=0.9)
     opt = SGD
     hybrid = _run("local-4site", dataclasses.replace(cfg, replicas=(("s0", "s1"), ("s2", "s3"))), optimizer=opt)
     assert [len(r.pipeline.stages) for r in hybrid.replicas] == [2, 2]
     flat = _run(uniform(2, data=2), cfg, optimizer=opt)
-    for step in range(1, 5):
+    for step in range(1, 3):
         tokens = batch(8, seed=20 + step)
         h, f = hybrid.train_step(tokens), flat.train_step(tokens)
         assert rel_err(h["loss"], f["loss"]) <= 1e-5, step
@@ -190,3 +198,60 @@ def test_the_command_line_names_the_flag(capsys):
     assert "error: --replicas: the groups must cover every site exactly once" in capsys.readouterr().err
     assert cli.main(["train", "--strategy", "diloco", "--save-every", "5"]) == 2
     assert "error: --strategy diloco: --save-every is not supported with diloco yet" in capsys.readouterr().err
+
+
+_TWO_SITES = """
+name = "two"
+[[sites]]
+name = "a"
+backend = "cpu"
+devices = 1
+data = 1
+tensor = 1
+[[sites]]
+name = "b"
+backend = "cpu"
+devices = 1
+data = 1
+tensor = 1
+[[links]]
+between = ["a", "b"]
+bandwidth_gbps = 10
+latency_ms = 1
+[run]
+model = "tiny"
+schedule = "1f1b"
+microbatches = 2
+batch_size = 8
+steps = 3
+[diloco]
+sync_every = 2
+shares = [3, 1]
+codec = "int8"
+"""
+
+
+def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):
+    """`hxtrain launch --strategy diloco`: each site a replica over the run's TLS link; per-replica losses equal
+    the in-process DilocoTrainer's (which the tests above check against synchronous DP), step for step."""
+    import json
+    import subprocess
+    import sys
+
+    mesh = tmp_path / "two.toml"
+    mesh.write_text(_TWO_SITES)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
+                          "--sync-every", "1", "--out", str(out), "--timeout", "60"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "diloco replica 0 of 2, rows 0..5 of each batch, sync every 1 steps, codec int8" in run.stdout
+    topo = hxtrain.load_topology(mesh)
+    ref = dl.DilocoTrainer(gpt.build(gpt.TINY, seed=0), topo, diloco=dataclasses.replace(topo.diloco, sync_every=1),
+                           microbatches=2, batch_size=8, optimizer=OptimizerConfig.for_steps(3, 3e-3))
+    want = [r["replica_loss"] for r in ref.fit(3, progress=False)]
+    for s in ("a", "b"):
+        rows = [json.loads(line) for line in (out / f"metrics-{s}.jsonl").read_text().splitlines()]
+        assert [r["outer_step"] for r in rows] == [1, 2, 3] and all(r["sync_bytes"] > 0 for r in rows)
+        for got, w in zip(rows, want):
+            assert rel_err(got["loss"], w[s]) <= 1e-5, (s, got["loss"], w[s])

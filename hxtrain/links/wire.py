@@ -69,6 +69,7 @@ class Kind(enum.IntEnum):
     HELLO = 4
     ERROR = 5
     BYE = 6
+    PSEUDO_GRADIENT = 7  # DiLoCo: a replica's pseudo-gradient of one parameter (stage = fragment, microbatch = key)
 
 
 # Code 0 is reserved for opaque bytes (control messages, handshake). Codes are append-only: never renumber.

@@ -9,6 +9,7 @@ import os
 import sys
 
 from hxtrain.sites.process import SiteConfig, SiteError, parse_addresses, run_site
+from hxtrain.training.diloco_run import diloco_overrides
 
 
 def add_run_arguments(p) -> None:
@@ -16,6 +17,9 @@ def add_run_arguments(p) -> None:
     from hxtrain.training.trainer import add_run_arguments as add_run
 
     add_run(p, out_help="folder for metrics-<site>.jsonl and tb/<site>/ (TensorBoard)")
+    from hxtrain.training.diloco_run import add_diloco_arguments
+
+    add_diloco_arguments(p)
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a peer may stay silent before this site stops and names it (default 30)")
     p.add_argument("--secret-env", default="HXTRAIN_SECRET",
@@ -44,7 +48,8 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       coordinator=getattr(args, "coordinator", None), checkpoint_dir=args.checkpoint_dir,
                       save_every=args.save_every, keep=args.keep, resume=args.resume,
                       tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
-                      tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext)
+                      tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext,
+                      strategy=args.strategy, diloco=diloco_overrides(args))
 
 
 def _cmd_site(args) -> int:

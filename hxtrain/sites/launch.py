@@ -200,6 +200,9 @@ def _cmd_launch(args) -> int:
         if value is not None:
             site_args += [flag, ",".join(map(str, value)) if flag == "--partition" else str(value)]
     site_args += ["--sync-sends"] if args.sync_sends else []
+    from hxtrain.training.diloco_run import diloco_flag_args
+
+    site_args += ["--strategy", args.strategy, *diloco_flag_args(args)]
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env,
                    plaintext=args.insecure_plaintext)
     failed = [e for e in exits if e.returncode != 0]

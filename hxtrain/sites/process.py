@@ -70,6 +70,8 @@ class SiteConfig:
     tls_key: str | None = None  # its private key
     tls_ca: str | None = None  # the CA certificate every site's certificate is signed by
     insecure_plaintext: bool = False  # links without TLS: loopback only, logged loudly
+    strategy: str = "pipeline"  # or "diloco": this site is a replica (hxtrain.sites.diloco)
+    diloco: tuple[tuple[str, object], ...] = ()  # (Diloco field, value) given on the command line
 
 
 class SiteError(RuntimeError):
@@ -293,6 +295,11 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     cfg = resolve_run(topo, cfg)
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
+    diloco = None
+    if cfg.strategy == "diloco":
+        from hxtrain.sites import diloco as _replica
+
+        diloco = _replica.check(topo, cfg, SiteError)
     site = topo.sites[index]
     cfg = dataclasses.replace(cfg, process_id=check_processes(site, cfg.process_id, cfg.coordinator))
     secret = read_secret(cfg.secret_env)
@@ -324,6 +331,8 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
         if cfg.process_id == 0:
             how = "mutual TLS 1.3" if tls is not None else "plaintext"
             log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())} ({how})")
+        if diloco is not None:
+            return _run_replica(topo, index, cfg, diloco, endpoints, log)
         local = _prog.LocalSite.build(topo, index, cfg)
         log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
         log(local.describe())
@@ -352,7 +361,23 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             ep.close()
 
 
-def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None) -> list[dict]:
+def _run_replica(topo, index: int, cfg: SiteConfig, d, endpoints: dict, log) -> list[dict]:
+    """This site as a DiLoCo replica (`hxtrain.sites.diloco`)."""
+    from hxtrain.sites import diloco as _replica
+
+    local = _replica.build(topo, index, cfg, d)
+    log(local.describe())
+    transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
+    steps = _replica.ReplicaSteps(local, transport, endpoints[1 - index], index, d)
+    log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows.start}.."
+        f"{local.batches.rows.stop - 1} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
+    local.warm_up()
+    steps.barrier(cfg.connect_timeout)
+    log(f"site {local.site.name!r}: compiled; both replicas ready")
+    return _loop(local, transport, cfg, log, steps=steps)
+
+
+def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None, steps=None) -> list[dict]:
     """Steps start+1 .. cfg.steps through the one training loop; `ckpt` (SiteCheckpoints or None) saves the due
     ones and the last. The site's leader writes metrics-<site>.jsonl and TensorBoard events under tb/<site>."""
     from hxtrain.training.metrics import MetricsWriter
@@ -369,7 +394,7 @@ def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None) -> 
         log(f"step {row['step']}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
             f"sent {sent or '-'} control {row['control_bytes']} B")
 
-    return run_steps(_SiteSteps(local, transport), first=start + 1, last=cfg.steps, metrics=metrics,
+    return run_steps(steps or _SiteSteps(local, transport), first=start + 1, last=cfg.steps, metrics=metrics,
                      saver=None if ckpt is None else _SiteSaver(ckpt, local), report=report, where=f"site {name!r}: ")
 
 

@@ -36,33 +36,10 @@ from hxtrain.config.topology import Diloco, Topology, load_topology
 from hxtrain.core import placement as _placement
 from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.engine.pipeline import Pipeline
-from hxtrain.links import codecs as _codecs
 from hxtrain.training import data as _data
+from hxtrain.training.outer import OuterSync, flat, nested
 
-__all__ = ["DilocoTrainer", "fragment_keys", "sync_offset", "replica_batches"]
-
-
-def fragment_keys(shapes: dict, fragments: int) -> list[tuple[str, ...]]:
-    """The logical parameter keys (in model order, `logical.shapes`) cut into `fragments` contiguous groups of
-    about equal bytes, each non-empty."""
-    keys = list(shapes)
-    if not 1 <= fragments <= len(keys):
-        raise ValueError(f"fragments: expected 1..{len(keys)} (the model's parameter arrays), got {fragments}")
-    sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in shapes.values()]
-    total, out, start, acc = sum(sizes), [], 0, 0
-    for i, n in enumerate(sizes):
-        acc += n
-        left_keys, left_groups = len(keys) - i - 1, fragments - len(out) - 1
-        if len(out) < fragments - 1 and (acc >= total * (len(out) + 1) / fragments or left_keys == left_groups):
-            out.append(tuple(keys[start:i + 1]))
-            start = i + 1
-    out.append(tuple(keys[start:]))
-    return out
-
-
-def sync_offset(fragment: int, fragments: int, sync_every: int) -> int:
-    """The first inner step at which `fragment` syncs; it syncs again every `sync_every` steps after that."""
-    return ((fragment + 1) * sync_every) // fragments
+__all__ = ["DilocoTrainer", "Replica", "replica_batches"]
 
 
 def replica_batches(batch_size: int, shares) -> list[int]:
@@ -79,27 +56,6 @@ def replica_batches(batch_size: int, shares) -> list[int]:
     return [int(x) for x in out]
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _nested(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        node = out
-        *path, last = key.split("/")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return out
-
-
 @dataclasses.dataclass
 class Replica:
     """One replica: its sites' pipeline, its inner optimizer, and which rows of the global batch it reads."""
@@ -111,11 +67,11 @@ class Replica:
 
     def params(self) -> dict[str, np.ndarray]:
         """This replica's params, host copies keyed by logical path."""
-        return _flat(jax.device_get(_logical.to_logical(self.pipeline)["params"]))
+        return flat(jax.device_get(_logical.to_logical(self.pipeline)["params"]))
 
-    def set_params(self, flat: dict[str, np.ndarray]) -> None:
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
         pipe = self.pipeline
-        pipe.set_params(_logical.to_stages(pipe, _nested(flat), [s.params for s in pipe.stages]))
+        pipe.set_params(_logical.to_stages(pipe, nested(params), [s.params for s in pipe.stages]))
 
 
 class DilocoTrainer:
@@ -149,15 +105,8 @@ class DilocoTrainer:
                                          slice(start, start + b)))
             start += b
         self.topology, self.batch_size, self.seed, self.out = topo, batch_size, seed, out
-        shapes = _logical.shapes(self.replicas[0].pipeline)
-        self.fragments = fragment_keys(shapes, cfg.fragments)
-        self.global_params = self.replicas[0].params()  # every replica starts from the same model
-        self.momentum = {k: np.zeros_like(v) for k, v in self.global_params.items()}
-        self.codec = _codecs.get_codec(cfg.codec)
+        self.outer = OuterSync(cfg, self.replicas[0].params(), len(self.replicas))  # all start from one model
         self.tokens = [0] * len(self.replicas)  # tokens each replica processed, in all
-        self._since = [[0] * len(self.replicas) for _ in self.fragments]  # per fragment, since its last sync
-        self._pending: list[tuple[int, int, dict]] = []  # (apply at step, fragment, new global params)
-        self.outer_steps = 0
         self.step = 0
         self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
@@ -166,8 +115,9 @@ class DilocoTrainer:
 
     def train_step(self, tokens) -> dict:
         """Every replica's inner step on its rows of `tokens`, then the fragment syncs due at this step. Returns
-        loss (token-weighted over replicas), grad_norm (the largest replica's), sync_bytes (pseudo-gradient bytes
-        every replica sent this step, in all) and each replica's tokens so far."""
+        loss (token-weighted over replicas) and each replica's, grad_norm (the largest replica's), sync_bytes
+        (pseudo-gradient bytes the replicas sent this step, in all: each its delta to every other), outer_step
+        and each replica's tokens so far."""
         tokens = np.asarray(tokens)
         losses, norms = [], []
         for r, rep in enumerate(self.replicas):
@@ -175,64 +125,44 @@ class DilocoTrainer:
             loss, grads, sqs = rep.pipeline.grads(part)
             params, norm = rep.optimizer.step(rep.pipeline.stages, grads, sqs)
             rep.pipeline.set_params(params)
-            losses.append(loss)
-            norms.append(norm)
-            n = part.shape[0] * self.seq
-            self.tokens[r] += n
-            for since in self._since:
-                since[r] += n
+            losses.append(float(loss))
+            norms.append(float(norm))
+            self.tokens[r] += part.shape[0] * self.seq
+            self.outer.add_tokens(r, part.shape[0] * self.seq)
         self.step += 1
-        sent = self._sync_due(self.step)
+        sent = self._sync(self.step)
         weights = [rep.rows.stop - rep.rows.start for rep in self.replicas]
-        loss = sum(w * float(x) for w, x in zip(weights, losses)) / sum(weights)
-        return {"loss": loss, "grad_norm": max(float(x) for x in norms), "sync_bytes": sent,
-                "outer_step": self.outer_steps,
+        return {"loss": sum(w * x for w, x in zip(weights, losses)) / sum(weights), "grad_norm": max(norms),
+                "replica_loss": {rep.name: x for rep, x in zip(self.replicas, losses)}, "sync_bytes": sent,
+                "outer_step": self.outer.outer_steps,
                 "replica_tokens": {rep.name: t for rep, t in zip(self.replicas, self.tokens)}}
 
-    def _sync_due(self, step: int) -> int:
-        cfg, sent = self.diloco, 0
-        due = [f for f in range(len(self.fragments)) if step >= sync_offset(f, len(self.fragments), cfg.sync_every)
-               and (step - sync_offset(f, len(self.fragments), cfg.sync_every)) % cfg.sync_every == 0]
-        local = [rep.params() for rep in self.replicas] if due or self._pending else None
+    def _sync(self, step: int) -> int:
+        """The syncs due at `step` (every replica is here, so the exchange is a list); the bytes sent."""
+        outer, R = self.outer, len(self.replicas)
+        due = outer.due(step)
+        if not due and not outer.pending:
+            return 0
+        local = [rep.params() for rep in self.replicas]
+        sent = 0
         for f in due:
-            new, nbytes = self._outer_step(f, local)
-            sent += nbytes
-            self._pending.append((step + cfg.overlap, f, new))
-            if f == len(self.fragments) - 1:
-                self.outer_steps += 1
-        ready = [p for p in self._pending if p[0] <= step]
+            deltas = [outer.delta(f, mine)[1] for mine in local]
+            sent += outer.wire_bytes(f) * (R - 1) * R
+            outer.combine(f, deltas, step)
+        ready = outer.landed(step)
         if ready:
-            self._pending = [p for p in self._pending if p[0] > step]
-            for _, _, new in ready:
-                self.global_params.update(new)
             for rep, mine in zip(self.replicas, local):
-                for _, _, new in ready:
-                    for k, g in new.items():
-                        mine[k] = g if cfg.mix == 0 else (cfg.mix * mine[k] + (1 - cfg.mix) * g).astype(g.dtype)
+                outer.apply(mine, ready)
                 rep.set_params(mine)
         return sent
 
-    def _outer_step(self, f: int, local: list[dict]) -> tuple[dict, int]:
-        """Fragment f's new global params from every replica's pseudo-gradient; and the bytes each replica sent
-        (its encoded delta to every other replica), summed over replicas."""
-        cfg, codec, R = self.diloco, self.codec, len(self.replicas)
-        weights = np.asarray(self._since[f], np.float64)
-        weights = (weights / weights.sum()).astype(np.float32)
-        self._since[f] = [0] * R
-        new, nbytes = {}, 0
-        for k in self.fragments[f]:
-            g = self.global_params[k]
-            avg = np.zeros_like(g)
-            for r in range(R):  # in replica order: the same sum on every replica
-                delta = g - local[r][k]
-                if codec.name != "none":
-                    delta = codec.decode(codec.encode(delta), delta.shape, delta.dtype)
-                nbytes += codec.wire_bytes(delta.shape, delta.dtype) * (R - 1)
-                avg += weights[r] * delta
-            m = self.momentum[k] = (np.float32(cfg.outer_momentum) * self.momentum[k] + avg).astype(g.dtype)
-            step = avg + np.float32(cfg.outer_momentum) * m if cfg.outer_momentum else avg
-            new[k] = (g - np.float32(cfg.outer_lr) * step).astype(g.dtype)
-        return new, nbytes
+    @property
+    def global_params(self) -> dict[str, np.ndarray]:
+        return self.outer.global_params
+
+    @property
+    def outer_steps(self) -> int:
+        return self.outer.outer_steps
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -248,7 +178,7 @@ class DilocoTrainer:
     def describe(self) -> str:
         cfg = self.diloco
         lines = [f"diloco: {len(self.replicas)} replicas, sync every {cfg.sync_every} steps, outer lr "
-                 f"{cfg.outer_lr} momentum {cfg.outer_momentum} (Nesterov), {len(self.fragments)} fragment(s), "
+                 f"{cfg.outer_lr} momentum {cfg.outer_momentum} (Nesterov), {len(self.outer.fragments)} fragment(s), "
                  f"overlap {cfg.overlap}, codec {cfg.codec}; not the same optimisation as synchronous training"]
         for rep in self.replicas:
             lines.append(f"  replica {rep.name}: rows {rep.rows.start}..{rep.rows.stop - 1} of each batch; "

@@ -49,18 +49,32 @@ def diloco_overrides(args) -> tuple[tuple[str, object], ...]:
                  for f, flag in _DILOCO_FLAGS.items() if getattr(args, flag[2:].replace("-", "_")) is not None)
 
 
+def diloco_flag_args(args) -> list[str]:
+    """The diloco flags given, as command-line arguments again (`hxtrain launch` passes them to every site)."""
+    out = []
+    for field, value in diloco_overrides(args):
+        if field == "replicas":
+            value = ",".join("+".join(g) for g in value)
+        elif field == "shares":
+            value = ",".join(map(str, value))
+        out += [_DILOCO_FLAGS[field], str(value)]
+    return out
+
+
 def resolve_diloco(topology, config):
     """The run's `Diloco`: the topology's [diloco] table (else DiLoCo's defaults) with the flags given; errors name
     the flag or the table field. Refuses what --strategy diloco does not do yet."""
     from hxtrain.config.checks import check_diloco
     from hxtrain.config.topology import Diloco
 
-    for what, bad in (("--executor spmd", config.executor != "mpmd"), ("--save-every", config.save_every),
-                      ("--resume must", config.resume == "must"), ("--init-from", config.init_from),
-                      ("--timeline", config.timeline), ("--plan", config.plan)):
+    get = lambda f: getattr(config, f, None)  # noqa: E731 (RunConfig and the site's SiteConfig)
+    for what, bad in (("--executor spmd", get("executor") not in (None, "mpmd")), ("--save-every", get("save_every")),
+                      ("--resume must", get("resume") == "must"), ("--init-from", get("init_from")),
+                      ("--timeline", get("timeline")), ("--plan", get("plan")),
+                      ("--checkpoint-dir", get("checkpoint_dir"))):
         if bad:
-            raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet (it runs in this process, "
-                             "mpmd, without checkpoints); leave it out")
+            raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet (mpmd, no checkpoints); "
+                             "leave it out")
     d = dataclasses.replace(topology.diloco or Diloco(), **dict(config.diloco))
     check_diloco(topology.source, d, [s.name for s in topology.sites],
                  flags={f: _DILOCO_FLAGS[f] for f, _ in config.diloco})

@@ -1,0 +1,145 @@
+"""A DiLoCo replica as its own site process: `hxtrain site --strategy diloco` / `hxtrain launch --strategy diloco`.
+
+Each site is one replica holding the whole model (a one-site topology of its own, `LocalSite` as for a pipeline
+site); it reads its share of every global batch and takes inner steps with its own optimizer. Every H steps the two
+replicas exchange their pseudo-gradients over the link between them (the run's mutual-TLS `Endpoint`), one
+PSEUDO_GRADIENT frame per parameter through the codec, plus the tokens each processed, and each runs the same
+`hxtrain.training.outer.OuterSync` on the same inputs in replica order, so both hold bit-identical global params, as
+in one process (`hxtrain.training.diloco`). Every received delta is checked against the parameter's shape and dtype.
+
+For now: two replicas of one site each, no checkpoints (said so, naming the setting, before anything starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import jax
+import numpy as np
+
+from hxtrain.checkpoints import logical as _logical
+from hxtrain.links.wire import Kind
+from hxtrain.network.handshake import PeerError
+from hxtrain.training import data as _data
+from hxtrain.training.outer import OuterSync, flat, nested
+
+_TOKENS = 1 << 20  # the `microbatch` of the frame carrying a replica's token count (keys are numbered from 0)
+
+
+def check(topology, cfg, error) -> object:
+    """The run's `Diloco` for a site process; `error(message)` (the site's SiteError) for what it cannot run."""
+    from hxtrain.training.diloco_run import resolve_diloco
+
+    try:
+        d = resolve_diloco(topology, cfg)
+    except ValueError as e:
+        raise error(str(e)) from None
+    groups = d.groups(topology)
+    if len(groups) != 2 or any(len(g) != 1 for g in groups):
+        raise error(f"--strategy diloco in site processes: two replicas of one site each for now, got "
+                    f"{['+'.join(g) for g in groups]}; run it in one process (hxtrain train --strategy diloco)")
+    return d
+
+
+class _Rows:
+    """A replica's rows of every global batch (the same seeded stream on every replica)."""
+
+    def __init__(self, batches, rows: slice):
+        self.batches, self.rows = batches, rows
+
+    def __next__(self):
+        return np.asarray(next(self.batches))[self.rows]
+
+    def get_state(self):
+        return self.batches.get_state()
+
+    def set_state(self, state):
+        self.batches.set_state(state)
+
+
+def build(topology, index: int, cfg, d):
+    """(LocalSite of this replica over a one-site topology, its rows): JAX is imported here."""
+    from hxtrain.sites import program as _prog
+    from hxtrain.training.diloco import replica_batches
+
+    sizes = replica_batches(cfg.batch_size, d.shares or [1, 1])
+    site = topology.sites[index]
+    alone = dataclasses.replace(topology, name=f"{topology.name}[{site.name}]", sites=(site,), links=(), diloco=None)
+    local = _prog.LocalSite.build(alone, 0, dataclasses.replace(cfg, batch_size=sizes[index]))
+    rows = slice(sum(sizes[:index]), sum(sizes[:index + 1]))
+    corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)
+    local.batches = _Rows(_data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed), rows)
+    return local
+
+
+class ReplicaSteps:
+    """`training.loop.Steps` of a replica: its inner step, then the syncs due, exchanged with the other replica."""
+
+    def __init__(self, local, transport, endpoint, index: int, d):
+        self.local, self.transport, self.ep, self.me, self.d = local, transport, endpoint, index, d
+        self.tokens_per_step = local.batch_size * local.seq
+        self.learning_rate = local.optimizer.learning_rate
+        self.view = types.SimpleNamespace(stages=list(local.stages.values()),
+                                          ranges=[local.ranges[i] for i in local.stages])
+        self.outer = OuterSync(d, self.params(), 2)
+        biggest = max(v.nbytes for v in self.outer.global_params.values())
+        endpoint.max_bytes = max(endpoint.max_bytes, 2 * biggest + (1 << 16))
+
+    def params(self) -> dict:
+        self.view.stages = list(self.local.stages.values())
+        return flat(jax.device_get(_logical.to_logical(self.view)["params"]))
+
+    def barrier(self, timeout: float) -> None:
+        """Both replicas compiled and ready (one frame each way)."""
+        self.ep.send(Kind.PSEUDO_GRADIENT, np.zeros(1, np.int64), step=0, microbatch=_TOKENS + 1)
+        self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=0, microbatch=_TOKENS + 1, timeout=timeout)
+
+    def next_batch(self):
+        return self.local.next_batch()
+
+    def run(self, batch, step: int) -> dict:
+        t, outer = self.transport, self.outer
+        t.reset_stats()
+        t.step = step
+        loss, norm = self.local.train_step(batch, t)
+        outer.add_tokens(self.me, self.local.batch_size * self.local.seq)
+        sent, due = 0, outer.due(step)
+        if due or outer.pending:
+            mine = self.params()
+            for f in due:
+                sent += self._exchange(f, mine, step)
+            ready = outer.landed(step)
+            if ready:
+                outer.apply(mine, ready)
+                self.local.set_params(_logical.to_stages(self.view, nested(mine),
+                                                         [s.params for s in self.view.stages]))
+        other = self.ep.peer
+        return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "outer_step": outer.outer_steps,
+                "sync_bytes": sent, "bytes_per_link": {f"{self.local.site.name}->{other}": sent},
+                "payload_bytes_per_link": {}, "control_bytes": 0}
+
+    def _exchange(self, f: int, mine: dict, step: int) -> int:
+        outer, ep, codec = self.outer, self.ep, self.d.codec
+        keys = outer.fragments[f]
+        _, my_delta = outer.delta(f, mine)
+        sent = 0
+        for j, k in enumerate(keys):  # the raw delta: the endpoint encodes it with the codec, as delta() did
+            sent += ep.send(Kind.PSEUDO_GRADIENT, outer.global_params[k] - mine[k], step=step, stage=f,
+                            microbatch=j, codec=codec)
+        my_tokens = outer.since[f][self.me]
+        sent += ep.send(Kind.PSEUDO_GRADIENT, np.array([my_tokens], np.int64), step=step, stage=f, microbatch=_TOKENS)
+        theirs = {}
+        for j, k in enumerate(keys):
+            _, x = ep.recv(kind=Kind.PSEUDO_GRADIENT, step=step, stage=f, microbatch=j)
+            want = outer.global_params[k]
+            if x.shape != want.shape or x.dtype != want.dtype:
+                ep.abort(f"bad pseudo-gradient from site {ep.peer!r}")
+                raise PeerError(f"site {ep.peer!r} sent the pseudo-gradient of {k} (step {step}) as shape "
+                                f"{x.shape} {x.dtype}, expected {want.shape} {want.dtype}")
+            theirs[k] = x
+        their_tokens = int(ep.recv(kind=Kind.PSEUDO_GRADIENT, step=step, stage=f, microbatch=_TOKENS)[1][0])
+        deltas = [my_delta, theirs] if self.me == 0 else [theirs, my_delta]
+        tokens = [my_tokens, their_tokens] if self.me == 0 else [their_tokens, my_tokens]
+        outer.combine(f, deltas, step, tokens)
+        return sent
