@@ -1,4 +1,5 @@
-"""Planner benchmark: planned vs even split vs cross-site data parallelism on the shipped realistic topologies.
+"""Planner benchmark: planned vs even split vs cross-site data parallelism vs DiLoCo (one replica per site, H 500;
+another optimisation, see benchmarks/diloco.py) on the shipped realistic topologies.
 
     python benchmarks/planner.py
 
@@ -46,7 +47,7 @@ def _row(topo: Topology, model: str, batch: int | None = None) -> tuple[str, pla
     p = planner.plan(topo, PRESETS[model], model_name=model, global_batch=batch)
     name = topo.name if batch is None else f"{topo.name}, batch {batch}"
     cells = [f"{name:<36} {model:>4}"]
-    for pred in (p.predicted, p.even, p.cross_site_dp):
+    for pred in (p.predicted, p.even, p.cross_site_dp, p.diloco):
         mark = "" if pred.fits else "*"
         cells.append(f"{pred.tokens_per_s / 1e6:>8.3f}M {pred.fraction_of_ideal:>6.1%}{mark:1}")
     cells.append(f"{p.predicted.tokens_per_s / p.even.tokens_per_s:>6.2f}x")
@@ -58,6 +59,7 @@ def _row(topo: Topology, model: str, batch: int | None = None) -> tuple[str, pla
 def main() -> None:
     planner.plan(load_topology("local"), PRESETS["tiny"])  # warm imports before timing anything
     head = (f"{'topology':<36} {'model':>5}  {'planned':>16}  {'even split':>16}  {'cross-site DP':>16}  "
+            f"{'diloco H=500':>16}  "
             f"{'vs even':>7}  {'schedule':>11} {'M':<5} {'layers':<10} {'codecs':<10} {'plan':>6}")
     print(head)
     print("-" * len(head))

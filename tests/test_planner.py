@@ -10,7 +10,7 @@ import pytest
 from hxtrain.planning import costmodel as cm
 from hxtrain.planning import planner as P
 from hxtrain.planning.cli import run
-from hxtrain.planning.problem import PlanError
+from hxtrain.planning.problem import PlanError, make_context
 from hxtrain.config.topology import Link, RunDefaults, Site, Topology, load_topology
 from models.gpt import PRESETS, GPTConfig
 
@@ -166,6 +166,32 @@ def test_link_that_cannot_pay_is_explained():
     assert link.available_gbps == 100.0 and link.bytes_per_step > 0
 
 
+def test_diloco_is_cross_site_dp_that_exchanges_every_h_steps():
+    """With H = 1 and no codec the DiLoCo row is cross-site DP's step exactly; at the default H = 500 the link's
+    bytes per step fall 500x, and on the 100 Gbit/s pair (where pipelining cannot pay) it ranks first."""
+    import dataclasses
+
+    from hxtrain.config.topology import Diloco
+    from hxtrain.planning import predict
+
+    topo = load_topology("two-dc-nvidia-ascend")
+    p = P.plan(topo, PRESETS["7b"], model_name="7b")
+    assert p.ranked()[0] is p.diloco and p.diloco.label == "diloco H=500" and p.diloco.fits
+    assert p.diloco.fraction_of_ideal > 1.8 * p.cross_site_dp.fraction_of_ideal
+    assert "not the same optimisation as synchronous training" in p.diloco.notes[0]
+    dp_bytes, dl_bytes = p.cross_site_dp.links[0].bytes_per_step, p.diloco.links[0].bytes_per_step
+    assert dl_bytes == pytest.approx(dp_bytes / 500)
+    ctx = make_context(topo, PRESETS["7b"], None, None, cm.Assumptions(), {}, {}, None)
+    h1 = predict.diloco(ctx, Diloco(sync_every=1, codec="none"))
+    assert h1.step_s == pytest.approx(predict.cross_site_dp(ctx).step_s, rel=1e-12)
+    int8 = predict.diloco(ctx, Diloco(sync_every=1, codec="int8"))
+    assert int8.step_s < h1.step_s and int8.links[0].bytes_per_step == pytest.approx(dp_bytes / 4)
+    streamed = predict.diloco(ctx, Diloco(sync_every=100, fragments=4, overlap=20))  # each part hides in 20 steps
+    assert streamed.step_s < predict.diloco(ctx, Diloco(sync_every=100)).step_s
+    table = dataclasses.replace(topo, diloco=Diloco(sync_every=50))  # the topology's [diloco] table is used
+    assert P.plan(table, PRESETS["7b"], model_name="7b").diloco.label == "diloco H=50"
+
+
 def test_eight_sites_100k_devices_plan_in_under_a_second():
     kinds = [("cuda", "H100"), ("cuda", "A100"), ("rocm", "MI300X"), ("ascend", "Ascend910B")] * 2
     sites = tuple(Site(f"s{i}", b, 12500, 3125, 4, device_kind=k) for i, (b, k) in enumerate(kinds))
@@ -187,7 +213,7 @@ def test_plan_toml_round_trips(tmp_path):
     plan_path, topo_path = p.to_toml(tmp_path / "plan.toml")
     assert topo_path == tmp_path / "plan.topology.toml"
     q = P.Plan.load(plan_path)
-    for f in ("model", "global_batch", "seq", "predicted", "even", "cross_site_dp", "ideal_tokens_per_s",
+    for f in ("model", "global_batch", "seq", "predicted", "even", "cross_site_dp", "diloco", "ideal_tokens_per_s",
               "warnings", "assumptions", "planning_s"):
         assert getattr(q, f) == getattr(p, f), f
     topo = load_topology(topo_path)  # the topology part is a plain topology file

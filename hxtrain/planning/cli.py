@@ -84,9 +84,7 @@ def format_report(plan: planner.Plan, cfg=None) -> str:
                      f"way per step, needs {ln.needed_gbps:.3g} of {ln.available_gbps:g} Gbit/s")
     lines += ["", f"  {'':<14} {'step s':>9} {'tokens/s':>10} {'of ideal':>8} {'bubble':>7}  "
                   f"{'site busy':<20} {'GiB/device':<18} link Gbit/s need/have"]
-    for row in (plan.predicted, plan.even, plan.cross_site_dp):
-        if row is None:
-            continue
+    for row in plan.ranked():
         busy = " ".join(f"{s.utilisation:.0%}" for s in row.sites)
         mem = " ".join(f"{s.memory_gib:.1f}" for s in row.sites)
         links = " ".join(f"{ln.needed_gbps:.3g}/{ln.available_gbps:g}" for ln in row.links) or "-"
@@ -95,8 +93,11 @@ def format_report(plan: planner.Plan, cfg=None) -> str:
                      f"{row.bubble:>7.1%}  {busy:<20} {mem:<18} {links}{flag}")
     lines.append(f"  ideal (sum of site capacities at efficiency {plan.assumptions.efficiency:g}): "
                  f"{plan.ideal_tokens_per_s:.4g} tokens/s")
-    for row in (plan.predicted, plan.even, plan.cross_site_dp):
-        for note in (row.notes if row else ()):
+    if plan.diloco is not None:
+        lines.append("  (rows fastest first; diloco runs with `hxtrain train --strategy diloco`, and it is not the "
+                     "same optimisation as synchronous training)")
+    for row in plan.ranked():
+        for note in row.notes:
             lines.append(f"  note ({row.label}): {note}")
     if plan.warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in plan.warnings]

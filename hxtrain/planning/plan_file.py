@@ -35,6 +35,12 @@ class Plan:
     warnings: tuple[str, ...]
     assumptions: cm.Assumptions
     planning_s: float
+    diloco: Prediction | None = None  # one replica per site, synced every H steps (the topology's [diloco] or H 500)
+
+    def ranked(self) -> list[Prediction]:
+        """Every way of running that was predicted, fastest first (those that do not fit last)."""
+        rows = [r for r in (self.predicted, self.even, self.cross_site_dp, self.diloco) if r is not None]
+        return sorted(rows, key=lambda r: (not r.fits, -r.tokens_per_s))
 
     @property
     def schedule(self) -> str:
@@ -94,7 +100,8 @@ def write_plan(plan: Plan, path) -> tuple[Path, Path]:
                                 "recompute": plan.recompute, "ideal_tokens_per_s": plan.ideal_tokens_per_s,
                                 "planning_s": plan.planning_s})
     body += toml_table("assumptions", dataclasses.asdict(plan.assumptions))
-    for key, pred in (("predicted", plan.predicted), ("even", plan.even), ("cross_site_dp", plan.cross_site_dp)):
+    for key, pred in (("predicted", plan.predicted), ("even", plan.even), ("cross_site_dp", plan.cross_site_dp),
+                      ("diloco", plan.diloco)):
         if pred is not None:
             body += _prediction_toml(key, pred)
     path.write_text("\n".join(body) + "\n", encoding="utf-8")
@@ -115,9 +122,11 @@ def load_plan(path) -> Plan:
         raise PlanError(f"{path}: missing {missing}; is this a file written by `hxtrain plan`?")
     topo = load_topology(path.parent / raw["topology"])
     pl = raw["plan"]
-    preds = {k: _prediction_load(raw[k]) if k in raw else None for k in ("predicted", "even", "cross_site_dp")}
+    preds = {k: _prediction_load(raw[k]) if k in raw else None
+             for k in ("predicted", "even", "cross_site_dp", "diloco")}
     return Plan(topology=topo, model=pl["model"] or None, global_batch=pl["global_batch"], seq=pl["seq"],
                 predicted=preds["predicted"], even=preds["even"], cross_site_dp=preds["cross_site_dp"],
+                diloco=preds["diloco"],
                 ideal_tokens_per_s=pl["ideal_tokens_per_s"], warnings=tuple(raw.get("warnings", ())),
                 assumptions=cm.Assumptions(**raw["assumptions"]), planning_s=pl["planning_s"])
 

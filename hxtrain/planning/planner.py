@@ -16,7 +16,8 @@ Search, per candidate (schedule x microbatch count x recompute):
 `exhaustive=True` instead simulates every partition of every candidate: small cases only (the tests check that the
 fast search finds the same step time).
 
-The result is a `Plan` with three `Prediction`s (the plan, an even split, cross-site data parallelism); its TOML
+The result is a `Plan` with four `Prediction`s (the plan, an even split, cross-site data parallelism, and DiLoCo
+with one replica per site: `hxtrain train --strategy diloco`, a different optimisation); its TOML
 form is two files: a topology that `load_topology` reads as is (chosen data/tensor/layers/codecs and the `[run]`)
 and the plan itself (`[plan]`, `[predicted]`, ...), which names the topology file by a relative path
 (`hxtrain.planning.plan_file`).
@@ -34,7 +35,7 @@ from dataclasses import replace
 from hxtrain.planning import costmodel as cm
 from hxtrain.links.codecs import CODEC_NAMES
 from hxtrain.planning.plan_file import Plan  # re-exported: `planner.plan` returns one, callers import it from here
-from hxtrain.planning.predict import Prediction, cross_site_dp, ideal_tokens_per_s, prediction, simulated
+from hxtrain.planning.predict import Prediction, cross_site_dp, diloco, ideal_tokens_per_s, prediction, simulated
 from hxtrain.planning.problem import (DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
                                      make_context, make_options, site_table)
 from hxtrain.planning.search import TIE, search
@@ -69,12 +70,15 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     planned = prediction("planned", ctx, best)
     even = _even(ctx, options, codecs, t0 + 0.85 * time_budget_s)
     dp = cross_site_dp(ctx)
+    from hxtrain.config.topology import Diloco
+
+    low_comm = diloco(ctx, topology.diloco or Diloco()) if topology.n_sites > 1 else None
     ideal = ideal_tokens_per_s(ctx)
     warnings = _warnings(ctx, best, planned, dp, ideal)
     fix = lambda p: p and p.with_ideal(ideal)  # noqa: E731
     return Plan(topology=topology, model=model_name, global_batch=ctx.batch, seq=ctx.seq, predicted=fix(planned),
                 even=fix(even), cross_site_dp=fix(dp), ideal_tokens_per_s=ideal, warnings=tuple(warnings),
-                assumptions=a, planning_s=time.perf_counter() - t0)
+                assumptions=a, planning_s=time.perf_counter() - t0, diloco=fix(low_comm))
 
 
 def _even(ctx: Ctx, options, codecs, deadline) -> Prediction:

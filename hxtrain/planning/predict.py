@@ -128,10 +128,32 @@ def prediction(label: str, ctx: Ctx, c: Cand, fits: bool = True, notes=()) -> Pr
                       links=tuple(links), notes=tuple(notes))
 
 
+# Bytes per parameter of a DiLoCo pseudo-gradient on the link, per codec (int8 and fp8 add a float32 scale per
+# row of d_model or more elements: under 1%).
+CODEC_BYTES = {"none": 4.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}
+
+
 def cross_site_dp(ctx: Ctx) -> Prediction | None:
     """Every site holds the whole model; the batch splits over sites in proportion to their speed; gradients are
     all-reduced across sites once per step (a ring: 2 (n-1)/n x params x 4 bytes each way per link), not
     overlapped with compute."""
+    return _replicated(ctx, "cross-site DP")
+
+
+def diloco(ctx: Ctx, d) -> Prediction | None:
+    """DiLoCo with one replica per site (`d`: a `hxtrain.config.topology.Diloco`): the same per-site compute as
+    cross-site DP, but the replicas exchange pseudo-gradients (through `d.codec`) once every `d.sync_every` steps;
+    with fragments, each fragment's exchange may hide behind `d.overlap` inner steps. Not the same optimisation as
+    synchronous training."""
+    return _replicated(ctx, f"diloco H={d.sync_every}", every=d.sync_every, bytes_per_param=CODEC_BYTES[d.codec],
+                       fragments=d.fragments, overlap=d.overlap)
+
+
+def _replicated(ctx: Ctx, label: str, *, every: int = 1, bytes_per_param: float | None = None, fragments: int = 1,
+                overlap: int = 0) -> Prediction | None:
+    """A replica of the whole model on every site, the batch split by speed, an exchange of `bytes_per_param`
+    (default: the gradient's) per parameter over a ring every `every` steps, in `fragments` parts that each may
+    overlap `overlap` steps of compute; the exposed part is spread over the steps between exchanges."""
     sh, a, S = ctx.shape, ctx.a, ctx.S
     rates, fits, over, sites, exposed = [], True, [], [], []
     for i, s in enumerate(ctx.topo.sites):
@@ -162,23 +184,34 @@ def cross_site_dp(ctx: Ctx) -> Prediction | None:
         exposed.append(exp)
         sites.append((s, d, t, work, mem))
     compute = ctx.batch / sum(rates)  # seconds: sequences / (sequences per second of all sites)
-    nbytes = 2 * (S - 1) / S * sh.params * a.grad_bytes if S > 1 else 0.0
+    per_param = a.grad_bytes if bytes_per_param is None else bytes_per_param
+    nbytes = 2 * (S - 1) / S * sh.params * per_param if S > 1 else 0.0
     all_links = list(ctx.links) + ([ctx.wrap] if ctx.wrap is not None and S > 2 else [])
     slowest = min((ln.bandwidth_gbps for ln in all_links), default=math.inf)
     lat = max((ln.latency_ms for ln in all_links), default=0.0) * 1e-3
     cross = nbytes * 8 / (slowest * 1e9) + 2 * (S - 1) * lat if S > 1 else 0.0
-    step = compute + max(exposed) + cross
+    inner = compute + max(exposed)
+    hidden = max(0.0, cross / fragments - overlap * inner)  # one fragment's exchange, past its overlap
+    step = inner + fragments * hidden / every
     # With the batch split in proportion to speed every site computes for the whole `compute` seconds.
     plans = tuple(SitePlan(s.name, sh.n_layers, d, t, s.devices, compute, compute / step, mem / 2**30,
                            h.memory_bytes / 2**30) for (s, d, t, work, mem), h in zip(sites, ctx.hw))
-    links = tuple(LinkPlan(tuple(ln.sites), "none", "none", nbytes, nbytes * 8 / step / 1e9, ln.bandwidth_gbps,
-                           ln.latency_ms) for ln in all_links)
-    notes = [f"batch split over sites in proportion to their speed; cross-site gradient all-reduce "
-             f"{nbytes / 1e9:.3g} GB each way per link, {cross:.3g} s, not overlapped"]
+    links = tuple(LinkPlan(tuple(ln.sites), "none", "none", nbytes / every, nbytes / every * 8 / step / 1e9,
+                           ln.bandwidth_gbps, ln.latency_ms) for ln in all_links)
+    if every == 1:
+        notes = [f"batch split over sites in proportion to their speed; cross-site gradient all-reduce "
+                 f"{nbytes / 1e9:.3g} GB each way per link, {cross:.3g} s, not overlapped"]
+    else:
+        notes = [f"DiLoCo: batch split over sites in proportion to their speed; pseudo-gradients "
+                 f"({per_param:g} B/param) exchanged every {every} steps in {fragments} fragment(s), "
+                 f"{nbytes / 1e9:.3g} GB each way per link per sync, {cross:.3g} s, {fragments * hidden:.3g} s "
+                 f"exposed per {every} steps; not the same optimisation as synchronous training (its loss at equal "
+                 f"tokens may differ: benchmarks/diloco.py)"]
     if not fits:
         notes.append(f"does not fit in memory: {'; '.join(over)}")
-    return Prediction(label="cross-site DP", fits=fits, step_s=step, tokens_per_s=ctx.batch * ctx.seq / step,
-                      fraction_of_ideal=math.nan, bubble=1.0 - compute / step, schedule="data-parallel",
+    return Prediction(label=label, fits=fits, step_s=step, tokens_per_s=ctx.batch * ctx.seq / step,
+                      fraction_of_ideal=math.nan, bubble=1.0 - compute / step,
+                      schedule="data-parallel" if every == 1 else "diloco",
                       microbatches=1, recompute=False, sites=plans, links=links, notes=tuple(notes))
 
 
