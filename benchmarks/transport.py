@@ -53,9 +53,9 @@ def _topology(folder: Path, codec: str) -> Path:
 _SYNC_MARK = "sends synchronous"  # what `hxtrain site --sync-sends` logs
 
 
-def _run(mesh: Path, args, out: Path, extra_args=(), **kw) -> dict:
+def _run(mesh: Path, args, out: Path, extra_args=(), schedule: str = "1f1b", **kw) -> dict:
     site_args = [*extra_args, "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                 "--microbatches", str(args.microbatches), "--schedule", "1f1b", "--out", str(out)]
+                 "--microbatches", str(args.microbatches), "--schedule", schedule, "--out", str(out)]
     log = open(out.with_suffix(".log"), "w")
     exits = launch(str(mesh), site_args, timeout=60.0, out=log, **kw)
     log.close()
@@ -183,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--codecs", default="none,bf16,int8")
+    p.add_argument("--schedules", default="1f1b,1f1b:2",
+                   help="schedules to run (default 1F1B and the latency-aware 1f1b:2, two more microbatches in flight)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--overlap-ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: loopback runs with overlapped vs synchronous sends, ROUNDS of each, alternating")
@@ -202,25 +204,28 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            for codec in args.codecs.split(","):
-                mesh = _topology(tmp, codec)
-                local = _run(mesh, args, tmp / f"{codec}-local")
-                if wan == "netem":
-                    ports = (29511, 29512)
-                    wide = _run(mesh, args, tmp / f"{codec}-wan",
-                                addresses={n: f"{ip}:{pt}" for n, ip, pt in zip("ab", IPS, ports)},
-                                prefix={n: ["ip", "netns", "exec", ns] for n, ns in zip("ab", NS)})
-                else:
-                    b_port = free_port()
-                    relay = Relay(("127.0.0.1", b_port))
-                    try:
-                        wide = _run(mesh, args, tmp / f"{codec}-wan", addresses={"b": f"127.0.0.1:{b_port}"},
-                                    extra={"a": ["--connect", f"b=127.0.0.1:{relay.port}"]})
-                    finally:
-                        relay.close()
-                results.append({"codec": codec, "local": local, "wan": wide})
-                print(f"{codec}: local {local['step_s'] * 1e3:.1f} ms/step, WAN {wide['step_s'] * 1e3:.1f} ms/step",
-                      flush=True)
+            for schedule in args.schedules.split(","):
+                for codec in args.codecs.split(","):
+                    mesh = _topology(tmp, codec)
+                    name = f"{schedule.replace(':', '-')}-{codec}"
+                    local = _run(mesh, args, tmp / f"{name}-local", schedule=schedule)
+                    if wan == "netem":
+                        ports = (29511, 29512)
+                        wide = _run(mesh, args, tmp / f"{name}-wan", schedule=schedule,
+                                    addresses={n: f"{ip}:{pt}" for n, ip, pt in zip("ab", IPS, ports)},
+                                    prefix={n: ["ip", "netns", "exec", ns] for n, ns in zip("ab", NS)})
+                    else:
+                        b_port = free_port()
+                        relay = Relay(("127.0.0.1", b_port))
+                        try:
+                            wide = _run(mesh, args, tmp / f"{name}-wan", schedule=schedule,
+                                        addresses={"b": f"127.0.0.1:{b_port}"},
+                                        extra={"a": ["--connect", f"b=127.0.0.1:{relay.port}"]})
+                        finally:
+                            relay.close()
+                    results.append({"schedule": schedule, "codec": codec, "local": local, "wan": wide})
+                    print(f"{schedule} {codec}: local {local['step_s'] * 1e3:.1f} ms/step, WAN "
+                          f"{wide['step_s'] * 1e3:.1f} ms/step", flush=True)
     finally:
         if wan == "netem":
             netns_down()
@@ -270,14 +275,15 @@ def overlap_ab(args) -> int:
 
 def _print(results, args, wan):
     mb = args.batch_size // args.microbatches
-    print(f"\nmodel {args.model}, batch {args.batch_size} = {args.microbatches} x {mb}, 1F1B, 2 sites x 1 CPU "
+    print(f"\nmodel {args.model}, batch {args.batch_size} = {args.microbatches} x {mb}, 2 sites x 1 CPU "
           f"device, {args.steps} steps; WAN = {wan} ({DELAY_S * 1e3:g} ms, {RATE_BPS / 1e9:g} Gbit/s)")
     base = next((r for r in results if r["codec"] == "none"), results[0])
-    head = ("codec", "a->b B/step", "b->a B/step", "payload vs none", "loopback ms/step", "WAN ms/step", "WAN/loop")
+    head = ("schedule", "codec", "a->b B/step", "b->a B/step", "payload vs none", "loopback ms/step", "WAN ms/step",
+            "WAN/loop")
     print(" | ".join(head))
     for r in results:
         ratio = sum(r["local"]["payload"].values()) / max(1, sum(base["local"]["payload"].values()))
-        print(" | ".join([r["codec"], str(r["local"]["bytes"].get("a->b")), str(r["local"]["bytes"].get("b->a")),
+        print(" | ".join([r["schedule"], r["codec"], str(r["local"]["bytes"].get("a->b")), str(r["local"]["bytes"].get("b->a")),
                           f"{ratio:.3f}", f"{r['local']['step_s'] * 1e3:.1f}", f"{r['wan']['step_s'] * 1e3:.1f}",
                           f"{r['wan']['step_s'] / r['local']['step_s']:.2f}x"]))
 

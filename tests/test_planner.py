@@ -1,6 +1,7 @@
 """Cost model, planner, plan TOML and `hxtrain plan`: small hand-checked cases, no devices needed."""
 
 import argparse
+import dataclasses
 import io
 import re
 import time
@@ -169,8 +170,6 @@ def test_link_that_cannot_pay_is_explained():
 def test_diloco_is_cross_site_dp_that_exchanges_every_h_steps():
     """With H = 1 and no codec the DiLoCo row is cross-site DP's step exactly; at the default H = 500 the link's
     bytes per step fall 500x, and on the 100 Gbit/s pair (where pipelining cannot pay) it ranks first."""
-    import dataclasses
-
     from hxtrain.config.topology import Diloco
     from hxtrain.planning import predict
 
@@ -190,6 +189,24 @@ def test_diloco_is_cross_site_dp_that_exchanges_every_h_steps():
     assert streamed.step_s < predict.diloco(ctx, Diloco(sync_every=100)).step_s
     table = dataclasses.replace(topo, diloco=Diloco(sync_every=50))  # the topology's [diloco] table is used
     assert P.plan(table, PRESETS["7b"], model_name="7b").diloco.label == "diloco H=50"
+
+
+def test_latency_aware_1f1b_is_chosen_where_links_are_slow_and_its_memory_is_counted():
+    """With 5 ms links the planner's own schedule list also tries 1f1b:k and takes it when the simulator says it
+    is faster; a list the caller gives is taken as given; the chosen plan holds the table's extra activations
+    within memory, and is never slower than the even split."""
+    from hxtrain.schedules.tables import get_schedule, live_activations
+
+    topo = load_topology("two-dc-nvidia-amd")
+    p = P.plan(topo, PRESETS["7b"], model_name="7b")
+    without = P.plan(topo, PRESETS["7b"], model_name="7b", schedules=("zb-h1", "1f1b", "gpipe"))
+    assert p.schedule.startswith("1f1b:") and not without.schedule.startswith("1f1b:")
+    assert p.predicted.step_s < 0.9 * without.predicted.step_s
+    orders = get_schedule(p.schedule).site_orders(len(topo.sites), p.microbatches)
+    extra = get_schedule(p.schedule).extra
+    assert [live_activations(o) for o in orders] == [min(2 - d + extra, p.microbatches) for d in range(1)] + [1]
+    assert all(s.memory_gib <= s.memory_limit_gib for s in p.predicted.sites)
+    assert p.predicted.step_s <= p.even.step_s
 
 
 def test_eight_sites_100k_devices_plan_in_under_a_second():

@@ -113,6 +113,14 @@ def test_schedule_matches_single_device(name, sites, m_of_s):
     assert pipe.last_step_stats.peak_held == tuple(S.live_activations(o) for o in orders)
 
 
+def test_latency_aware_1f1b_matches_single_device():
+    """1f1b:2 (two more microbatches in flight per link): the same loss and grads, and the executor holds what the
+    table says (min(S-d+2, M) inputs on site d, 1 on the last)."""
+    pipe = pipeline("1f1b:2", 4, 9)
+    check_against_reference(pipe, 9)
+    assert pipe.last_step_stats.peak_held == (6, 5, 4, 1)
+
+
 @pytest.mark.parametrize("name,m,net", [("zb-h1", 2, "gpt"), ("interleaved", 3, "toy")])
 def test_data_and_tensor_parallel_sites(name, m, net):
     """2 sites x (data 2 x tensor 2): the split backward and virtual stages under GSPMD + manual data axis."""

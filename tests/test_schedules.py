@@ -121,7 +121,7 @@ def test_tasks_is_unit_time_list_order():
 # ---- properties over (S, M) -----------------------------------------------------------------------------------
 
 GRID = [(s, m) for s in (1, 2, 3, 4) for m in sorted({1, 2, s, 2 * s, 4 * s + 1})]
-SCHEDULES = [GPipe(), OneFOneB(), Interleaved(virtual=2), Interleaved(virtual=3), ZBH1()]
+SCHEDULES = [GPipe(), OneFOneB(), OneFOneB(extra=2), Interleaved(virtual=2), Interleaved(virtual=3), ZBH1()]
 
 
 @pytest.mark.parametrize("sites,microbatches", GRID)
@@ -210,3 +210,31 @@ def test_analytic_bubble_errors():
     assert analytic_bubble("interleaved:3", 4, 8) == pytest.approx(3 / 27)
     with pytest.raises(ScheduleError, match="no formula for schedule 'table'"):
         analytic_bubble(UserTable(["F0 B0"]), 1, 1)
+
+
+def test_latency_aware_1f1b_keeps_more_in_flight_and_hides_a_slow_link():
+    """1f1b:k: k more warm-up forwards on every site but the last, so site d holds min(S-d+k, M) inputs (the last
+    1). With a one-way link latency of 5 and F + B = 3 per microbatch, 1F1B stalls on every round trip; k extra
+    in flight recover most of it, and with free links nothing is lost."""
+    from hxtrain.schedules.tables import get_schedule, latency_extra
+
+    S, M = 4, 8
+    one = OneFOneB()
+    for k in (1, 2):
+        sched = get_schedule(f"1f1b:{k}")
+        assert sched == OneFOneB(extra=k) and sched.name == f"1f1b:{k}"
+        orders = sched.site_orders(S, M)
+        assert [live_activations(o) for o in orders] == [min(S - d + k, M) for d in range(S - 1)] + [1]
+
+    def step(sched, latency):
+        ev = simulate(sched.site_orders(S, M), S, duration=lambda site, t: 1.0 if t.kind == "F" else 2.0,
+                      transfer=(lambda a, b, t: latency) if latency else None)
+        return max(e.end for e in ev)
+
+    assert step(OneFOneB(extra=2), 5.0) < 0.85 * step(one, 5.0)
+    assert step(OneFOneB(extra=2), 0.0) == step(one, 0.0)  # no latency: the same step
+    assert latency_extra(10.0, 3.0) == 4 and latency_extra(0.0, 3.0) == 0
+    with pytest.raises(ScheduleError, match=r"expected '1f1b:<extra microbatches in flight>', e.g. '1f1b:2'"):
+        get_schedule("1f1b:x")
+    with pytest.raises(ScheduleError, match="extra must be an int >= 0"):
+        OneFOneB(extra=-1)

@@ -67,8 +67,10 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     best = search(ctx, options, codecs, exhaustive=exhaustive, climb_until=climb, relax_until=relax)
     if best is None:
         raise _no_fit_error(ctx, options, model_name)
+    even, even_best = _even(ctx, options, codecs, t0 + 0.85 * time_budget_s)
+    if even_best is not None and even_best.step < best.step:  # the search's estimate missed it: never worse
+        best = even_best
     planned = prediction("planned", ctx, best)
-    even = _even(ctx, options, codecs, t0 + 0.85 * time_budget_s)
     dp = cross_site_dp(ctx)
     from hxtrain.config.topology import Diloco
 
@@ -81,19 +83,20 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
                 assumptions=a, planning_s=time.perf_counter() - t0, diloco=fix(low_comm))
 
 
-def _even(ctx: Ctx, options, codecs, deadline) -> Prediction:
+def _even(ctx: Ctx, options, codecs, deadline) -> tuple[Prediction | None, Cand | None]:
+    """The even split's prediction, and its candidate when it fits (the plan may not be slower)."""
     layers = even_split(ctx.shape.n_layers, ctx.S)
     best = search(ctx, options, codecs, exhaustive=False, climb_until=0, relax_until=deadline, fixed=layers)
     if best is not None:
-        return prediction("even split", ctx, best)
+        return prediction("even split", ctx, best), best
     best = search(ctx, options, codecs, exhaustive=False, climb_until=0, relax_until=deadline, fixed=layers,
                   enforce_memory=False)
     if best is None:  # e.g. interleaving with fewer layers than chunks: nothing to show
-        return None
+        return None, None
     p = prediction("even split", ctx, best, fits=False)
     over = [f"{s.name} needs {s.memory_gib:.1f} GiB per device (has {s.memory_limit_gib:.0f})"
             for s, cap in zip(p.sites, ctx.caps) if s.memory_gib * 2**30 > cap]
-    return replace(p, notes=p.notes + (f"does not fit in memory: {'; '.join(over)}",))
+    return replace(p, notes=p.notes + (f"does not fit in memory: {'; '.join(over)}",)), None
 
 
 # --- diagnostics ---------------------------------------------------------------------------------------------

@@ -62,9 +62,10 @@ class Schedule(abc.ABC):
         return tuple(Task(e.stage, e.microbatch, e.kind) for e in events)
 
 
-def _one_f_one_b(site: int, sites: int, microbatches: int) -> list[Task]:
-    # Warm-up fills the pipe below this site; then one F, one B; cool-down drains the remaining B's.
-    warm = min(sites - site - 1, microbatches)
+def _one_f_one_b(site: int, sites: int, microbatches: int, extra: int = 0) -> list[Task]:
+    # Warm-up fills the pipe below this site (and `extra` more, to cover a link's round trip; the last site waits
+    # on no link for its backward); then one F, one B; cool-down drains the remaining B's.
+    warm = min(sites - site - 1 + (extra if site < sites - 1 else 0), microbatches)
     order = [Task(site, m, "F") for m in range(warm)]
     for i in range(microbatches - warm):
         order += [Task(site, warm + i, "F"), Task(site, i, "B")]
@@ -88,17 +89,38 @@ class GPipe(Schedule):
 
 @dataclass(frozen=True, kw_only=True)
 class OneFOneB(Schedule):
-    """1F1B (PipeDream-flush): min(S-d-1, M) warm-up forwards on site d, then alternate F and B, then the B's."""
+    """1F1B (PipeDream-flush): min(S-d-1, M) warm-up forwards on site d, then alternate F and B, then the B's.
 
-    name: str = "1f1b"
+    `extra` = k > 0 is the latency-aware variant "1f1b:k": k more warm-up forwards on every site but the last, so
+    that while a cotangent makes its round trip over a slow link the site still has forwards to run (k = the
+    round trip / one microbatch's F + B, `latency_extra`). Site d then holds min(S-d+k, M) stage inputs (the last
+    site 1) instead of min(S-d, M): k more activations of memory for a bubble that no longer grows with latency."""
+
+    name: str = ""
+    extra: int = 0
 
     def __post_init__(self):
         if self.virtual != 1 or self.split_backward:
             raise ScheduleError(f"OneFOneB: virtual must be 1 and split_backward False, got {self.virtual}, "
                                 f"{self.split_backward}; use Interleaved or ZBH1 for those")
+        if not isinstance(self.extra, int) or isinstance(self.extra, bool) or self.extra < 0:
+            raise ScheduleError(f"OneFOneB: extra must be an int >= 0 (microbatches in flight beyond 1F1B's), got "
+                                f"{self.extra!r}")
+        if not self.name:
+            object.__setattr__(self, "name", "1f1b" if self.extra == 0 else f"1f1b:{self.extra}")
 
     def _orders(self, sites, microbatches):
-        return [_one_f_one_b(d, sites, microbatches) for d in range(sites)]
+        return [_one_f_one_b(d, sites, microbatches, self.extra) for d in range(sites)]
+
+
+def latency_extra(round_trip_s: float, microbatch_s: float) -> int:
+    """The extra warm-up of the latency-aware 1F1B: microbatches whose F + B (`microbatch_s`) cover a link's round
+    trip, ceil(round_trip / microbatch_s); 0 for a free link."""
+    if round_trip_s <= 0:
+        return 0
+    if not microbatch_s > 0:
+        raise ValueError(f"microbatch_s: expected a time > 0, got {microbatch_s!r}")
+    return int(-(-round_trip_s // microbatch_s))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,11 +284,12 @@ class UserTable(Schedule):
         return cls(sites, virtual=virtual, split_backward=split, name=str(name))
 
 
-_NAMES = ("gpipe", "1f1b", "interleaved", "interleaved:<v>", "zb-h1", "zbh1", "<path>.toml")
+_NAMES = ("gpipe", "1f1b", "1f1b:<k>", "interleaved", "interleaved:<v>", "zb-h1", "zbh1", "<path>.toml")
 
 
 def get_schedule(name: str | Schedule) -> Schedule:
-    """Schedule by name: 'gpipe', '1f1b', 'interleaved' (v=2), 'interleaved:3', 'zb-h1'/'zbh1', or a .toml path."""
+    """Schedule by name: 'gpipe', '1f1b', '1f1b:2' (latency-aware, 2 more in flight), 'interleaved' (v=2),
+    'interleaved:3', 'zb-h1'/'zbh1', or a .toml path."""
     if isinstance(name, Schedule):
         return name
     if not isinstance(name, str):
@@ -277,6 +300,11 @@ def get_schedule(name: str | Schedule) -> Schedule:
     simple = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved": Interleaved, "zb-h1": ZBH1, "zbh1": ZBH1}
     if key in simple:
         return simple[key]()
+    if key.startswith("1f1b:"):
+        k = key.split(":", 1)[1]
+        if not k.isdigit():
+            raise ScheduleError(f"schedule {name!r}: expected '1f1b:<extra microbatches in flight>', e.g. '1f1b:2'")
+        return OneFOneB(extra=int(k))
     if key.startswith("interleaved:"):
         v = key.split(":", 1)[1]
         if not v.isdigit():
@@ -335,7 +363,7 @@ def analytic_bubble(name: str | Schedule, sites: int, microbatches: int, virtual
     sched = get_schedule(name)
     _check_counts(sites, microbatches, "analytic_bubble")
     s, m = sites, microbatches
-    if isinstance(sched, (GPipe, OneFOneB)):
+    if isinstance(sched, GPipe) or (isinstance(sched, OneFOneB) and sched.extra == 0):
         return (s - 1) / (m + s - 1)
     if isinstance(sched, Interleaved):
         v = virtual if virtual > 1 else sched.virtual
