@@ -54,3 +54,22 @@ def reference(n: int):
     """(loss, grads): nnx.value_and_grad of the plain model loss on batch(n), on one device."""
     with jax.default_device(jax.devices()[0]):
         return nnx.value_and_grad(gpt.loss)(model(), jnp.asarray(batch(n)))
+
+
+def endpoint_pair(timeout: float = 5.0, max_bytes: int = 1 << 20, secret: bytes = b"test-secret-0123456789abcdef-0123"):
+    """(endpoint of site a to b, endpoint of site b to a) over plain loopback TCP (the opt-out; TLS links are
+    tests/test_tls.py's): the one place the transport tests build a linked pair."""
+    import threading
+
+    from hxtrain.network.listener import Listener
+    from hxtrain.network.tcp import Endpoint
+
+    with Listener() as lst:
+        box = {}
+        th = threading.Thread(target=lambda: box.setdefault("b", lst.accept(
+            "b", "a", secret=secret, tls=None, timeout=timeout, max_bytes=max_bytes)))
+        th.start()
+        a = Endpoint.connect("a", "b", "127.0.0.1", lst.port, secret=secret, tls=None, timeout=timeout,
+                             max_bytes=max_bytes)
+        th.join()
+    return a, box["b"]

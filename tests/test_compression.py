@@ -19,9 +19,8 @@ from hxtrain.links import codecs
 from hxtrain.config import topology as T
 from hxtrain.links import wire
 from hxtrain.network.handshake import PeerError
-from hxtrain.network.listener import Listener
-from hxtrain.network.tcp import Endpoint
 from hxtrain.network.transport import NetTransport
+from helpers import endpoint_pair
 from hxtrain.core.optim import OptimizerConfig
 from hxtrain.engine.transport import InProcessTransport, link_codecs
 from hxtrain.training.trainer import build_model
@@ -123,15 +122,7 @@ def test_fp8_only_where_both_sides_share_a_format(kinds, expect):
 
 
 def _pair(timeout=5.0):
-    with Listener() as lst:
-        box = {}
-        th = threading.Thread(target=lambda: box.setdefault("b", lst.accept("b", "a", secret=SECRET, tls=None,
-                                                                            timeout=timeout, max_bytes=1 << 20)))
-        th.start()
-        a = Endpoint.connect("a", "b", "127.0.0.1", lst.port, secret=SECRET, tls=None, timeout=timeout,
-                             max_bytes=1 << 20)
-        th.join()
-    return a, box["b"]
+    return endpoint_pair(timeout)
 
 
 def test_net_transport_codecs_byte_counts_and_norm_exchange():

@@ -4,7 +4,6 @@ Two transports over loopback endpoints in this process; timeouts <= 2 s."""
 
 import contextlib
 import functools
-import threading
 import time
 
 import jax
@@ -16,9 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hxtrain.links import codecs
 from hxtrain.links import wire
 from hxtrain.network.handshake import PeerError
-from hxtrain.network.listener import Listener
-from hxtrain.network.tcp import Endpoint
 from hxtrain.network.transport import NetTransport
+from helpers import endpoint_pair
 from hxtrain.engine.transport import InProcessTransport
 from hxtrain.links.wire import Kind
 
@@ -35,15 +33,7 @@ def _meshes():
 @contextlib.contextmanager
 def _linked(overlap=True, codecs_=None):
     """(transport a = site 0, transport b = site 1, endpoint a->b, endpoint b->a) over loopback."""
-    with Listener() as lst:
-        box = {}
-        th = threading.Thread(target=lambda: box.setdefault("b", lst.accept("b", "a", secret=SECRET, tls=None,
-                                                                            timeout=TIMEOUT, max_bytes=1 << 22)))
-        th.start()
-        ea = Endpoint.connect("a", "b", "127.0.0.1", lst.port, secret=SECRET, tls=None, timeout=TIMEOUT,
-                              max_bytes=1 << 22)
-        th.join()
-    eb = box["b"]
+    ea, eb = endpoint_pair(TIMEOUT, max_bytes=1 << 22)
     ta = NetTransport(0, 2, _meshes()[0], {1: ea}, codecs_, names=["a", "b"], overlap=overlap)
     tb = NetTransport(1, 2, _meshes()[1], {0: eb}, codecs_, names=["a", "b"], overlap=overlap)
     try:

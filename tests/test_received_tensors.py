@@ -18,6 +18,7 @@ from hxtrain.links.wire import Kind
 from hxtrain.network.handshake import PeerError
 from hxtrain.network.transport import NetTransport
 from hxtrain.sites.program import LocalSite
+from helpers import endpoint_pair
 
 SECRET = b"received-tensors-secret-0123456789"
 TIMEOUT = 2.0
@@ -30,20 +31,7 @@ def _mesh():
 
 
 def _endpoint_pair():
-    """(endpoint a->b, endpoint b->a) over loopback: the one place this file builds Endpoints, so that a change
-    of `Endpoint.connect` / `Listener.accept` (their `tls=` keyword) is adapted here only."""
-    from hxtrain.network.listener import Listener
-    from hxtrain.network.tcp import Endpoint
-
-    with Listener() as lst:
-        box = {}
-        th = threading.Thread(target=lambda: box.setdefault("b", lst.accept("b", "a", secret=SECRET, tls=None,
-                                                                            timeout=TIMEOUT, max_bytes=1 << 20)))
-        th.start()
-        ea = Endpoint.connect("a", "b", "127.0.0.1", lst.port, secret=SECRET, tls=None, timeout=TIMEOUT,
-                              max_bytes=1 << 20)
-        th.join()
-    return ea, box["b"]
+    return endpoint_pair(TIMEOUT)
 
 
 @contextlib.contextmanager
