@@ -192,8 +192,16 @@ class Checkpoints:
         if step in self.all_steps():
             return False
         items = _logical.to_logical(pipeline, states)
-        args = ocp.args.Composite(params=ocp.args.StandardSave(items["params"]),
-                                  opt=ocp.args.StandardSave(items["opt"]),
+        return self.save_trees(step, items["params"], items["opt"], data, meta, waited=True)
+
+    def save_trees(self, step: int, params: dict, opt: dict, data: dict, meta: dict, *, waited: bool = False) -> bool:
+        """`save_stages` for trees already in the logical layout (e.g. DiLoCo's global params and outer state,
+        host arrays): the same items, so `hxtrain export` reads such a checkpoint like any other."""
+        if not waited:
+            self.wait()
+            if step in self.all_steps():
+                return False
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
                                   data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
         try:
             self._mngr.save(step, args=args, force=True)
@@ -272,7 +280,7 @@ class Checkpoints:
                               + (": " + "; ".join(notes) if notes else ""))
 
     def read_meta(self, step: int) -> dict:
-        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.read_item(step, "meta", None)
 
     def restore(self, trainer, step: int | None = None) -> "Restored":
         """Restore the newest intact checkpoint (at or before `step`) into `trainer`, whatever its topology,
@@ -294,7 +302,12 @@ class Checkpoints:
     def read_params(self, step: int, targets: dict) -> dict:
         """Only the params item of checkpoint `step`, read onto `targets` (a tree of ShapeDtypeStructs with
         shardings, keyed like the checkpoint's logical layout)."""
-        return self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))["params"]
+        return self.read_item(step, "params", targets)
+
+    def read_item(self, step: int, item: str, targets: dict):
+        """One item ("params", "opt") of checkpoint `step` onto `targets`; "data" / "meta" (JSON) take None."""
+        arg = ocp.args.JsonRestore() if item in ("data", "meta") else ocp.args.StandardRestore(targets)
+        return self._mngr.restore(step, args=ocp.args.Composite(**{item: arg}))[item]
 
     def load_stages(self, step: int, pipeline, fresh: list) -> tuple[list, list, dict]:
         """Checkpoint `step` read onto `pipeline`'s own placement: (per-stage params, per-stage optax states shaped

@@ -80,7 +80,12 @@ class DilocoTrainer:
     def __init__(self, model, topology: Topology | str | os.PathLike = "local", *, diloco: Diloco | None = None,
                  schedule="1f1b", microbatches: int = 8, partition=None, batch_size: int = 32,
                  seq: int | None = None, optimizer: OptimizerConfig | None = None, data=None, seed: int = 0,
-                 max_corpus_bytes: int | None = 8_000_000, out=None):
+                 max_corpus_bytes: int | None = 8_000_000, out=None, save_every: int = 0, keep: int = 3,
+                 resume: str = "auto"):
+        """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/): with it, the global and every
+        replica's state are saved every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and
+        `resume` ("never", "auto", "must") restores the newest step every folder sealed
+        (`hxtrain.training.diloco_checkpoint`; `self.resumed_from` = its step or None)."""
         topo = topology if isinstance(topology, Topology) else load_topology(topology)
         self.diloco = cfg = diloco or topo.diloco or Diloco()
         from hxtrain.config.checks import check_diloco
@@ -110,6 +115,19 @@ class DilocoTrainer:
         self.step = 0
         self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
+        self.checkpoints, self.resumed_from = None, None
+        if out is not None:
+            from pathlib import Path
+
+            from hxtrain.training.diloco_checkpoint import DilocoCheckpoints
+
+            self.checkpoints = DilocoCheckpoints(self, Path(out) / "checkpoints", save_every=save_every, keep=keep)
+            self.resumed_from = self.checkpoints.resume(resume)
+
+    def restart_data(self, state: dict) -> None:
+        """Continue the global batch stream at a restored position (and each replica's token count with it)."""
+        self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=self.batch_size, seed=self.seed)
+        self.batches.set_state(state)
 
     # ---- one inner step, and the syncs due after it ---------------------------------------------------------
 
@@ -173,6 +191,7 @@ class DilocoTrainer:
 
         return fit_steps(_DilocoSteps(self), first=self.step + 1, count=steps,
                          out=out if out is not None else self.out, progress=progress, log_every=log_every,
+                         saver=None if self.checkpoints is None else _DilocoSaver(self.checkpoints),
                          postfix=lambda row: {"outer": row["outer_step"]})
 
     def describe(self) -> str:
@@ -184,6 +203,19 @@ class DilocoTrainer:
             lines.append(f"  replica {rep.name}: rows {rep.rows.start}..{rep.rows.stop - 1} of each batch; "
                          + rep.pipeline.describe().replace("\n", "\n    "))
         return "\n".join(lines)
+
+
+class _DilocoSaver:
+    """`training.loop.Saver` of a DilocoTrainer's checkpoints."""
+
+    def __init__(self, checkpoints):
+        self.checkpoints = checkpoints
+
+    def save(self, step: int, *, force: bool = False):
+        return self.checkpoints.save(step, force=force)
+
+    def close(self, *, failed: bool) -> None:
+        self.checkpoints.close()  # after a NaN too: seal what was saved before it
 
 
 class _DilocoSteps:

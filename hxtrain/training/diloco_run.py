@@ -68,13 +68,11 @@ def resolve_diloco(topology, config):
     from hxtrain.config.topology import Diloco
 
     get = lambda f: getattr(config, f, None)  # noqa: E731 (RunConfig and the site's SiteConfig)
-    for what, bad in (("--executor spmd", get("executor") not in (None, "mpmd")), ("--save-every", get("save_every")),
-                      ("--resume must", get("resume") == "must"), ("--init-from", get("init_from")),
+    for what, bad in (("--executor spmd", get("executor") not in (None, "mpmd")), ("--init-from", get("init_from")),
                       ("--timeline", get("timeline")), ("--plan", get("plan")),
-                      ("--checkpoint-dir", get("checkpoint_dir"))):
+                      ("--checkpoint-dir (checkpoints of diloco site processes)", get("checkpoint_dir"))):
         if bad:
-            raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet (mpmd, no checkpoints); "
-                             "leave it out")
+            raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet; leave it out")
     d = dataclasses.replace(topology.diloco or Diloco(), **dict(config.diloco))
     check_diloco(topology.source, d, [s.name for s in topology.sites],
                  flags={f: _DILOCO_FLAGS[f] for f, _ in config.diloco})
@@ -95,16 +93,23 @@ def train_diloco(config, *, progress: bool = True):
     resolved = resolve_run(topo, config)
     print(f"hxtrain train: mesh={topo.source} strategy=diloco model={resolved.model} schedule={resolved.schedule} "
           f"microbatches={resolved.microbatches} batch={resolved.batch_size} steps={resolved.steps} "
-          f"data={resolved.data or 'stdlib'} out={resolved.out or '-'}; no checkpoints are saved with diloco yet")
+          f"data={resolved.data or 'stdlib'} out={resolved.out or '-'}")
     model = build_model(resolved.model, seed=resolved.seed)
     run = DilocoTrainer(model, topo, diloco=d, schedule=resolved.schedule, microbatches=resolved.microbatches,
                         partition=resolved.partition, batch_size=resolved.batch_size,
                         optimizer=OptimizerConfig.for_steps(resolved.steps, resolved.learning_rate),
-                        data=resolved.data, seed=resolved.seed, out=resolved.out)
+                        data=resolved.data, seed=resolved.seed, out=resolved.out, save_every=resolved.save_every,
+                        keep=resolved.keep, resume=resolved.resume)
     print(run.describe())
+    if run.resumed_from is not None:
+        print(f"resuming from {resolved.out}/checkpoints at step {run.resumed_from} "
+              f"({max(resolved.steps - run.step, 0)} of {resolved.steps} steps left)")
+        if run.step >= resolved.steps:
+            print(f"done: already at step {run.step} of {resolved.steps}; nothing to train")
+            return run, []
     if d.sync_every > resolved.steps:
         print(f"warning: --sync-every {d.sync_every} is more than --steps {resolved.steps}: the replicas never sync")
-    history = run.fit(resolved.steps, out=resolved.out, progress=progress)
+    history = run.fit(resolved.steps - run.step, out=resolved.out, progress=progress)
     first, last = history[0]["loss"], history[-1]["loss"]
     sent = sum(r["sync_bytes"] for r in history)
     print(f"done: {len(history)} inner steps, {run.outer_steps} outer steps, loss {first:.4f} -> {last:.4f}, "

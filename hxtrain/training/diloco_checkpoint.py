@@ -1,0 +1,144 @@
+"""Checkpoints of a DiLoCo run (`DilocoTrainer(out=...)`): everything a resume needs to continue bit for bit.
+
+    out/checkpoints/                  the global side, a `Checkpoints` folder like any run's:
+        <step>/params                 the global params (logical keys): `hxtrain export --checkpoint out` exports
+                                      the model the replicas agree on, as for any other run
+        <step>/opt                    the outer state: Nesterov momentum (logical keys), tokens per replica since
+                                      each fragment's sync, the outer step count, results not yet applied
+        <step>/data, <step>/meta      the global batch stream's position; the run's shape and the [diloco] settings
+    out/checkpoints/replicas/<name>/  each replica's own params and inner optimizer state (`save_stages`)
+
+A step is restored only when the global folder and every replica folder hold it sealed and intact; a resume takes
+the newest such step. A checkpoint of other DiLoCo settings, replicas, model, batch or seed is refused naming the
+field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from hxtrain.checkpoints import logical as _logical
+from hxtrain.checkpoints.checkpoint import (RESUME_MODES, CheckpointError, CheckpointMismatch, Checkpoints,
+                                            run_meta)
+from hxtrain.training.outer import flat, nested
+
+
+class DilocoCheckpoints:
+    """The global and per-replica checkpoint folders of `run` (a `DilocoTrainer`) under `root`."""
+
+    def __init__(self, run, root, *, save_every: int = 0, keep: int = 3):
+        self.run, self.root = run, Path(root)
+        self.glob = Checkpoints(self.root, save_every=save_every, keep=keep)
+        self.reps = [Checkpoints(self.root / "replicas" / rep.name, save_every=save_every, keep=keep)
+                     for rep in run.replicas]
+
+    def meta(self, step: int) -> dict:
+        run = self.run
+        pipe = run.replicas[0].pipeline
+        d = run.diloco
+        settings = {"replicas": [rep.name for rep in run.replicas], "sync_every": d.sync_every,
+                    "outer_lr": d.outer_lr, "outer_momentum": d.outer_momentum, "fragments": d.fragments,
+                    "overlap": d.overlap, "mix": d.mix, "codec": d.codec,
+                    "rows": [[rep.rows.start, rep.rows.stop] for rep in run.replicas]}
+        return run_meta(step, run.seed, pipe._model, pipe.ranges, run.topology, pipe.schedule.name,
+                        pipe.microbatches, run.batch_size, run.seq, _logical.shapes(pipe), diloco=settings,
+                        pending=[[at, f] for at, f, _ in self._pending()])
+
+    def _pending(self):
+        keys = self.run.outer.fragments
+        return [(at, next(f for f, ks in enumerate(keys) if set(new) == set(ks)), new)
+                for at, new in self.run.outer.pending]
+
+    # ---- save ------------------------------------------------------------------------------------------------
+
+    def save(self, step: int, *, force: bool = False) -> bool:
+        if not self.glob.due(step, force):
+            return False
+        run, outer = self.run, self.run.outer
+        opt = {"momentum": nested(outer.momentum), "since": np.asarray(outer.since, np.int64),
+               "outer_steps": np.asarray(outer.outer_steps, np.int64),
+               "pending": {str(i): nested(new) for i, (_, _, new) in enumerate(self._pending())}}
+        data, meta = run.batches.get_state(), self.meta(step)
+        started = self.glob.save_trees(step, nested(outer.global_params), opt, data, meta)
+        for rep, ck in zip(run.replicas, self.reps):
+            started |= ck.save_stages(step, rep.pipeline, rep.optimizer.states, data, meta)
+        return started
+
+    def close(self) -> None:
+        for ck in (self.glob, *self.reps):
+            ck.close()
+
+    # ---- resume ----------------------------------------------------------------------------------------------
+
+    def newest(self) -> int | None:
+        """The newest step sealed and intact in every folder, or None."""
+        for step in reversed(self.glob.steps()):
+            try:
+                if all(ck.newest_intact(step, warn=False) == step for ck in (self.glob, *self.reps)):
+                    return step
+            except CheckpointError:
+                continue
+        return None
+
+    def resume(self, mode: str = "auto") -> int | None:
+        """Restore the newest complete step into the run (`auto`: if any; `must`: or raise; `never`: refuse a
+        folder that holds one); returns the step restored or None."""
+        if mode not in RESUME_MODES:
+            raise ValueError(f"resume: expected one of {RESUME_MODES}, got {mode!r}")
+        found = self.glob.all_steps()
+        if mode == "never":
+            if found:
+                raise CheckpointError(f"resume=never but {self.root} already holds checkpoints (steps {found}); use "
+                                      "another --out, delete them, or resume with --resume auto")
+            return None
+        step = self.newest()
+        if step is None:
+            if mode == "must":
+                raise CheckpointError(f"resume=must but {self.root} holds no step that the global folder and every "
+                                      "replica folder have sealed")
+            return None
+        self._restore(step)
+        return step
+
+    def _restore(self, step: int) -> None:
+        run, outer = self.run, self.run.outer
+        saved, now = self.glob.read_meta(step), self.meta(step)
+        for field in ("diloco", "model", "config", "batch_size", "seed", "seq", "schedule", "microbatches"):
+            if saved.get(field) != _json(now.get(field)):
+                raise CheckpointMismatch(f"checkpoint step {step} in {self.root}: saved with {field} = "
+                                         f"{saved.get(field)!r}, this run has {_json(now.get(field))!r}; resume with "
+                                         "the same settings, or pass another --out to start afresh")
+        cpu = SingleDeviceSharding(jax.devices("cpu")[0])
+        like = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=cpu), tree)
+        keys = outer.fragments
+        pending_like = {str(i): nested({k: outer.global_params[k] for k in keys[f]})
+                        for i, (_, f) in enumerate(saved["pending"])}
+        opt_like = {"momentum": nested(outer.momentum), "since": np.asarray(outer.since, np.int64),
+                    "outer_steps": np.asarray(0, np.int64), "pending": pending_like}
+        host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
+        outer.global_params = flat(host(self.glob.read_item(step, "params", like(nested(outer.global_params)))))
+        opt = host(self.glob.read_item(step, "opt", like(opt_like)))
+        outer.momentum = flat(opt["momentum"])
+        outer.since = [list(map(int, row)) for row in opt["since"]]
+        outer.outer_steps = int(opt["outer_steps"])
+        outer.pending = [(int(at), flat(opt["pending"][str(i)])) for i, (at, _) in enumerate(saved["pending"])]
+        for rep, ck in zip(run.replicas, self.reps):
+            params, states, _ = ck.load_stages(step, rep.pipeline, rep.optimizer.states)
+            rep.pipeline.set_params(params)
+            rep.optimizer.load_states(states)
+        run.restart_data(self.glob.read_item(step, "data", None))
+        run.step = int(saved["step"])
+        run.tokens = [run.step * (rep.rows.stop - rep.rows.start) * run.seq for rep in run.replicas]
+        for ck in (self.glob, *self.reps):
+            ck.set_aside([s for s in ck.all_steps() if s > step])
+
+
+def _json(v):
+    import json
+
+    return json.loads(json.dumps(v))
