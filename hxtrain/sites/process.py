@@ -292,7 +292,10 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     from hxtrain.training.trainer import resolve_run
 
     topo = load_topology(cfg.mesh)
-    cfg = resolve_run(topo, cfg)
+    try:
+        cfg = resolve_run(topo, cfg)
+    except ValueError as e:  # bad input: one line and exit 2, also for a process of a multi-process site
+        raise SiteError(str(e)) from None
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
     diloco = None
