@@ -22,6 +22,9 @@ from models import gpt
 from tests import _ckpt_child as child
 from tests.helpers import assert_trees_close, rel_err
 
+# One worker runs this module, so its costly shared run (the session fixture below) is computed once.
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(microbatches=2, batch_size=8, max_corpus_bytes=200_000)  # microbatch 4: the same programs as the suite
 FIXED = np.random.default_rng(7).integers(0, 256, (8, gpt.TINY.seq_len + 1)).astype(np.int32)
@@ -36,7 +39,7 @@ def _logical_np(trainer) -> dict:
     return jax.tree.map(np.asarray, t)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not torn down when xdist runs another module in between
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     trainer = hxtrain.Trainer(gpt.build(gpt.TINY, seed=0), "local", out=root / "run", save_every=2, keep=2, **KW)

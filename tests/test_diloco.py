@@ -4,6 +4,8 @@ pipelined over several sites, and clear errors for bad settings."""
 
 import dataclasses
 import os
+import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -281,3 +283,37 @@ def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):
         assert [r["outer_step"] for r in rows] == [1, 2, 3] and all(r["sync_bytes"] > 0 for r in rows)
         for got, w in zip(rows, want):
             assert rel_err(got["loss"], w[s]) <= 1e-5, (s, got["loss"], w[s])
+
+
+def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
+    """`hxtrain launch --strategy diloco --elastic`: site b is killed mid-run; site a drops it from the average,
+    finishes every step alone, and the launcher exits 0 naming the lost site. Without --strategy diloco,
+    --elastic is refused in one line."""
+    import json
+    import signal
+    import sys
+
+    from tests.test_multiprocess import _Run
+
+    mesh = tmp_path / "two.toml"
+    mesh.write_text(_TWO_SITES)
+    out = tmp_path / "out"
+    run = _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco", "--elastic",
+                "--sync-every", "2", "--steps", "12", "--out", str(out), "--timeout", "5", "--grace", "5"],
+               env={"XLA_FLAGS": ""})
+    pid = int(run.wait_for(r"\[launch\] site 'b': pid (\d+)", 60).split("pid ")[1].split(",")[0])
+    run.wait_for(r"\[a\] step 4 ", 240)
+    os.kill(pid, signal.SIGKILL)
+    assert run.finish(120) == 0, run.text()
+    text = run.text()
+    assert re.search(r"\[a\] site 'a': lost replica 'b' at step \d+ \(.*\); continuing as the only replica", text)
+    assert "[launch] elastic: site 'b' was killed by SIGKILL (from outside); the run finished on 'a'" in text
+    rows = [json.loads(line) for line in (out / "metrics-a.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["outer_step"] == 6
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", "a", "--elastic",
+                          "--insecure-plaintext"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HXTRAIN_SECRET": "0123456789abcdef" * 2})
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "hxtrain site 'a': error: --elastic: only with --strategy diloco for now (continuing a pipeline without a "
+        "site needs a re-plan and a restore, which are not built)")

@@ -20,6 +20,9 @@ from hxtrain.checkpoints.export import export
 from models import gpt
 from tests.helpers import assert_trees_close, rel_err
 
+# One worker runs this module, so its costly shared run (the session fixture below) is computed once.
+pytestmark = pytest.mark.xdist_group("export")
+
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(microbatches=2, batch_size=8, max_corpus_bytes=200_000)
 FIXED = np.random.default_rng(3).integers(0, 256, (8, gpt.TINY.seq_len + 1)).astype(np.int32)
@@ -42,7 +45,7 @@ LOADER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not torn down when xdist runs another module in between
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     trainer = hxtrain.Trainer(gpt.build(gpt.TINY, seed=0), hxtrain.uniform(1), out=root / "run", **KW)

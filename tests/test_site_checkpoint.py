@@ -18,12 +18,15 @@ from hxtrain.checkpoints.checkpoint import CheckpointError, CheckpointMismatch
 from hxtrain.checkpoints.site import SiteCheckpoints, agree, check_meta, exchange_steps
 from tests.test_multiprocess import _launch, _topology
 
+# One worker runs this module, so its costly shared run (the session fixture below) is computed once.
+pytestmark = pytest.mark.xdist_group("site_checkpoint")
+
 
 def _losses(out, site="b"):
     return {r["step"]: r["loss"] for r in map(json.loads, (out / f"metrics-{site}.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not torn down when xdist runs another module in between
 def run_a(tmp_path_factory):
     root = tmp_path_factory.mktemp("site_ckpt")
     mesh = _topology(root, steps=6)

@@ -37,7 +37,7 @@ def _child(mode: str, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not torn down when xdist runs another module in between
 def inprocess(tmp_path_factory):
     return _child("inprocess", tmp_path_factory.mktemp("two-clients"))
 

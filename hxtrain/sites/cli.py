@@ -30,6 +30,9 @@ def add_run_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N steps (default 0: only at the end); needs --checkpoint-dir")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per site (default 3)")
+    p.add_argument("--elastic", action="store_true",
+                   help="with --strategy diloco: when a replica is lost, the others go on without it (and launch "
+                        "does not stop them)")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="link the sites without TLS (loopback only; logged as a warning). Default: mutual TLS 1.3")
     p.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
@@ -49,7 +52,7 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       save_every=args.save_every, keep=args.keep, resume=args.resume,
                       tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
                       tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext,
-                      strategy=args.strategy, diloco=diloco_overrides(args))
+                      strategy=args.strategy, diloco=diloco_overrides(args), elastic=args.elastic)
 
 
 def _cmd_site(args) -> int:

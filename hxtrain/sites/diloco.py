@@ -76,8 +76,10 @@ def build(topology, index: int, cfg, d):
 class ReplicaSteps:
     """`training.loop.Steps` of a replica: its inner step, then the syncs due, exchanged with the other replica."""
 
-    def __init__(self, local, transport, endpoint, index: int, d):
+    def __init__(self, local, transport, endpoint, index: int, d, *, elastic: bool = False, log=print):
         self.local, self.transport, self.ep, self.me, self.d = local, transport, endpoint, index, d
+        self.elastic, self.log = elastic, log
+        self.alone = False  # elastic: the other replica was lost, this one goes on by itself
         self.tokens_per_step = local.batch_size * local.seq
         self.learning_rate = local.optimizer.learning_rate
         self.view = types.SimpleNamespace(stages=list(local.stages.values()),
@@ -120,9 +122,23 @@ class ReplicaSteps:
                 "payload_bytes_per_link": {}, "control_bytes": 0}
 
     def _exchange(self, f: int, mine: dict, step: int) -> int:
+        outer = self.outer
+        _, my_delta = outer.delta(f, mine)
+        if not self.alone:
+            try:
+                return self._with_peer(f, mine, my_delta, step)
+            except PeerError as e:
+                if not self.elastic:
+                    raise
+                self.alone = True
+                self.log(f"site {self.local.site.name!r}: lost replica {self.ep.peer!r} at step {step} ({e}); "
+                         "continuing as the only replica (--elastic): the average is over this replica alone")
+        outer.combine(f, [my_delta], step, [outer.since[f][self.me]])
+        return 0
+
+    def _with_peer(self, f: int, mine: dict, my_delta: dict, step: int) -> int:
         outer, ep, codec = self.outer, self.ep, self.d.codec
         keys = outer.fragments[f]
-        _, my_delta = outer.delta(f, mine)
         sent = 0
         for j, k in enumerate(keys):  # the raw delta: the endpoint encodes it with the codec, as delta() did
             sent += ep.send(Kind.PSEUDO_GRADIENT, outer.global_params[k] - mine[k], step=step, stage=f,

@@ -81,13 +81,16 @@ def _pump(proc, prefix: str, out, lock) -> None:
 def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace: float | None = None,
            addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
            env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET",
-           extra: dict[str, list[str]] | None = None, plaintext: bool = False) -> list[SiteExit]:
+           extra: dict[str, list[str]] | None = None, plaintext: bool = False,
+           elastic: bool = False) -> list[SiteExit]:
     """Run every site of topology `mesh` as a subprocess and wait for all of them.
 
     site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
     prefix: {site: argv prefix}, e.g. ["ip", "netns", "exec", "hxa"] to run a site in a network namespace.
     extra: {site: more `hxtrain site` arguments for that site only}, e.g. ["--connect", "b=127.0.0.1:7000"].
     plaintext: link the sites without TLS (loopback only) instead of minting a certificate per site.
+    elastic: a failed site does not stop the others (`--elastic`: DiLoCo replicas go on without it); once one has
+    finished, the rest get `grace` seconds, then are killed.
     grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
     A site with processes > 1 is started as that many processes around a coordinator on a free loopback port.
     Returns one SiteExit per process, the first failure first (all codes 0 when the run succeeded).
@@ -142,7 +145,7 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
                 t = threading.Thread(target=_pump, args=(proc, f"[{label}] ", out, lock), daemon=True)
                 t.start()
                 pumps.append(t)
-        exits = _wait(procs, grace)
+        exits = _wait(procs, grace, elastic)
     finally:
         for p in procs.values():  # nothing outlives the launcher, whatever happened
             if p.poll() is None:
@@ -161,9 +164,9 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _wait(procs: dict, grace: float) -> list[SiteExit]:
-    """Poll until every process exits; after the first failure, give the rest `grace` s, then kill them.
-    `procs` maps (site, process rank or None) to its Popen."""
+def _wait(procs: dict, grace: float, elastic: bool = False) -> list[SiteExit]:
+    """Poll until every process exits; after the first failure (elastic: the first success), give the rest
+    `grace` s, then kill them. `procs` maps (site, process rank or None) to its Popen."""
     done: dict[tuple, SiteExit] = {}
     failed_at = None
     order = []
@@ -172,7 +175,7 @@ def _wait(procs: dict, grace: float) -> list[SiteExit]:
             if key not in done and p.poll() is not None:
                 done[key] = SiteExit(key[0], p.returncode, process=key[1])
                 order.append(key)
-                if p.returncode != 0 and failed_at is None:
+                if (p.returncode == 0 if elastic else p.returncode != 0) and failed_at is None:
                     failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace:
             for key, p in procs.items():
@@ -203,9 +206,16 @@ def _cmd_launch(args) -> int:
     from hxtrain.training.diloco_run import diloco_flag_args
 
     site_args += ["--strategy", args.strategy, *diloco_flag_args(args)]
+    if args.elastic:
+        site_args += ["--elastic"]
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env,
-                   plaintext=args.insecure_plaintext)
+                   plaintext=args.insecure_plaintext, elastic=args.elastic)
     failed = [e for e in exits if e.returncode != 0]
+    finished = sorted({e.site for e in exits if e.returncode == 0})
+    if args.elastic and failed and finished:
+        print(f"[launch] elastic: {'; '.join(e.describe() for e in failed)}; the run finished on "
+              f"{', '.join(map(repr, finished))}", flush=True)
+        return 0
     if not failed:
         n_sites = len({e.site for e in exits})
         procs = f" ({len(exits)} processes)" if len(exits) != n_sites else ""

@@ -71,6 +71,7 @@ class SiteConfig:
     tls_ca: str | None = None  # the CA certificate every site's certificate is signed by
     insecure_plaintext: bool = False  # links without TLS: loopback only, logged loudly
     strategy: str = "pipeline"  # or "diloco": this site is a replica (hxtrain.sites.diloco)
+    elastic: bool = False  # diloco: a lost replica is dropped and this one goes on alone
     diloco: tuple[tuple[str, object], ...] = ()  # (Diloco field, value) given on the command line
 
 
@@ -299,6 +300,9 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
     diloco = None
+    if cfg.elastic and cfg.strategy != "diloco":
+        raise SiteError("--elastic: only with --strategy diloco for now (continuing a pipeline without a site needs "
+                        "a re-plan and a restore, which are not built)")
     if cfg.strategy == "diloco":
         from hxtrain.sites import diloco as _replica
 
@@ -371,7 +375,7 @@ def _run_replica(topo, index: int, cfg: SiteConfig, d, endpoints: dict, log) -> 
     local = _replica.build(topo, index, cfg, d)
     log(local.describe())
     transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
-    steps = _replica.ReplicaSteps(local, transport, endpoints[1 - index], index, d)
+    steps = _replica.ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log)
     log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows.start}.."
         f"{local.batches.rows.stop - 1} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
