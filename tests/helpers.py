@@ -73,3 +73,22 @@ def endpoint_pair(timeout: float = 5.0, max_bytes: int = 1 << 20, secret: bytes 
                              max_bytes=max_bytes)
         th.join()
     return a, box["b"]
+
+
+def computed_once(tmp_path_factory, name: str, compute):
+    """`compute(folder)` (a JSON-able result) run once per test session, also when xdist spreads the tests that
+    need it over several workers: the first worker computes it under a file lock, the others read its JSON."""
+    import fcntl
+    import json
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by this session's workers
+    path, lock = root / f"{name}.json", root / f"{name}.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if not path.exists():
+            folder = root / name
+            folder.mkdir(exist_ok=True)
+            path.write_text(json.dumps(compute(folder)))
+        return json.loads(path.read_text())

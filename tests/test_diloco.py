@@ -148,14 +148,15 @@ def test_streaming_run_peaks_at_a_fragment_and_lands_late_results():
 
 
 def test_two_replicas_of_two_pipeline_stages_match_each_replica_unsplit():
-    """local-4site as 2 replicas x 2 stages (pipelined over its own sites) against 2 replicas of one site each
-    (data 2, the whole model): the same DiLoCo run, fp32 rel <= 1e-5 after an outer step. Inner SGD: AdamW
+    """4 sites as 2 replicas x 2 stages (each pipelined over its own sites and devices) against 2 replicas of one
+    site each (the whole model): the same DiLoCo run, fp32 rel <= 1e-5 after an outer step. Inner SGD: AdamW
     would turn the fp32 rounding of near-zero gradients into lr-sized steps, whatever the split."""
     cfg = Diloco(sync_every=2, outer_momentum=0.9)
     opt = SGD
-    hybrid = _run("local-4site", dataclasses.replace(cfg, replicas=(("s0", "s1"), ("s2", "s3"))), optimizer=opt)
+    hybrid = _run(uniform(4), dataclasses.replace(cfg, replicas=(("s0", "s1"), ("s2", "s3"))), optimizer=opt)
     assert [len(r.pipeline.stages) for r in hybrid.replicas] == [2, 2]
-    flat = _run(uniform(2, data=2), cfg, optimizer=opt)
+    assert [[m.devices.flat[0].id for m in r.pipeline.meshes] for r in hybrid.replicas] == [[0, 1], [2, 3]]
+    flat = _run(uniform(2), cfg, optimizer=opt)
     for step in range(1, 3):
         tokens = batch(8, seed=20 + step)
         h, f = hybrid.train_step(tokens), flat.train_step(tokens)
@@ -299,17 +300,17 @@ def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
     mesh.write_text(_TWO_SITES)
     out = tmp_path / "out"
     run = _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco", "--elastic",
-                "--sync-every", "2", "--steps", "12", "--out", str(out), "--timeout", "5", "--grace", "5"],
+                "--sync-every", "2", "--steps", "8", "--out", str(out), "--timeout", "5", "--grace", "5"],
                env={"XLA_FLAGS": ""})
     pid = int(run.wait_for(r"\[launch\] site 'b': pid (\d+)", 60).split("pid ")[1].split(",")[0])
-    run.wait_for(r"\[a\] step 4 ", 240)
+    run.wait_for(r"\[a\] step 2 ", 240)
     os.kill(pid, signal.SIGKILL)
     assert run.finish(120) == 0, run.text()
     text = run.text()
     assert re.search(r"\[a\] site 'a': lost replica 'b' at step \d+ \(.*\); continuing as the only replica", text)
     assert "[launch] elastic: site 'b' was killed by SIGKILL (from outside); the run finished on 'a'" in text
     rows = [json.loads(line) for line in (out / "metrics-a.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["outer_step"] == 6
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["outer_step"] == 4
     assert all(np.isfinite(r["loss"]) for r in rows)
     bad = subprocess.run([sys.executable, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", "a", "--elastic",
                           "--insecure-plaintext"], capture_output=True, text=True, timeout=120,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import rel_err
+from tests.helpers import computed_once, rel_err
 from tests.test_multiprocess import _check_rows, _launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,9 +37,11 @@ def _child(mode: str, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="session")  # not torn down when xdist runs another module in between
+@pytest.fixture(scope="session")
 def inprocess(tmp_path_factory):
-    return _child("inprocess", tmp_path_factory.mktemp("two-clients"))
+    # once per session, whichever xdist workers run this module's tests (the xdist_group alone did not keep them
+    # on one worker: the child ran twice)
+    return computed_once(tmp_path_factory, "two-clients-inprocess", lambda folder: _child("inprocess", folder))
 
 
 def test_the_plugin_is_installed_by_the_test_extra():

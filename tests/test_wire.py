@@ -179,8 +179,8 @@ def test_encode_input_errors():
         wire.encode(Kind.ACTIVATION, np.zeros(2, np.float32), key=SECRET, microbatch=-1)
     with pytest.raises(ValueError, match="codec=2 needs a pre-encoded bytes payload"):
         wire.encode(Kind.ACTIVATION, np.zeros(2, np.float32), key=SECRET, codec=2)
-    with pytest.raises(ValueError, match="7 is not a valid Kind"):
-        wire.encode(7, b"", key=SECRET)
+    with pytest.raises(ValueError, match="99 is not a valid Kind"):
+        wire.encode(99, b"", key=SECRET)
 
 
 def test_big_endian_input_is_sent_little_endian():
