@@ -202,7 +202,7 @@ _CLUSTER = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-from hxtrain.sites.process import init_site_cluster
+from hxtrain.network.group import init_site_cluster
 init_site_cluster(sys.argv[1], 2, int(sys.argv[2]), timeout=60)
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -1,6 +1,6 @@
 """A site spanning several processes (hosts): `jax.distributed` inside the site, one TCP leader outside it.
 
-The processes of a site form one JAX cluster (`sites.process.init_site_cluster`); the site's Mesh(('data',
+The processes of a site form one JAX cluster (`init_site_cluster`); the site's Mesh(('data',
 'tensor')) covers every process's devices, and every process runs the same stage programs in the same order.
 Only process 0, the *leader*, has TCP links to the neighbouring sites. `GroupTransport` gives the site loop the
 `NetTransport` surface on every process:
@@ -198,3 +198,23 @@ class GroupTransport:
 
 
 __all__ = ["GroupError", "GroupTransport", "check_mesh", "leader_mesh", "put_global", "put_stage", "put_tree"]
+
+
+def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, timeout: float = 60.0,
+                      heartbeat_timeout: float = 100.0, shutdown_timeout: float = 300.0) -> None:
+    """Join this process to its site's `jax.distributed` cluster (a site spanning several hosts); call before JAX
+    initialises. Afterwards `jax.devices()` lists every process's devices and collectives span them. On CPU the
+    cross-process collectives need the gloo implementation, selected here where this JAX has the option.
+
+    timeout: seconds to wait for every process to join. heartbeat_timeout: a process silent this long is declared
+    dead and the coordination service aborts every process. shutdown_timeout: the most a clean exit waits for the
+    others at JAX's shutdown barrier."""
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # newer JAX: gloo is the default or the option is gone
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(timeout), heartbeat_timeout_seconds=int(heartbeat_timeout),
+                               shutdown_timeout_seconds=int(shutdown_timeout))

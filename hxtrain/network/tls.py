@@ -72,6 +72,31 @@ def _context(cfg: TlsConfig, server_side: bool) -> ssl.SSLContext:
     return ctx
 
 
+def from_flags(site: str, cert: str | None, key: str | None, ca: str | None, *, plaintext: bool = False):
+    """`hxtrain site`'s TLS flags as a checked `TlsConfig` (its certificate must name `site`), or None for the
+    plaintext opt-out; TlsError naming the flag."""
+    given = [f for f, v in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)) if v]
+    if plaintext:
+        if given:
+            raise TlsError(f"--insecure-plaintext: links are either TLS or plaintext, got it with {given[0]}; "
+                           "leave one out")
+        return None
+    if len(given) < 3:
+        missing = [f for f in ("--tls-cert", "--tls-key", "--tls-ca") if f not in given]
+        raise TlsError(f"{missing[0]}: every link between sites is mutual TLS; give this site's certificate, its key "
+                       "and the run's CA (--tls-cert, --tls-key, --tls-ca; `hxtrain launch` mints them), or "
+                       "--insecure-plaintext for sites on one machine (loopback only)")
+    tls = TlsConfig(cert=cert, key=key, ca=ca)
+    tls.check()
+    from hxtrain.network.certs import certificate_names
+
+    names = certificate_names(tls.cert)
+    if site not in names:
+        raise TlsError(f"--tls-cert: the certificate {tls.cert!r} names {', '.join(map(repr, names)) or 'no site'}, "
+                       f"not this site {site!r}; its peers would refuse it")
+    return tls
+
+
 def check_peer_name(names: tuple[str, ...], peer: str, *, me: str) -> None:
     """ValueError unless the peer's verified certificate (`names`: `TlsChannel.peer_names()`) names site `peer`."""
     if peer not in names:

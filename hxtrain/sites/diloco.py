@@ -42,6 +42,20 @@ def check(topology, cfg, error) -> object:
     return d
 
 
+def run(topology, index: int, cfg, d, endpoints: dict, log, *, loop) -> list[dict]:
+    """This site as a DiLoCo replica to the last step: `loop` is the site process's training loop."""
+    local = build(topology, index, cfg, d)
+    log(local.describe())
+    transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
+    steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log)
+    log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows.start}.."
+        f"{local.batches.rows.stop - 1} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
+    local.warm_up()
+    steps.barrier(cfg.connect_timeout)
+    log(f"site {local.site.name!r}: compiled; both replicas ready")
+    return loop(local, transport, cfg, log, steps=steps)
+
+
 class _Rows:
     """A replica's rows of every global batch (the same seeded stream on every replica)."""
 
@@ -63,7 +77,7 @@ def build(topology, index: int, cfg, d):
     from hxtrain.sites import program as _prog
     from hxtrain.training.diloco import replica_batches
 
-    sizes = replica_batches(cfg.batch_size, d.shares or [1, 1])
+    sizes = replica_batches(cfg.batch_size, [1, 1] if d.shares is None else d.shares)
     site = topology.sites[index]
     alone = dataclasses.replace(topology, name=f"{topology.name}[{site.name}]", sites=(site,), links=(), diloco=None)
     local = _prog.LocalSite.build(alone, 0, dataclasses.replace(cfg, batch_size=sizes[index]))

@@ -119,32 +119,13 @@ def read_secret(env_name: str, env=os.environ) -> bytes:
 
 
 def site_tls(cfg: SiteConfig):
-    """The site's `TlsConfig`, or None with --insecure-plaintext; SiteError naming the flags otherwise."""
-    from hxtrain.network.tls import TlsConfig, TlsError
+    """The site's `TlsConfig`, or None with --insecure-plaintext; SiteError naming the flag otherwise."""
+    from hxtrain.network.tls import TlsError, from_flags
 
-    given = [f for f, v in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key), ("--tls-ca", cfg.tls_ca)) if v]
-    if cfg.insecure_plaintext:
-        if given:
-            raise SiteError(f"--insecure-plaintext: links are either TLS or plaintext, got it with {given[0]}; "
-                            "leave one out")
-        return None
-    if len(given) < 3:
-        missing = [f for f in ("--tls-cert", "--tls-key", "--tls-ca") if f not in given]
-        raise SiteError(f"{missing[0]}: every link between sites is mutual TLS; give this site's certificate, its key "
-                        "and the run's CA (--tls-cert, --tls-key, --tls-ca; `hxtrain launch` mints them), or "
-                        "--insecure-plaintext for sites on one machine (loopback only)")
-    tls = TlsConfig(cert=cfg.tls_cert, key=cfg.tls_key, ca=cfg.tls_ca)
     try:
-        tls.check()
+        return from_flags(cfg.site, cfg.tls_cert, cfg.tls_key, cfg.tls_ca, plaintext=cfg.insecure_plaintext)
     except TlsError as e:
         raise SiteError(str(e)) from None
-    from hxtrain.network.certs import certificate_names
-
-    names = certificate_names(tls.cert)
-    if cfg.site not in names:
-        raise SiteError(f"--tls-cert: the certificate {tls.cert!r} names {', '.join(map(repr, names)) or 'no site'}, "
-                        f"not this site {cfg.site!r}; its peers would refuse it")
-    return tls
 
 
 def parse_addresses(text: str | None, flag: str = "--addresses") -> tuple[tuple[str, str], ...]:
@@ -227,26 +208,6 @@ def check_supported(topology, name: str, schedule) -> int:
     return [s.name for s in topology.sites].index(name)
 
 
-def init_site_cluster(coordinator: str, num_processes: int, process_id: int, *, timeout: float = 60.0,
-                      heartbeat_timeout: float = 100.0, shutdown_timeout: float = 300.0) -> None:
-    """Join this process to its site's `jax.distributed` cluster (a site spanning several hosts); call before JAX
-    initialises. Afterwards `jax.devices()` lists every process's devices and collectives span them. On CPU the
-    cross-process collectives need the gloo implementation, selected here where this JAX has the option.
-
-    timeout: seconds to wait for every process to join. heartbeat_timeout: a process silent this long is declared
-    dead and the coordination service aborts every process. shutdown_timeout: the most a clean exit waits for the
-    others at JAX's shutdown barrier."""
-    import jax
-
-    try:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, KeyError, ValueError):  # newer JAX: gloo is the default or the option is gone
-        pass
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=int(timeout), heartbeat_timeout_seconds=int(heartbeat_timeout),
-                               shutdown_timeout_seconds=int(shutdown_timeout))
-
-
 def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, tls, max_bytes: int) -> dict:
     """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor. `tls`: the
     site's TlsConfig, or None (plaintext, loopback only)."""
@@ -322,6 +283,8 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     client = register_plugins([site])[0]  # before anything starts JAX's backends (jax.distributed does)
     if site.processes > 1:
         beat = max(10.0, math.ceil(cfg.timeout))  # the coordination service's floor for a stalled process
+        from hxtrain.network.group import init_site_cluster
+
         init_site_cluster(cfg.coordinator, site.processes, cfg.process_id, timeout=cfg.connect_timeout,
                           heartbeat_timeout=beat, shutdown_timeout=beat)
         log(f"site {site.name!r}: process {cfg.process_id} of {site.processes} joined the site's cluster at "
@@ -339,7 +302,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             how = "mutual TLS 1.3" if tls is not None else "plaintext"
             log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())} ({how})")
         if diloco is not None:
-            return _run_replica(topo, index, cfg, diloco, endpoints, log)
+            return _replica.run(topo, index, cfg, diloco, endpoints, log, loop=_loop)
         local = _prog.LocalSite.build(topo, index, cfg)
         log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
         log(local.describe())
@@ -366,22 +329,6 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     finally:
         for ep in endpoints.values():
             ep.close()
-
-
-def _run_replica(topo, index: int, cfg: SiteConfig, d, endpoints: dict, log) -> list[dict]:
-    """This site as a DiLoCo replica (`hxtrain.sites.diloco`)."""
-    from hxtrain.sites import diloco as _replica
-
-    local = _replica.build(topo, index, cfg, d)
-    log(local.describe())
-    transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
-    steps = _replica.ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log)
-    log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows.start}.."
-        f"{local.batches.rows.stop - 1} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
-    local.warm_up()
-    steps.barrier(cfg.connect_timeout)
-    log(f"site {local.site.name!r}: compiled; both replicas ready")
-    return _loop(local, transport, cfg, log, steps=steps)
 
 
 def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None, steps=None) -> list[dict]:

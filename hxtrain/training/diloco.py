@@ -92,7 +92,7 @@ class DilocoTrainer:
 
         check_diloco(topo.source, cfg, [s.name for s in topo.sites])
         groups = cfg.groups(topo)
-        sizes = replica_batches(batch_size, cfg.shares or [1] * len(groups))
+        sizes = replica_batches(batch_size, [1] * len(groups) if cfg.shares is None else cfg.shares)
         self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
             raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")
