@@ -191,14 +191,15 @@ def test_big_endian_input_is_sent_little_endian():
 
 def test_transport_modules_do_not_depend_on_jax():
     """The wire format and the TCP endpoints stay framework-free: links/wire, links/codecs, network/tcp,
-    network/handshake, network/tls and network/listener import stdlib, numpy, ml_dtypes and each other."""
+    network/handshake, network/tls, network/listener and network/certs import stdlib, numpy, ml_dtypes, cryptography
+    (X.509 for the run's certificates) and each other."""
     import ast
     import pathlib
     import sys
 
-    allowed = set(sys.stdlib_module_names) | {"numpy", "ml_dtypes", "hxtrain", "__future__"}
+    allowed = set(sys.stdlib_module_names) | {"numpy", "ml_dtypes", "hxtrain", "__future__", "cryptography"}
     names = ("links/wire.py", "links/codecs.py", "network/tcp.py", "network/handshake.py", "network/tls.py",
-             "network/listener.py")
+             "network/listener.py", "network/certs.py")
     ours = {"hxtrain." + n[:-3].replace("/", ".") for n in names}
     root = pathlib.Path(wire.__file__).parents[1]
     for name in names:
