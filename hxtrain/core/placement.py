@@ -25,6 +25,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", DATA),
     ("vocab", TENSOR),
     ("heads", TENSOR),
+    ("kv_heads", TENSOR),  # grouped-query attention: each kv head is split with its (contiguous) query group
     ("mlp", TENSOR),
     ("embed", None),
     ("head_dim", None),

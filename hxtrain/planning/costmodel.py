@@ -4,12 +4,14 @@ Pure Python (no JAX): the planner calls it thousands of times per plan. Every fi
 of `b` sequences of `T` tokens, for a site running `data x tensor` devices (each data replica sees `b / data`
 sequences, split over `tensor` devices).
 
-Formulas (D d_model, F d_ff, H heads, V vocabulary, T sequence, a bytes per activation element):
+Formulas (D d_model, F d_ff, H heads, V vocabulary, T sequence, a bytes per activation element; Dkv = D Hkv / H
+the width of k and v with Hkv kv heads, D for multi-head attention; m = 3 matrices for a gated (SwiGLU) MLP, else 2):
 
-- block parameters      4 D^2 + 2 D F + 9 D + F   (qkv + out + mlp weights, their biases, two LayerNorms),
-                        exactly what `models/gpt.py` builds;
-- block forward FLOPs   2 T (4 D^2 + 2 D F)  +  4 T^2 D       per sequence (matmuls + QK^T and PV; the causal
-                        mask saves nothing because the scores are computed in full);
+- block parameters      2 D^2 + 2 D Dkv + m D F  +  9 D + F (GPT: biases, two LayerNorms; `models/gpt.py`)
+                        or 2 D (+ 2 D / H with qk_norm) (Llama: two RMSNorms; `models/llama.py`), exactly what
+                        those models build; 4 D^2 + 2 D F + 9 D + F for GPT;
+- block forward FLOPs   2 T (2 D^2 + 2 D Dkv + m D F)  +  4 T^2 D       per sequence (matmuls + QK^T and PV; the
+                        causal mask saves nothing because the scores are computed in full);
 - backward              input-grad = matmul part + 2 x attention part, weight-grad = matmul part, so the whole
                         backward is about 2 x forward; with recompute the backward also re-runs the forward;
 - head forward FLOPs    2 T D V per sequence (logits; softmax and loss are O(T V) and ignored) on the last stage;
@@ -21,10 +23,10 @@ Formulas (D d_model, F d_ff, H heads, V vocabulary, T sequence, a bytes per acti
                         the data replicas: 2 (d-1)/d x 4 P / t / inter-node bandwidth; the planner hides the part
                         that overlaps the last microbatch's backward;
 - memory per device     16 bytes per parameter (fp32 weight, gradient, Adam m and v) / tensor, plus the stored
-                        activations of every live microbatch: per token and block (9 D + 2 F + H T) a bytes
-                        (LayerNorm in/out, q, k, v, attention output, MLP hidden before and after GELU, softmax
-                        probabilities; Korthikanti et al. 2022 without dropout), of which everything but the 4 D
-                        LayerNorm values is sharded over tensor; with recompute only the block input (D a) is
+                        activations of every live microbatch: per token and block (7 D + 2 Dkv + (m F) + H T) a
+                        bytes (norm in/out, q, k, v, attention output, the MLP's hidden values: before and after
+                        GELU, or gate, up and their product; softmax probabilities; Korthikanti et al. 2022 without
+                        dropout), of which everything but the 4 D norm values is sharded over tensor; with recompute only the block input (D a) is
                         kept, plus one block's full set while it is recomputed;
 - link time             latency + bytes / bandwidth, bytes = b T D x wire bytes of the codec (`wire_bytes`).
 
@@ -84,7 +86,10 @@ class Assumptions:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes the cost model needs, read once from any config-like object (GPTConfig or a look-alike)."""
+    """The sizes the cost model needs, read once from any config-like object (GPTConfig, LlamaConfig or a
+    look-alike). `n_kv_heads` None means n_heads (multi-head attention); `gated_mlp` a SwiGLU MLP (3 matrices);
+    `learned_positions` a [seq_len, D] position table in the embedding; `biases` GPT-style biased projections and
+    LayerNorms (else bias-free projections and RMSNorms, with `qk_norm` scales over head_dim)."""
 
     d_model: int
     n_heads: int
@@ -93,10 +98,21 @@ class ModelShape:
     vocab_size: int
     seq_len: int
     tie_embeddings: bool = False
+    n_kv_heads: int | None = None
+    gated_mlp: bool = False
+    learned_positions: bool = True
+    biases: bool = True
+    qk_norm: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
 
     @classmethod
     def of(cls, cfg) -> ModelShape:
-        """Duck-typed: `cfg` needs d_model, n_heads, n_layers, d_ff, vocab_size, seq_len (tie_embeddings optional)."""
+        """Duck-typed: `cfg` needs d_model, n_heads, n_layers, d_ff, vocab_size, seq_len; n_kv_heads (default
+        n_heads), tie_embeddings, gated_mlp, qk_norm (default False), learned_positions, biases (default True)
+        are optional."""
         if isinstance(cfg, ModelShape):
             return cfg
         vals = {}
@@ -106,21 +122,44 @@ class ModelShape:
                 raise CostModelError(f"model config {type(cfg).__name__}.{f}: expected a positive integer, "
                                      f"got {v!r}; the cost model needs {f} to size the transformer")
             vals[f] = v
-        return cls(**vals, tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)))
+        kv = getattr(cfg, "n_kv_heads", None)
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or vals["n_heads"] % kv):
+            raise CostModelError(f"model config {type(cfg).__name__}.n_kv_heads: expected a positive divisor of "
+                                 f"n_heads = {vals['n_heads']}, got {kv!r}")
+        flags = {f: bool(getattr(cfg, f, default)) for f, default in (
+            ("tie_embeddings", False), ("gated_mlp", False), ("learned_positions", True), ("biases", True),
+            ("qk_norm", False))}
+        return cls(**vals, n_kv_heads=kv, **flags)
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the k and v projections: D for multi-head attention, D Hkv / H for grouped-query."""
+        return self.d_model * self.n_kv_heads // self.n_heads
+
+    def splits_over(self, tensor: int) -> bool:
+        """Whether tensor parallelism of size `tensor` divides the heads, the kv heads and the MLP width."""
+        return not (self.n_heads % tensor or self.n_kv_heads % tensor or self.d_ff % tensor)
+
+    @property
+    def _block_matmul_params(self) -> int:
+        D, F = self.d_model, self.d_ff
+        return 2 * D * D + 2 * D * self.kv_width + (3 if self.gated_mlp else 2) * D * F
 
     @property
     def block_params(self) -> int:
         D, F = self.d_model, self.d_ff
-        return 4 * D * D + 2 * D * F + 9 * D + F
+        if self.biases:  # qkv, out and both mlp biases, two LayerNorms (scale and bias)
+            return self._block_matmul_params + 9 * D + F
+        return self._block_matmul_params + 2 * D + (2 * D // self.n_heads if self.qk_norm else 0)
 
     @property
     def embed_params(self) -> int:
-        return (self.vocab_size + self.seq_len) * self.d_model
+        return (self.vocab_size + (self.seq_len if self.learned_positions else 0)) * self.d_model
 
     @property
     def head_params(self) -> int:
         # A tied head still holds a copy of the table on the last site (sites never share parameters).
-        return 2 * self.d_model + self.vocab_size * self.d_model
+        return (2 if self.biases else 1) * self.d_model + self.vocab_size * self.d_model
 
     @property
     def params(self) -> int:
@@ -128,8 +167,7 @@ class ModelShape:
 
     def block_flops(self, seq: int) -> tuple[float, float]:
         """(matmul, attention) forward FLOPs of one block for one sequence of `seq` tokens."""
-        D, F = self.d_model, self.d_ff
-        return 2.0 * seq * (4 * D * D + 2 * D * F), 4.0 * seq * seq * D
+        return 2.0 * seq * self._block_matmul_params, 4.0 * seq * seq * self.d_model
 
     def head_flops(self, seq: int) -> float:
         return 2.0 * seq * self.d_model * self.vocab_size
@@ -251,7 +289,8 @@ def stage_costs(shape: ModelShape, hw: Hardware, *, microbatch: int, seq: int, d
     hf = b_rep * shape.head_flops(seq) / speed
 
     opt = assumptions.optimizer_bytes_per_param
-    sharded_act = (4 * D + (5 * D + 2 * F + H * seq) / tensor) * a
+    mlp_acts = (3 if shape.gated_mlp else 2) * F
+    sharded_act = (4 * D + (3 * D + 2 * shape.kv_width + mlp_acts + H * seq) / tensor) * a
     act = D * a if recompute else sharded_act
     grad = assumptions.grad_bytes / tensor
     dp = lambda params: _ring_allreduce(params * grad, data, assumptions.dp_bandwidth_GBps)  # noqa: E731

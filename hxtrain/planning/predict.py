@@ -160,7 +160,7 @@ def _replicated(ctx: Ctx, label: str, *, every: int = 1, bytes_per_param: float 
         best = None
         for rec in (False, True):
             for t in range(1, min(MAX_TENSOR, s.devices) + 1):
-                if s.devices % t or sh.n_heads % t or sh.d_ff % t:
+                if s.devices % t or not sh.splits_over(t):
                     continue
                 d = s.devices // t
                 c = cm.stage_costs(sh, ctx.hw[i], microbatch=d, seq=ctx.seq, data=d, tensor=t, recompute=rec,

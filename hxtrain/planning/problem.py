@@ -139,12 +139,12 @@ def check_codecs(codecs) -> tuple[str, ...]:
 
 def _shapes(ctx: Ctx, i: int, micro: int | None) -> list[tuple[int, int]]:
     """(data, tensor) choices of site i for microbatches of `micro` sequences: all devices used, tensor <= 8
-    dividing heads and d_ff, data dividing the microbatch (any data when micro is None); a measured profile
+    dividing heads, kv heads and d_ff, data dividing the microbatch (any data when micro is None); a measured profile
     pins its tensor size."""
     site, sh, prof = ctx.topo.sites[i], ctx.shape, ctx.profiles[i]
     out = []
     for t in range(1, min(MAX_TENSOR, site.devices) + 1):
-        if site.devices % t or sh.n_heads % t or sh.d_ff % t or (prof is not None and t != prof.tensor):
+        if site.devices % t or not sh.splits_over(t) or (prof is not None and t != prof.tensor):
             continue
         d = site.devices // t
         if micro is None or micro % d == 0:
