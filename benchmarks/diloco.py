@@ -29,13 +29,13 @@ import numpy as np  # noqa: E402
 from hxtrain.config.topology import Diloco, uniform  # noqa: E402
 from hxtrain.core import model_registry  # noqa: E402
 from hxtrain.core.optim import OptimizerConfig  # noqa: E402
-from hxtrain.training import data as _data  # noqa: E402
+from hxtrain.data import corpus as _corpus, loader as _data  # noqa: E402
 from hxtrain.training.diloco import DilocoTrainer  # noqa: E402
 from hxtrain.training.trainer import Trainer  # noqa: E402
 
 
 def _split(folder: str, max_bytes: int) -> tuple[str, str]:
-    corpus = _data.load_corpus(None, max_bytes=max_bytes)
+    corpus = _corpus.load_corpus(None, max_bytes=max_bytes)
     cut = int(corpus.size * 0.95)
     paths = (os.path.join(folder, "train.txt"), os.path.join(folder, "heldout.txt"))
     for path, part in zip(paths, (corpus[:cut], corpus[cut:])):
@@ -45,7 +45,7 @@ def _split(folder: str, max_bytes: int) -> tuple[str, str]:
 
 
 def _heldout(pipeline, path: str, seq: int, batch: int, n: int) -> float:
-    it = _data.batches(_data.load_corpus(path), seq=seq, batch_size=batch, seed=1234)
+    it = _data.batches(_data.load_data(path), seq=seq, batch_size=batch, seed=1234)
     return float(np.mean([float(pipeline.grads(next(it))[0]) for _ in range(n)]))
 
 

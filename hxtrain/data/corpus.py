@@ -1,21 +1,25 @@
-"""Byte-level text data through grain: the embedded corpus (this Python's own standard library sources, present
-on every machine) or any text file / folder given with `--data`.
+"""Documents and the in-memory byte corpus: this Python's own standard library sources (present on every machine),
+or any text file / folder given with `--data`.
 
-A record is a window of `seq + 1` bytes (inputs and their next-byte targets); windows start every `seq` bytes. The
-grain pipeline shuffles windows with a seed, repeats forever and batches; its iterator state checkpoints and
-resumes exactly.
+A document is one file. `documents` lists them (sorted by relative path, the order every split keeps), and
+`held_out` is the one rule that puts a document in the evaluation split: a hash of its relative path, so adding or
+removing a file never moves another one between splits.
+
+`load_corpus` concatenates documents' bytes (uint8 [N]); `Windows` is the grain source over it: record i is the
+window of `seq + 1` bytes starting at i * seq (inputs and their next-byte targets).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sysconfig
 from pathlib import Path
 
-import grain
 import numpy as np
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".toml", ".json", ".c", ".h", ".html", ".csv", ".ini", ".cfg")
+SPLITS = ("train", "eval")
 
 
 class DataError(ValueError):
@@ -32,19 +36,46 @@ def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
                   and not skip.intersection(p.relative_to(root).parts))
 
 
-def load_corpus(path: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> np.ndarray:
-    """uint8 [N]: the bytes of a file, of every text file under a folder, or (None) of the stdlib's .py files."""
+def documents(path: str | os.PathLike | None) -> tuple[Path, list[Path], str]:
+    """(root, files, description) of `--data`: one file, every text file under a folder (sorted), or (None) the
+    standard library's .py files. Relative paths against `root` name the documents for `held_out`."""
     if path is None:
-        files = _files(stdlib_root(), (".py",))
-        source = f"standard library at {stdlib_root()}"
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"--data: {str(p)!r} does not exist; give a text file or a folder of text files")
-        files = [p] if p.is_file() else _files(p, TEXT_SUFFIXES)
-        source = str(p)
-        if not files:
-            raise DataError(f"--data: folder {str(p)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+        return stdlib_root(), _files(stdlib_root(), (".py",)), f"standard library at {stdlib_root()}"
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--data: {str(p)!r} does not exist; give a text file or a folder of text files")
+    if p.is_file():
+        return p.parent, [p], str(p)
+    files = _files(p, TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"--data: folder {str(p)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+    return p, files, str(p)
+
+
+def held_out(name: str, fraction: float) -> bool:
+    """Whether the document with relative path `name` belongs to the evaluation split: the first 8 bytes of its
+    SHA-256 read as a fraction of 2**64, below `fraction`. Depends on the name only, never on the other files."""
+    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2.0 ** 64
+
+
+def split_of(root: Path, file: Path, fraction: float) -> str:
+    return "eval" if held_out(file.relative_to(root).as_posix(), fraction) else "train"
+
+
+def load_corpus(path: str | os.PathLike | None = None, *, max_bytes: int | None = None, split: str | None = None,
+                eval_fraction: float = 0.01) -> np.ndarray:
+    """uint8 [N]: the bytes of a file, of every text file under a folder, or (None) of the stdlib's .py files,
+    concatenated in `documents` order and cut at `max_bytes`.
+
+    `split`: None takes every document (the default run's corpus, unchanged); "train" / "eval" take only the
+    documents `held_out(.., eval_fraction)` leaves in / puts out, so an evaluation never sees training bytes."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split: expected None, 'train' or 'eval', got {split!r}")
+    root, files, source = documents(path)
+    if split is not None:
+        files = [f for f in files if split_of(root, f, eval_fraction) == split]
+        source = f"the {split} split ({eval_fraction:g} of documents held out) of {source}"
     chunks, total = [], 0
     for f in files:
         chunks.append(np.frombuffer(f.read_bytes(), np.uint8))
@@ -71,10 +102,3 @@ class Windows:
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(i) * self.seq
         return self.corpus[start:start + self.seq + 1].astype(np.int32)
-
-
-def batches(corpus: np.ndarray, *, seq: int, batch_size: int, seed: int = 0):
-    """An endless, seeded grain iterator of int32 [batch_size, seq + 1] batches (`get_state`/`set_state`)."""
-    ds = (grain.MapDataset.source(Windows(corpus, seq)).seed(seed).shuffle().repeat(None)
-          .batch(batch_size, drop_remainder=True))
-    return iter(ds.to_iter_dataset())

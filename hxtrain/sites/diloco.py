@@ -21,7 +21,7 @@ import numpy as np
 from hxtrain.checkpoints import logical as _logical
 from hxtrain.links.wire import Kind
 from hxtrain.network.handshake import PeerError
-from hxtrain.training import data as _data
+from hxtrain.data import loader as _data
 from hxtrain.training.outer import OuterSync, flat, nested
 
 _TOKENS = 1 << 20  # the `microbatch` of the frame carrying a replica's token count (keys are numbered from 0)
@@ -82,7 +82,7 @@ def build(topology, index: int, cfg, d):
     alone = dataclasses.replace(topology, name=f"{topology.name}[{site.name}]", sites=(site,), links=(), diloco=None)
     local = _prog.LocalSite.build(alone, 0, dataclasses.replace(cfg, batch_size=sizes[index]))
     rows = slice(sum(sizes[:index]), sum(sizes[:index + 1]))
-    corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)
+    corpus = _data.load_data(cfg.data, max_bytes=8_000_000, model_vocab=local.model_config.vocab_size)
     local.batches = _Rows(_data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed), rows)
     return local
 

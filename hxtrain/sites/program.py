@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hxtrain import backends as _backends
-from hxtrain.training import data as _data
+from hxtrain.data import loader as _data
 from hxtrain.engine import executor as _executor
 from hxtrain.core import parts as _parts
 from hxtrain.core import placement as _placement
@@ -120,7 +120,8 @@ class LocalSite:
         _stages.check_batch(B, M, topology.sites, field="--batch-size")
         width = int(_stages.embed_output(parts, seq).shape[-1])
         opt = OptimizerConfig.for_steps(cfg.steps, cfg.learning_rate)  # as `hxtrain train` derives it
-        corpus = _data.load_corpus(cfg.data, max_bytes=8_000_000)  # the Trainer's default corpus cap
+        corpus = _data.load_data(cfg.data, max_bytes=8_000_000,  # the Trainer's default corpus cap
+                                 model_vocab=model.cfg.vocab_size)
         batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)
         order = schedule.site_orders(n_sites, M)[index]
         return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches,

@@ -36,7 +36,7 @@ from hxtrain.config.topology import Diloco, Topology, load_topology
 from hxtrain.core import placement as _placement
 from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.engine.pipeline import Pipeline
-from hxtrain.training import data as _data
+from hxtrain.data import loader as _data
 from hxtrain.training.outer import OuterSync, flat, nested
 
 __all__ = ["DilocoTrainer", "Replica", "replica_batches"]
@@ -113,7 +113,8 @@ class DilocoTrainer:
         self.outer = OuterSync(cfg, self.replicas[0].params(), len(self.replicas))  # all start from one model
         self.tokens = [0] * len(self.replicas)  # tokens each replica processed, in all
         self.step = 0
-        self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)  # prepared tokens must fit the model
+        self.corpus = _data.load_data(data, max_bytes=max_corpus_bytes, model_vocab=vocab)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
         self.checkpoints, self.resumed_from = None, None
         if out is not None:
