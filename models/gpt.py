@@ -3,6 +3,10 @@
 Reads top to bottom: config and presets, the three parts hxtrain's pipeline protocol asks for (an embedding, a
 stack of identical blocks, a head that returns the loss), the model, and the single-device reference `loss`.
 
+Generation (hxtrain's optional generation protocol): `embed(tokens, start)` embeds tokens at positions
+start..start+t-1, `Block.init_cache` / `Block.decode` keep a KV cache, and `Head.logits` gives the logits. Training
+and decoding share one attention (`Block._attend`, a causal mask built from positions).
+
 Parameters carry *logical* axis names in their `out_sharding` metadata (`vocab`, `embed`, `heads`, `head_dim`,
 `mlp`); which mesh axis (if any) each maps to is decided outside the model. Nothing here knows about meshes,
 sites or hxtrain.
@@ -78,15 +82,19 @@ class LayerNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """tokens [B, T] int32 -> h [B, T, D]: token + learned position embedding."""
+    """tokens [B, T] int32 at positions start..start+T-1 -> h [B, T, D]: token + learned position embedding."""
 
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.wte = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), scale=0.02)
         self.wpe = _param(rngs, (cfg.seq_len, cfg.d_model), (None, "embed"), scale=0.01)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, start=0):
         T = tokens.shape[1]
-        return self.wte[...][tokens] + self.wpe[...][:T]  # [B, T, D]
+        if isinstance(start, int):  # training (start 0) and any fixed offset: a plain slice
+            pos = self.wpe[...][start:start + T]
+        else:  # a traced position (decoding): the same rows, found at run time
+            pos = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, T, axis=0)
+        return self.wte[...][tokens] + pos  # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -107,15 +115,24 @@ class Block(nnx.Module):
         self.w2 = _param(rngs, (F, D), ("mlp", "embed"), scale=proj)
         self.b2 = _param(rngs, (D,), ("embed",), value=0.0)
 
-    def attention(self, x):  # [B, T, D]
-        T, K = x.shape[1], self.wqkv[...].shape[-1]
-        q, k, v = jnp.einsum("BTD,SDHK->SBTHK", x, self.wqkv[...]) + self.bqkv[...][:, None, None]
-        scores = jnp.einsum("BTHK,BSHK->BHTS", q, k) / K**0.5  # [B, H, T, T]
-        causal = jnp.tril(jnp.ones((T, T), bool))
+    def _qkv(self, x):  # [B, T, D] -> q, k, v each [B, T, H, K]
+        return jnp.einsum("BTD,SDHK->SBTHK", x, self.wqkv[...]) + self.bqkv[...][:, None, None]
+
+    def _attend(self, q, k, v, q_pos, k_pos):
+        """q [B, T, H, K] at positions q_pos [T]; k, v [B, S, H, K] at k_pos [S] -> [B, T, D]. A query sees the
+        keys at or before its own position (causal by position, so a cache longer than what is written works)."""
+        K = q.shape[-1]
+        scores = jnp.einsum("BTHK,BSHK->BHTS", q, k) / K**0.5  # [B, H, T, S]
+        causal = k_pos[None, :] <= q_pos[:, None]  # [T, S]
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
         out = jnp.einsum("BHTS,BSHK->BTHK", probs, v)
         return jnp.einsum("BTHK,HKD->BTD", out, self.wo[...]) + self.bo[...]
+
+    def attention(self, x):  # [B, T, D]
+        q, k, v = self._qkv(x)
+        pos = jnp.arange(x.shape[1])
+        return self._attend(q, k, v, pos, pos)
 
     def mlp(self, x):  # [B, T, D]
         h = jax.nn.gelu(x @ self.w1[...] + self.b1[...])  # [B, T, F]
@@ -124,6 +141,23 @@ class Block(nnx.Module):
     def __call__(self, h):
         h = h + self.attention(self.ln1(h))
         return h + self.mlp(self.ln2(h))
+
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+        """Zeros for `length` positions: {"k": [B, length, H, K], "v": [B, length, H, K]}."""
+        _, _, H, K = self.wqkv[...].shape
+        return {"k": jnp.zeros((batch, length, H, K), dtype), "v": jnp.zeros((batch, length, H, K), dtype)}
+
+    def decode(self, h, cache: dict, start):
+        """h [B, T, D] at positions start..start+T-1 (start may be traced) -> (h [B, T, D], cache with this chunk's
+        k and v written at those positions). Attends to the cache before `start` and causally to the chunk."""
+        T, L = h.shape[1], cache["k"].shape[1]
+        q, k, v = self._qkv(self.ln1(h))
+        at = (0, start, 0, 0)
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)}
+        q_pos = start + jnp.arange(T)
+        h = h + self._attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_pos, jnp.arange(L))
+        return h + self.mlp(self.ln2(h)), cache
 
 
 class Head(nnx.Module):

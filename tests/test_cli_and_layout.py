@@ -93,8 +93,8 @@ def test_lower_layers_never_import_upper_ones(package, forbidden):
 # hxtrain's subpackages, lowest first: a module imports only from its own package or from packages before it (at
 # any depth, inside functions too), so the packages form no cycle. The top-level modules (the public API in
 # __init__, the command line) sit above all of them.
-LAYERS = ("links", "config", "backends", "core", "schedules", "engine", "network", "checkpoints", "planning",
-          "training", "sites")
+LAYERS = ("links", "config", "data", "backends", "core", "schedules", "engine", "network", "checkpoints",
+          "generation", "planning", "training", "sites")
 
 
 def _hxtrain_imports(path: Path) -> set[str]:

@@ -118,3 +118,18 @@ def test_train_cli_resumes_and_writes_metrics(tmp_path, capsys):
     assert [s for s, tag, _ in scalars if tag == "loss"] == [1, 2, 3]
     assert {tag for _, tag, _ in scalars} >= {"loss", "lr", "grad_norm", "tokens_per_s"}
     assert [v for s, tag, v in scalars if tag == "loss"] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+def test_export_carries_the_runs_tokenizer(run, tmp_path):
+    import shutil
+
+    from hxtrain.data import tokenizer
+
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    bpe = tokenizer.load(tokenizer.train_bpe([tmp_path / "text.txt"], 300, tmp_path / "tok"))
+    copy = shutil.copytree(run["dir"], tmp_path / "run")
+    bpe.save(copy)  # what Trainer(out=...) does with a prepared corpus's tokenizer
+    out = export(copy, tmp_path / "exported")
+    again = tokenizer.for_run(out)
+    assert again.vocab_size == bpe.vocab_size and again.encode("lazy fox") == bpe.encode("lazy fox")
+    assert tokenizer.for_run(export(run["dir"], tmp_path / "bytes")).name == "byte"  # a byte-level run: no file

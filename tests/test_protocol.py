@@ -1,6 +1,8 @@
 """The pipeline protocol's errors, the partition checks and the batch checks: each message names what is wrong."""
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -8,7 +10,8 @@ import hxtrain
 from hxtrain.core import parts
 from hxtrain.core import placement
 from hxtrain.config import topology as T
-from models import gpt
+from models import gpt, toy
+from tests.helpers import assert_trees_close, rel_err
 
 CFG = gpt.GPTConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_ff=32)
 
@@ -72,3 +75,49 @@ def test_layer_shares_from_the_topology_are_used():
     topo = T.uniform(2, layers=[3, 1])
     pipe = hxtrain.Pipeline(gpt.build(CFG), topo, microbatches=2)
     assert pipe.ranges == ((0, 3), (3, 4))
+
+
+class _LogitsReadout(toy.Readout):
+    """A head as most Flax decoders have one: it returns logits, and the loss is computed elsewhere."""
+
+    def __call__(self, h):  # [B, T, D] -> [B, T, V]
+        return h @ self.proj[...]
+
+
+def test_a_head_that_returns_logits_is_pipelined_and_samples_without_rewriting_it():
+    cfg = toy.ToyConfig(n_layers=4)
+    model = toy.Mixer(cfg, nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):
+        model.head = _LogitsReadout(cfg, nnx.Rngs(1))
+    model.cfg = cfg  # context and vocabulary, for sampling
+
+    def reference(model, tokens):  # the user's own loss: cross-entropy of the logits
+        h = model.embed(tokens[:, :-1])
+        for block in model.blocks:
+            h = block(h)
+        return optax.softmax_cross_entropy_with_integer_labels(model.head(h), tokens[:, 1:]).mean()
+
+    tokens = np.random.default_rng(0).integers(0, 256, (8, cfg.seq_len + 1)).astype(np.int32)
+    ref_loss, ref_grads = nnx.value_and_grad(reference)(model, jnp.asarray(tokens))
+    loss, grads = hxtrain.Pipeline(model, T.uniform(2), schedule="1f1b", microbatches=2).loss_and_grads(tokens)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert_trees_close(grads, ref_grads, rtol=1e-5)
+    greedy = hxtrain.generate(model, [1, 2, 3], 4, temperature=0, cache=False)[0]
+    seq = [1, 2, 3]
+    for token in greedy:  # each greedy token is the argmax of the model's own logits on the text so far
+        h = model.embed(jnp.asarray([seq]))
+        for block in model.blocks:
+            h = block(h)
+        assert token == int(jnp.argmax(model.head(h)[0, -1]))
+        seq.append(int(token))
+    with pytest.raises(hxtrain.ProtocolError, match="blocks\\[0\\] lacks init_cache"):
+        hxtrain.generate(model, [1, 2, 3], 4, temperature=0)  # a KV cache needs the blocks' decode
+
+
+def test_a_scanned_stack_of_blocks_is_refused_naming_the_fix():
+    cfg = toy.ToyConfig(n_layers=2)
+    model = toy.Mixer(cfg, nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):
+        model.blocks = nnx.vmap(lambda r: toy.GatedBlock(cfg, r))(nnx.Rngs(0).split(2))
+    with pytest.raises(hxtrain.ProtocolError, match="Mixer.blocks is one GatedBlock module, not an nnx.List"):
+        hxtrain.split_model(model)

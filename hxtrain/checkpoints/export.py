@@ -58,30 +58,48 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
     out = Path(out)
     if out.exists():
         raise ValueError(f"--out: {str(out)!r} already exists; export into a new folder")
+    got, info = read_run(checkpoint, step=step, dtype=dtype)
+    saver = ocp.StandardCheckpointer()
+    saver.save((out / "params").absolute(), got)
+    saver.wait_until_finished()
+    shapes = {k: [list(np.shape(v)), str(v.dtype)] for k, v in _flat_items(got)}
+    info = {"format": EXPORT_FORMAT, **info, "shapes": shapes}
+    (out / "model.json").write_text(json.dumps(info, indent=1))
+    from hxtrain.data.tokenizer import for_run
+
+    for_run(run_folder(checkpoint)).save(out)  # the run's tokenizer travels with its export (bytes: no file)
+    return out
+
+
+def run_folder(checkpoint: str | os.PathLike) -> Path:
+    """The run folder of `checkpoint` (a run folder, or its checkpoints/ folder): where the run's tokenizer is."""
+    path = Path(checkpoint)
+    return path.parent if path.name == "checkpoints" and not (path / "checkpoints").is_dir() else path
+
+
+def read_run(checkpoint: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
+             device=None) -> tuple[dict, dict]:
+    """The parameters of a run's newest intact checkpoint (or `step`), whole, on one device (`device`, default
+    the first): a pure dict keyed like `nnx.to_pure_dict(nnx.state(model, nnx.Param))` with block indices as string
+    keys, and what they are, {"model": class name, "config": dict, "step": int, "source": checkpoint folder}.
+    `dtype` casts the floating-point parameters."""
     ckpts = _checkpoints(Path(checkpoint))
     chosen = ckpts.newest_intact(step)
     meta = ckpts.read_meta(chosen)
-    device = SingleDeviceSharding(jax.devices()[0])
+    placed = SingleDeviceSharding(device if device is not None else jax.devices()[0])
     cast = jnp.dtype(dtype) if dtype is not None else None
 
     def target(shape, dt):
         dt = jnp.dtype(dt)
         return jax.ShapeDtypeStruct(tuple(shape), cast if cast is not None and jnp.issubdtype(dt, jnp.floating)
-                                    else dt, sharding=device)
+                                    else dt, sharding=placed)
 
     tree: dict = {}
     for path, (shape, dt) in _flat_shapes(meta["shapes"]).items():
         _logical._set(tree, path.split("/"), target(shape, dt))
     got = ckpts.read_params(chosen, tree)
     ckpts.close()
-    saver = ocp.StandardCheckpointer()
-    saver.save((out / "params").absolute(), got)
-    saver.wait_until_finished()
-    shapes = {k: [list(np.shape(v)), str(v.dtype)] for k, v in _flat_items(got)}
-    info = {"format": EXPORT_FORMAT, "model": meta["model"], "config": meta["config"], "step": chosen,
-            "source": str(ckpts.directory), "shapes": shapes}
-    (out / "model.json").write_text(json.dumps(info, indent=1))
-    return out
+    return got, {"model": meta["model"], "config": meta["config"], "step": chosen, "source": str(ckpts.directory)}
 
 
 def _flat_items(tree: dict, prefix: str = ""):

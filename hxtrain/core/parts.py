@@ -4,12 +4,24 @@ A model that hxtrain can pipeline is any Flax NNX module with three attributes:
 
     model.embed   a module: tokens [B, T] int32 -> h [B, T, D]
     model.blocks  an `nnx.List` of modules with identical structure, applied in order: h [B, T, D] -> h [B, T, D]
-    model.head    a module: (h [B, T, D], targets [B, T] int32) -> scalar loss, the mean over the B*T targets
+    model.head    a module: (h [B, T, D], targets [B, T] int32) -> scalar loss, the mean over the B*T targets;
+                  or a head that returns logits, h [B, T, D] -> [B, T, V] (its `__call__` takes h alone), whose
+                  loss hxtrain takes as the mean next-token cross-entropy (`head_loss`)
 
 and the reference loss is `head(blocks(...(embed(tokens[:, :-1]))), tokens[:, 1:])`. Parameters are `nnx.Param`s
 whose `out_sharding` metadata holds logical axis names (missing metadata means replicated). Every parameter must
 belong to exactly one part: a weight shared between the embedding and the head (tied embeddings) would have to
 cross sites as a gradient, which hxtrain refuses rather than doing silently.
+
+Generation (`hxtrain sample`, `hxtrain.generation`) is an optional part of the protocol, checked by
+`has_generation`: `model.embed(tokens, start=0)` embeds tokens [B, t] at positions start..start+t-1 (start an int
+or a traced int32 scalar); each block has `init_cache(batch, length, dtype=float32)` (a dict of zeros, {"k", "v"}
+each [B, length, H, K]) and `decode(h, cache, start) -> (h, cache)`, which attends causally to the cache positions
+before `start` and to its own t positions and returns the cache with theirs written; `model.head.logits(h)` (or a
+logits head's own call) gives [B, t, V] (`head_logits`). `model.cfg.seq_len` is the context (the positions the
+model knows) and `model.cfg.vocab_size` the vocabulary. A model shares one attention between training and decoding,
+so a KV-cache decode is the training forward computed in pieces. Without the cache (`cache=False`) sampling needs
+only the logits and `cfg`.
 
 Inside hxtrain the model lives as pure arrays: one pure dict for the embedding, one per block (stacked per stage
 into a leading `layers` axis), one for the head, plus the graph definitions to rebuild the modules in a trace.
@@ -18,10 +30,12 @@ into a leading `layers` axis), one for the head, plus the graph definitions to r
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 PARTS = ("embed", "blocks", "head")
@@ -85,6 +99,11 @@ def split_model(model) -> ModelParts:
             f"{type(model).__name__} lacks {missing}: a pipelined model exposes `embed` (tokens -> h), "
             "`blocks` (nnx.List of identical blocks, h -> h) and `head` ((h, targets) -> mean loss)"
         )
+    if isinstance(model.blocks, nnx.Module) and not isinstance(model.blocks, nnx.List):
+        raise ProtocolError(
+            f"{type(model).__name__}.blocks is one {type(model.blocks).__name__} module, not an nnx.List of blocks "
+            "(an nnx.scan-ed stack?); hxtrain splits the stack between sites block by block, so give it "
+            "nnx.List([block_0, block_1, ...])")
     blocks = list(model.blocks)
     if not blocks:
         raise ProtocolError(f"{type(model).__name__}.blocks is empty: a pipeline needs at least one block")
@@ -116,6 +135,41 @@ def split_model(model) -> ModelParts:
                       embed_axes, block_axes[0], head_axes)
 
 
+def has_generation(model, *, cache: bool = True) -> bool:
+    """True when `model` follows the generation protocol (module doc); ProtocolError naming the first missing
+    method otherwise. `cache=False` (sampling by recomputing the whole sequence) needs only `head.logits` and
+    `cfg.seq_len` / `cfg.vocab_size`: any pipelined model whose head can return logits samples that way."""
+    name = type(model).__name__
+    blocks = list(getattr(model, "blocks", None) or [])
+    needed = [("embed", getattr(model, "embed", None), "__call__", "embed(tokens, start=0) -> h [B, t, D]"),
+              ("blocks[0]", blocks[0] if blocks else None, "init_cache",
+               "init_cache(batch, length, dtype) -> {'k', 'v'} [B, length, H, K]"),
+              ("blocks[0]", blocks[0] if blocks else None, "decode", "decode(h, cache, start) -> (h, cache)"),
+              ("head", getattr(model, "head", None), "logits", "logits(h) -> [B, t, V]")]
+    if not cache:
+        needed = needed[-1:]
+    if getattr(model, "head", None) is not None and returns_logits(model.head):
+        needed = needed[:-1]  # a head that returns logits is its own `logits`
+    for part, module, method, what in needed:
+        fn = getattr(module, method, None) if module is not None else None
+        if not callable(fn):
+            raise ProtocolError(f"{name}.{part} lacks {method}: generation needs {part}.{what} "
+                                "(see hxtrain.core.parts)")
+    try:
+        takes_start = not cache or "start" in inspect.signature(model.embed.__call__).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read: trust the module
+        takes_start = True
+    if not takes_start:
+        raise ProtocolError(f"{name}.embed.__call__ takes no `start`: generation needs embed(tokens, start=0), "
+                            "the position of the first token (see hxtrain.core.parts)")
+    cfg = getattr(model, "cfg", None)
+    missing = [f for f in ("seq_len", "vocab_size") if not isinstance(getattr(cfg, f, None), int)]
+    if missing:
+        raise ProtocolError(f"{name}.cfg lacks {missing}: generation needs the model's context (cfg.seq_len) and "
+                            "vocabulary (cfg.vocab_size)")
+    return True
+
+
 # ---- pure functions of the parts (used inside stage programs) ----------------------------------------------------
 
 def apply_embed(embed_def, params: dict, tokens):  # [B, T] -> [B, T, D]
@@ -132,8 +186,32 @@ def apply_blocks(block_def, stacked: dict, h):  # stacked leaves [L, ...]; [B, T
     return jax.lax.scan(body, h, stacked, unroll=n if n <= 16 else 1)[0]
 
 
+def returns_logits(head) -> bool:
+    """True when `head.__call__` takes h alone (a head that returns logits), False when it takes (h, targets)."""
+    try:
+        params = list(inspect.signature(type(head).__call__).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(positional) == 1
+
+
+def head_loss(head, h, targets):  # h [B, T, D], targets [B, T] -> scalar mean loss
+    """The head's mean loss: its own (h, targets) -> loss, or, for a logits head, the mean next-token
+    cross-entropy of the logits it returns (in float32)."""
+    if not returns_logits(head):
+        return head(h, targets)
+    logp = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)  # [B, T, V]
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].mean()
+
+
+def head_logits(head, h):  # h [B, t, D] -> logits [B, t, V]
+    """Logits for sampling: `head.logits(h)`, or a logits head's own call."""
+    return head.logits(h) if callable(getattr(head, "logits", None)) else head(h)
+
+
 def apply_head(head_def, params: dict, h, targets):  # -> scalar mean loss
-    return nnx.merge(head_def, params)(h, targets)
+    return head_loss(nnx.merge(head_def, params), h, targets)
 
 
 def stack(trees) -> dict:
@@ -147,3 +225,14 @@ def as_model_state(model, embed: dict, blocks: list[dict], head: dict) -> nnx.St
     pure = {"embed": embed, "blocks": dict(enumerate(blocks)), "head": head}
     nnx.replace_by_pure_dict(template, pure)
     return template
+
+
+def with_params(model, state: nnx.State, device=None):
+    """A new model like `model` holding `state` (an nnx.State like `nnx.state(model, nnx.Param)`), every array on
+    `device` (default: JAX's first device). Copied through the host: the arrays may sit on the sites of different
+    PJRT clients. `model` itself is left as it was."""
+    graphdef, template = nnx.split(model)
+    device = jax.devices()[0] if device is None else device
+    pure = jax.tree.map(lambda a: jax.device_put(np.asarray(a), device), nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(template, pure)
+    return nnx.merge(graphdef, template)

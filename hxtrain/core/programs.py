@@ -234,6 +234,34 @@ def whole_step(role: StageRole, params, tokens, gacc, lacc, scale):
     return _smap(role, local, specs, (P(DATA), P(DATA)))(params, tokens, gacc, lacc, scale)
 
 
+# ---- forward only (evaluation): no gradient, nothing held ---------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def last_loss(role: StageRole, params, x, targets, lacc, scale):
+    """Last stage of a forward-only pass: the microbatch's mean loss times `scale`, added into lacc (donated)."""
+
+    def local(params, x, targets, lacc, scale):
+        return lacc + (_loss(role, params, x, targets) * scale)[None]
+
+    specs = (P(), P(DATA), P(DATA), P(DATA), P())
+    return _smap(role, local, specs, P(DATA))(params, x, targets, lacc, scale)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
+def whole_loss(role: StageRole, params, tokens, lacc, scale):
+    """The whole model on one stage, forward only: every microbatch's scaled loss added into lacc (a scan)."""
+
+    def local(params, tokens, lacc, scale):
+        def body(lacc, mb_tokens):
+            return lacc + (_loss(role, params, mb_tokens[:, :-1], mb_tokens[:, 1:]) * scale)[None], None
+
+        return jax.lax.scan(body, lacc, tokens)[0]
+
+    specs = (P(), P(None, DATA), P(DATA), P())
+    return _smap(role, local, specs, P(DATA))(params, tokens, lacc, scale)
+
+
 def reduce(gacc):
     """The step's one reduction over `data`: (grads, their sum of squares for the global norm, zeros like gacc).
 

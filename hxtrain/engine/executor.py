@@ -72,11 +72,15 @@ class _Accumulators:
     """The step's gradient sums (gacc, per owned stage) and loss sums (lacc, last stage), owned by `run_step`:
     every program donates the accumulator it adds into, and the new one replaces it here."""
 
-    def __init__(self, stages: dict, zeros, put):
+    def __init__(self, stages: dict, zeros, put, *, grads: bool = True):
         self.gacc, self.lacc = {}, {}
         for i, s in stages.items():
             z = zeros.get(i) if zeros else None
-            self.gacc[i], lacc = z if z is not None else (_stage.zeros_accumulator(s.params, s.shardings, s.data), None)
+            if z is not None:
+                self.gacc[i], lacc = z
+            else:  # a forward-only pass accumulates no gradient
+                self.gacc[i] = _stage.zeros_accumulator(s.params, s.shardings, s.data) if grads else None
+                lacc = None
             if s.role.last:
                 self.lacc[i] = lacc if lacc is not None else put(np.zeros((s.data,), np.float32), s)
 
@@ -96,6 +100,10 @@ class _Accumulators:
         else:
             out, self.gacc[i] = _stage.backward(st.role, st.params, x, c, self.gacc[i])
         return out
+
+    def loss(self, st: StageState, x, targets, scale) -> None:
+        """Forward-only: the last stage's scaled loss on input `x`, added into its lacc."""
+        self.lacc[st.index] = _stage.last_loss(st.role, st.params, x, targets, self.lacc[st.index], scale)
 
     def weight(self, st: StageState, x, c, scale) -> None:
         """Task W of a split backward: the weight gradient of stage `st` from its input and the `c` its B held."""
@@ -143,7 +151,7 @@ def warm_up_split(stage: StageState, params, put, act: np.ndarray, dy: np.ndarra
 def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | None = None,
              n_stages: int | None = None, last_data: int | None = None, put=None, poison: bool = False,
              record: Callable[[Event], None] | None = None, timeline: bool = False, width: int = 0,
-             zeros: dict | None = None) -> StepOutput:
+             zeros: dict | None = None, forward_only: bool = False) -> StepOutput:
     """Run the step's tasks of the stages this process owns; returns their gradient and loss sums (state out: no
     stage is written to).
 
@@ -157,6 +165,9 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
     tokens: int32 [M, mb, T+1] on the host; each site that reads them (the first and the last stage) gets the
     whole batch in one transfer and slices it on its devices. `zeros`: {stage index: (gacc, lacc)} zero
     accumulators from the previous step's `finish_step` (they are donated here; None builds fresh ones).
+    `forward_only` (with a table of F tasks only, `schedules.tables.ForwardOnly`) computes the loss sums alone,
+    for evaluation: `gacc` is then empty and no stage input is held. It is asked for, never inferred: a training
+    table that lacks its backward tasks is an error, not an evaluation.
     `timeline=True` (or a `record` callback, called with each `Event` once the step is done) times every task and
     transfer (see `recorder.Recorder`: how, and what it costs). `poison` pre-fills every mailbox slot with NaN (in-process
     transport, tests).
@@ -171,21 +182,29 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
     # The loss weight of a microbatch, placed once on the last stage's site (a host scalar would be copied onto
     # the site's devices at every call).
     scales = {s.index: put(np.float32(1.0 / (M * last_data)), s, P()) for s in owned.values() if s.role.last}
-    acc = _Accumulators(owned, zeros, put)
+    if forward_only and any(t.kind != "F" for t in tasks):
+        bad = next(t for t in tasks if t.kind != "F")
+        raise ValueError(f"forward_only: expected a table of F tasks only (ForwardOnly), got task {bad.kind}"
+                         f"{bad.microbatch} of stage {bad.stage}")
+    acc = _Accumulators(owned, zeros, put, grads=not forward_only)
     rec = Recorder(n_sites) if (timeline or record is not None) else None
     try:
         if n_stages == 1:  # the whole model on one stage: one fused program over every microbatch
             s = owned[0]
             t0 = time.perf_counter()
             toks = put(tokens, s, P(None, DATA))
-            acc.gacc[0], acc.lacc[0] = _stage.whole_step(s.role, s.params, toks, acc.gacc[0], acc.lacc[0], scales[0])
+            if forward_only:
+                acc.lacc[0] = _stage.whole_loss(s.role, s.params, toks, acc.lacc[0], scales[0])
+            else:
+                acc.gacc[0], acc.lacc[0] = _stage.whole_step(s.role, s.params, toks, acc.gacc[0], acc.lacc[0],
+                                                             scales[0])
             if rec is not None:
                 rec.compute(s.site, "step", None, t0, None, (acc.gacc[0], acc.lacc[0]))
-            return StepOutput(acc.gacc, acc.lacc, _finish(rec, record, (0,) * n_sites))
+            return StepOutput({} if forward_only else acc.gacc, acc.lacc, _finish(rec, record, (0,) * n_sites))
         if poison:
             _poison(owned, n_stages, tasks, transport, (mb, T1 - 1, width))
-        peak = _walk(owned, tasks, _Batch(tokens, owned, put), transport, rec, acc, scales, n_sites)
-        return StepOutput(acc.gacc, acc.lacc, _finish(rec, record, peak))
+        peak = _walk(owned, tasks, _Batch(tokens, owned, put), transport, rec, acc, scales, n_sites, forward_only)
+        return StepOutput({} if forward_only else acc.gacc, acc.lacc, _finish(rec, record, peak))
     finally:
         if rec is not None:
             rec.close()
@@ -216,8 +235,9 @@ class _Batch:
 
 
 def _walk(stages: dict[int, StageState], tasks, batch: _Batch, transport, rec, acc: _Accumulators, scales,
-          n_sites) -> tuple[int, ...]:
-    """The per-task loop of `run_step`; returns the peak number of held stage inputs per site."""
+          n_sites, forward_only: bool = False) -> tuple[int, ...]:
+    """The per-task loop of `run_step`; returns the peak number of held stage inputs per site (0 for a
+    forward-only pass, which holds none)."""
     split = any(t.kind == "W" for t in tasks)  # a split-backward table gives every site W tasks
     held: dict[tuple[int, int], jax.Array] = {}  # (stage, microbatch) -> stage input, from F to the last backward
     cots: dict[tuple[int, int], jax.Array] = {}  # split backward: dy (targets on the last stage) from B to W
@@ -245,6 +265,16 @@ def _walk(stages: dict[int, StageState], tasks, batch: _Batch, transport, rec, a
                 else:
                     inputs.append((st.site, ("act", t.stage, t.microbatch)))
                     x = transport.recv(*inputs[-1])
+                if forward_only:  # nothing is held: the last stage computes its loss now, the others send on
+                    if st.role.last:
+                        acc.loss(st, x, batch.targets(st, t.microbatch), scales[t.stage])
+                    else:
+                        out = _stage.forward(st.role, st.params, x)
+                        send(out, st, ("act", t.stage + 1, t.microbatch), t)
+                    if rec is not None:
+                        rec.compute(st.site, t.token(n_sites), t, t0, out,
+                                    (None, acc.lacc[t.stage] if st.role.last else None), inputs)
+                    continue
                 held[key] = x
                 live[st.site] += 1
                 peak[st.site] = max(peak[st.site], live[st.site])
@@ -301,6 +331,16 @@ def _finish(rec: Recorder | None, record, peak) -> StepStats:
         for e in events:
             record(e)
     return StepStats(peak, tuple(events))
+
+
+def finish_eval(stages, out: StepOutput):
+    """The loss of a forward-only pass (a device scalar on the last stage's site), None unless the last stage is
+    among `stages`."""
+    loss = None
+    for s in stages:
+        if s.index in out.lacc:
+            loss, _ = _stage.reduce_loss(out.lacc[s.index])
+    return loss
 
 
 def finish_step(stages, out: StepOutput):

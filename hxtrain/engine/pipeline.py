@@ -53,6 +53,9 @@ class Pipeline:
             transport = InProcessTransport(self.meshes, codecs=link_codecs(self.topology))
         self.transport = transport
         self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
+        # Evaluation walks the same stages with a forward-only table (no backward, nothing held).
+        self.eval_tasks = tuple(_schedules.ForwardOnly(virtual=getattr(self.schedule, "virtual", 1))
+                                .tasks(n_sites, microbatches))
         self.stages = [_stages.place_stage(self.parts, i, r, len(self.ranges), self.topology,
                                            self.meshes[i % n_sites], _copied_onto)
                        for i, r in enumerate(self.ranges)]
@@ -79,6 +82,15 @@ class Pipeline:
         loss, grads, sqs, self._zeros = _executor.finish_step(self.stages, out)
         return loss, grads, sqs
 
+    def eval_loss(self, tokens, *, poison: bool = False):
+        """The mean next-token loss of `tokens` (int32 [B, T+1]) through the pipeline's forward only: no gradient,
+        no stage input held. A device scalar; equal to the single-device reference loss."""
+        batch = self._check_tokens(tokens)
+        width = int(_stages.embed_output(self.parts, batch.shape[2] - 1).shape[-1]) if poison else 0
+        out = _executor.run_step(self.stages, self.eval_tasks, batch, self.transport, poison=poison, width=width,
+                                 forward_only=True)
+        return _executor.finish_eval(self.stages, out)
+
     def set_params(self, params: list[dict]) -> None:
         """Swap in new params, one tree per stage, each on its stage's site (the optimizer's result, or a restored
         checkpoint's)."""
@@ -101,6 +113,11 @@ class Pipeline:
 
     def params_state(self) -> nnx.State:
         return self.as_state([s.params for s in self.stages])
+
+    def trained_model(self, device=None):
+        """A model like the one the pipeline was built from, holding its current parameters on `device` (default:
+        JAX's first device), for what runs on one device (sampling); see `core.parts.with_params`."""
+        return _parts.with_params(self._model, self.params_state(), device)
 
     def analytic_bubble(self) -> float | None:
         """The schedule's idle fraction by formula (`schedules.analytic_bubble`); None for a user table."""

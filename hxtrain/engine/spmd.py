@@ -254,6 +254,10 @@ class SpmdPipeline:
     def params_state(self) -> nnx.State:
         return self.as_state(self.params)
 
+    def trained_model(self, device=None):
+        """A model like the one given, holding the current parameters on one device (`core.parts.with_params`)."""
+        return _parts.with_params(self._model, self.params_state(), device)
+
     def describe(self) -> str:
         site = self.topology.sites[0]
         lines = [f"topology {self.topology.name!r} ({self.topology.source}), executor spmd (one program on mesh "

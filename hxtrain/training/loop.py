@@ -43,13 +43,15 @@ class Saver(Protocol):
 
 
 def run_steps(steps: Steps, *, first: int, last: int, metrics=None, saver: Saver | None = None,
-              report: Callable[[dict], None] | None = None, log_every: int = 1, where: str = "") -> list[dict]:
+              report: Callable[[dict], None] | None = None, log_every: int = 1, where: str = "",
+              evaluate: Callable[[], float] | None = None, eval_every: int = 0) -> list[dict]:
     """Steps `first` .. `last` (inclusive); returns their rows.
 
     Each row: step, the fields `steps.run` returned, lr, tokens_per_s, step_s. `metrics` (a `MetricsWriter`)
     gets every `log_every`-th row; `saver` saves the due steps and always the last one; `report(row)` follows
     each step (a progress bar, a log line). A non-finite loss raises NonFiniteLoss naming the step (prefixed by
-    `where`, e.g. "site 'b': "); what was saved before it is still sealed.
+    `where`, e.g. "site 'b': "); what was saved before it is still sealed. `evaluate()` (the held-out loss) runs
+    after every `eval_every`-th step and after the last one; its value is the row's "eval_loss".
     """
     history: list[dict] = []
     failed = True
@@ -66,8 +68,10 @@ def run_steps(steps: Steps, *, first: int, last: int, metrics=None, saver: Saver
                                     "are the last good ones)")
             row = {"step": step, **fields, "loss": loss, "grad_norm": float(fields["grad_norm"]),
                    "lr": steps.learning_rate(step - 1), "tokens_per_s": steps.tokens_per_step / dt, "step_s": dt}
+            if evaluate is not None and eval_every and (step % eval_every == 0 or step == last):
+                row["eval_loss"] = float(evaluate())
             history.append(row)
-            if metrics is not None and step % log_every == 0:
+            if metrics is not None and (step % log_every == 0 or "eval_loss" in row):
                 metrics.write(row)
             if saver is not None:
                 saver.save(step, force=step == last)  # the end of a run is always saved
@@ -83,25 +87,32 @@ def run_steps(steps: Steps, *, first: int, last: int, metrics=None, saver: Saver
 
 
 def fit_steps(steps: Steps, *, first: int, count: int, out=None, progress: bool = True, log_every: int = 1,
-              saver: Saver | None = None, postfix: Callable[[dict], dict] | None = None) -> list[dict]:
+              saver: Saver | None = None, postfix: Callable[[dict], dict] | None = None,
+              evaluate: Callable[[], float] | None = None, eval_every: int = 0) -> list[dict]:
     """`run_steps` for `count` steps from `first` with a progress bar (tqdm: terminal or Jupyter) showing the loss,
     tokens/s and `postfix(row)`, and metrics (JSONL + TensorBoard) in `out` when given: `Trainer.fit` and
-    `DilocoTrainer.fit`."""
+    `DilocoTrainer.fit`. With `evaluate` and `eval_every`, the bar also shows the latest held-out loss."""
     if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
         raise ValueError(f"steps: expected >= 1, got {count!r}")
+    if not (isinstance(eval_every, int) and not isinstance(eval_every, bool) and eval_every >= 0):
+        raise ValueError(f"eval_every: expected a whole number >= 0 (0: no evaluation), got {eval_every!r}")
     from tqdm.auto import tqdm
 
     from hxtrain.training.metrics import MetricsWriter
 
     bar = tqdm(total=count, disable=not progress, unit="step", dynamic_ncols=True)
+    latest = {}
 
     def report(row):
-        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+        if "eval_loss" in row:
+            latest["eval"] = f"{row['eval_loss']:.3f}"
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **latest, tok_s=f"{row['tokens_per_s']:.0f}",
                         **(postfix(row) if postfix else {}))
         bar.update(1)
 
     try:
         return run_steps(steps, first=first, last=first + count - 1, report=report, saver=saver,
-                         metrics=MetricsWriter(out) if out is not None else None, log_every=log_every)
+                         metrics=MetricsWriter(out) if out is not None else None, log_every=log_every,
+                         evaluate=evaluate, eval_every=eval_every)
     finally:
         bar.close()

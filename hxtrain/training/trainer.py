@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hxtrain.training import data as _data
+from hxtrain.data import loader as _data
 from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
 from hxtrain.engine.pipeline import Pipeline
 from hxtrain.training.loop import NonFiniteLoss
@@ -28,14 +28,23 @@ class Trainer:
                  batch_size: int = 32, seq: int | None = None, optimizer: OptimizerConfig | None = None,
                  data: str | os.PathLike | None = None, seed: int = 0, max_corpus_bytes: int | None = 8_000_000,
                  out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 3, resume: str = "auto",
-                 init_from: str | os.PathLike | None = None, executor: str = "mpmd"):
+                 init_from: str | os.PathLike | None = None, executor: str = "mpmd", eval_batches: int = 0):
         """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/); with it, checkpoints are saved
         every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and `resume` ("never",
         "auto", "must") decides whether the newest intact checkpoint in out/checkpoints is restored here
         (`self.resumed_from` = its step or None). `init_from`: start from an exported model
-        (`hxtrain export`) or a checkpoint folder's parameters (fresh optimizer, step 0)."""
+        (`hxtrain export`) or a checkpoint folder's parameters (fresh optimizer, step 0). `eval_batches` >= 1
+        holds documents out of `data` (a prepared folder's eval shards, else a split of the files by document)
+        and `evaluate` takes the mean loss of that many fixed batches of them; 0 trains on all of `data`."""
+        if not (isinstance(eval_batches, int) and not isinstance(eval_batches, bool) and eval_batches >= 0):
+            raise ValueError(f"--eval-batches: expected a whole number >= 0, got {eval_batches!r}")
         if executor not in ("mpmd", "spmd"):
             raise ValueError(f"executor: expected 'mpmd' or 'spmd', got {executor!r}")
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)  # before any work: tokens must fit
+        # Holding data out splits the corpus by document; without it, every document trains (as it always has).
+        split = "train" if eval_batches else None
+        self.corpus = _data.load_data(data, max_bytes=max_corpus_bytes, model_vocab=vocab, split=split)
+        held_out = _data.load_data(data, max_bytes=max_corpus_bytes, split="eval") if eval_batches else None
         if executor == "spmd":  # one program over every site (same backend and shape everywhere), GPipe only
             from hxtrain.engine.spmd import SpmdPipeline
 
@@ -44,7 +53,7 @@ class Trainer:
         else:
             self.pipeline = Pipeline(model, topology, schedule=schedule, microbatches=microbatches,
                                      partition=partition)
-        self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
+        self.seq = seq if seq is not None else getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
             raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")
         self.batch_size = batch_size
@@ -52,8 +61,15 @@ class Trainer:
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizer = (self.pipeline.make_optimizer(self.optimizer_config) if executor == "spmd"
                           else SiteOptimizer(self.optimizer_config, self.pipeline.stages))
-        self.corpus = _data.load_corpus(data, max_bytes=max_corpus_bytes)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
+        # The same fixed batches at every evaluation, so that successive eval losses compare.
+        self.eval_set: list[np.ndarray] = []
+        self.eval_corpus = held_out
+        if held_out is not None:
+            it = _data.batches(held_out, seq=self.seq, batch_size=batch_size, seed=0)
+            self.eval_set = [next(it) for _ in range(eval_batches)]
+        if out is not None:  # the tokenizer travels with the run, for `tokenizer.for_run` (sampling, export)
+            _data.tokenizer_of(self.corpus).save(out)
         self.step = 0
         self.timeline_summary: str | None = None  # set by fit(timeline=...)
         self.seed, self.out, self.checkpoints, self.resumed_from = seed, out, None, None
@@ -69,6 +85,32 @@ class Trainer:
             if restored is not None:
                 self.load(restored)
                 self.resumed_from = restored.step
+
+    def evaluate(self) -> float:
+        """The held-out loss: the mean over the `eval_batches` fixed batches of the held-out split, each through
+        the pipeline's forward only (no gradient, no activation held)."""
+        if not self.eval_set:
+            raise ValueError("eval_every: this Trainer holds no data out; build it with eval_batches >= 1")
+        if not hasattr(self.pipeline, "eval_loss"):
+            raise ValueError("--eval-every: the spmd executor has no forward-only pass; use --executor mpmd")
+        return float(np.mean([float(self.pipeline.eval_loss(b)) for b in self.eval_set]))
+
+    def sample(self, n_tokens: int | None = None, prompt: str | None = None, *, temperature: float = 0.8,
+               top_k: int | None = 40, seed: int = 0) -> str:
+        """Text from the model as trained so far, on one device: `prompt` (default: the first tokens of a
+        held-out sequence, else of a training one) and `n_tokens` (default: up to 48, as the context allows)
+        generated after it with the run's tokenizer."""
+        from hxtrain.generation.sampling import sample_text
+
+        tokenizer = _data.tokenizer_of(self.corpus)
+        if prompt is None:
+            rows = next(_data.batches(self.eval_corpus if self.eval_corpus is not None else self.corpus,
+                                      seq=self.seq, batch_size=1, seed=1))
+            prompt = tokenizer.decode([int(t) for t in rows[0, :max(1, min(16, self.seq // 4))]])
+        if n_tokens is None:
+            n_tokens = max(1, min(48, self.seq - len(tokenizer.encode(prompt))))
+        return sample_text(self.pipeline.trained_model(), tokenizer, prompt, n_tokens, temperature=temperature,
+                           top_k=top_k, seed=seed)
 
     def load(self, restored) -> None:
         """Continue from a restored checkpoint (`Checkpoints.restore`): its params, optimizer states, step, and
@@ -91,7 +133,7 @@ class Trainer:
 
     def fit(self, steps: int, *, out: str | os.PathLike | None = None, progress: bool = True,
             log_every: int = 1, timeline_every: int = 0, timeline: str | os.PathLike | None = None,
-            timeline_step: int | None = None) -> list[dict]:
+            timeline_step: int | None = None, eval_every: int = 0) -> list[dict]:
         """Train `steps` steps. Metrics (loss, lr, grad norm, tokens/s, bytes per link, and per-site `busy`
         fraction on steps that are multiples of `timeline_every`) go to `out/metrics.jsonl` and TensorBoard events
         in `out/tb/` when `out` (default: the Trainer's `out`) is given. Checkpoints: see `__init__`; one is
@@ -99,7 +141,13 @@ class Trainer:
         it is sealed and intact.
 
         `timeline`: write step `timeline_step` of this call (1..steps, default the last) as a Chrome trace there
-        (that step is recorded, so a little slower); its per-site busy/idle summary lands in `timeline_summary`."""
+        (that step is recorded, so a little slower); its per-site busy/idle summary lands in `timeline_summary`.
+
+        `eval_every` N >= 1: the held-out loss (`evaluate`) after every N-th step and the last, as the rows'
+        "eval_loss" (progress bar, JSONL, TensorBoard); needs a Trainer built with `eval_batches` >= 1."""
+        if eval_every and not self.eval_set:
+            raise ValueError("eval_every: this Trainer holds no data out; build it with eval_batches >= 1 "
+                             "(hxtrain train --eval-batches)")
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps: expected >= 1, got {steps!r}")
         timeline_step = steps if timeline_step is None else timeline_step
@@ -113,7 +161,8 @@ class Trainer:
                                timeline_every=timeline_every)
         saver = _TrainerSaver(self) if self.checkpoints is not None else None
         return fit_steps(source, first=self.step + 1, count=steps, out=out if out is not None else self.out,
-                         progress=progress, log_every=log_every, saver=saver)
+                         progress=progress, log_every=log_every, saver=saver, evaluate=self.evaluate,
+                         eval_every=eval_every)
 
 
 class _TrainerSteps:
@@ -190,7 +239,8 @@ def add_run_arguments(p, *, out_help: str) -> None:
     p.add_argument("--microbatches", type=int)
     p.add_argument("--batch-size", type=int, help="global batch in sequences")
     p.add_argument("--steps", type=int)
-    p.add_argument("--data", help="a text file or folder (default: this Python's standard library sources)")
+    p.add_argument("--data", help="a text file or folder, or a folder from `hxtrain prepare` (default: this "
+                                   "Python's standard library sources)")
     p.add_argument("--out", help=out_help)
     p.add_argument("--partition", type=parse_partition, help="blocks per stage, e.g. 5,3 (default: the topology's "
                                                               "layers, else even)")
@@ -223,6 +273,10 @@ class RunConfig:
     plan: str | None = None  # a plan file from `hxtrain plan`: its topology, model, schedule, microbatches, batch
     strategy: str = "pipeline"  # or "diloco": replicas that sync every H steps (hxtrain.training.diloco)
     diloco: tuple[tuple[str, object], ...] = ()  # (Diloco field, value) given on the command line
+    eval_every: int = 0  # the held-out loss every N steps and at the end (0: none; the run trains on all the data)
+    eval_batches: int = 4  # batches of held-out documents per evaluation (with eval_every)
+    sample_tokens: int | None = None  # the end of the run prints this many generated tokens (None: up to 48, as
+    # the model's context allows after the prompt; 0: none)
 
 
 def build_model(name: str, seed: int = 0):
@@ -306,6 +360,10 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
         from hxtrain.training.diloco_run import train_diloco
 
         return train_diloco(config, progress=progress)
+    for flag, value, least in (("--eval-every", config.eval_every, 0), ("--eval-batches", config.eval_batches, 1),
+                               ("--sample-tokens", 0 if config.sample_tokens is None else config.sample_tokens, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{flag}: expected a whole number >= {least}, got {value!r}")
     if config.plan is not None:
         config = _from_plan(config)
     topo = load_topology(config.mesh)
@@ -322,7 +380,7 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
                       partition=resolved.partition, batch_size=resolved.batch_size, optimizer=opt,
                       data=resolved.data, seed=resolved.seed, executor=resolved.executor, out=resolved.out,
                       save_every=resolved.save_every, keep=resolved.keep, resume=resolved.resume,
-                      init_from=resolved.init_from)
+                      init_from=resolved.init_from, eval_batches=resolved.eval_batches if resolved.eval_every else 0)
     print(trainer.pipeline.describe())
     if resolved.init_from is not None:
         print(f"initialised from {resolved.init_from}")
@@ -333,12 +391,16 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
             print(f"done: already at step {trainer.step} of {resolved.steps}; nothing to train")
             return trainer, []
     history = trainer.fit(resolved.steps - trainer.step, out=resolved.out, progress=progress,
-                          timeline=resolved.timeline, timeline_step=resolved.timeline_step)
+                          timeline=resolved.timeline, timeline_step=resolved.timeline_step,
+                          eval_every=resolved.eval_every)
     if resolved.timeline is not None:
         print(f"timeline -> {resolved.timeline} (Chrome trace: Perfetto / chrome://tracing), "
               f"{trainer.timeline_summary}")
     first, last = history[0]["loss"], history[-1]["loss"]
-    print(f"done: {len(history)} steps, loss {first:.4f} -> {last:.4f}, "
+    held_out = f", held-out loss {history[-1]['eval_loss']:.4f}" if "eval_loss" in history[-1] else ""
+    print(f"done: {len(history)} steps, loss {first:.4f} -> {last:.4f}{held_out}, "
           f"cross-site bytes/step {sum(history[-1]['bytes_per_link'].values())}")
+    if resolved.sample_tokens != 0:
+        print(f"sample (temperature 0.8, top-k 40):\n{trainer.sample(resolved.sample_tokens)}")
     return trainer, history
 
