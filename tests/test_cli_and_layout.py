@@ -25,12 +25,17 @@ def _run_cli(*args, timeout=600):
 def test_cli_train_smoke_on_tiny(tmp_path):
     out = tmp_path / "run"
     r = _run_cli("train", "--model", "tiny", "--steps", "2", "--microbatches", "4", "--batch-size", "8",
-                 "--out", str(out), "--no-progress")
+                 "--out", str(out), "--no-progress", "--eval-every", "2", "--eval-batches", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stage 1 -> site 'b'" in r.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["bytes_per_link"] for row in rows)
+    assert "eval_loss" not in rows[0] and f"held-out loss {rows[1]['eval_loss']:.4f}" in r.stdout
+    # The run ends with text from the trained model: prompt + generated = the context's 16 byte tokens, decoded
+    # (an undecodable byte becomes U+FFFD, 3 bytes in UTF-8), then print's newline.
+    sample = r.stdout.split("sample (temperature 0.8, top-k 40):\n", 1)[1][:-1]
+    assert 16 <= len(sample.encode("utf-8")) <= 3 * 16
 
 
 def test_training_loss_falls(tmp_path):

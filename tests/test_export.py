@@ -102,7 +102,8 @@ def test_train_cli_resumes_and_writes_metrics(tmp_path, capsys):
                                        'devices = 1\ndata = 1\ntensor = 1\n')
     (tmp_path / "text.txt").write_bytes(bytes(range(32, 127)) * 300)
     base = ["train", "--mesh", str(tmp_path / "one.toml"), "--model", "tiny", "--microbatches", "2",
-            "--batch-size", "8", "--data", str(tmp_path / "text.txt"), "--no-progress", "--out", str(tmp_path / "r")]
+            "--batch-size", "8", "--data", str(tmp_path / "text.txt"), "--no-progress", "--out", str(tmp_path / "r"),
+            "--sample-tokens", "0"]
     assert cli.main(base + ["--resume", "must", "--steps", "2"]) == 2
     assert "resume=must but there is no checkpoint" in capsys.readouterr().err
     assert cli.main(base + ["--steps", "2", "--save-every", "1", "--keep", "1"]) == 0

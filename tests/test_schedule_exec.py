@@ -327,7 +327,7 @@ def test_train_cli_writes_the_timeline(tmp_path, capsys):
     out = tmp_path / "trace.json"
     rc = cli.main(["train", "--mesh", str(mesh), "--model", "tiny", "--schedule", "1f1b", "--microbatches", "2",
                    "--batch-size", "8", "--steps", "2", "--partition", "5,3", "--data", str(text), "--no-progress",
-                   "--timeline", str(out), "--timeline-step", "1"])
+                   "--timeline", str(out), "--timeline-step", "1", "--sample-tokens", "0"])
     assert rc == 0
     trace = json.loads(out.read_text())
     compute = [e for e in trace["traceEvents"] if e.get("cat") == "compute"]

@@ -165,7 +165,7 @@ def test_trainer_refuses_an_unknown_executor():
 def test_cli_trains_with_the_spmd_executor(capsys):
     from hxtrain.cli import main
 
-    rc = main(["train", "--model", "tiny", "--steps", "3", "--executor", "spmd", "--no-progress",
+    rc = main(["train", "--model", "tiny", "--steps", "3", "--executor", "spmd", "--no-progress", "--sample-tokens", "0",
                "--microbatches", "2", "--batch-size", "8"])
     out = capsys.readouterr().out
     assert rc == 0, out
