@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hxtrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from hxtrain.training.trainer import add_run_arguments
+    from hxtrain.training.flags import add_run_arguments
 
     t = sub.add_parser("train", help="train a model on a topology (default: meshes/local.toml, model small)")
     add_run_arguments(t, out_help="run folder: metrics.jsonl, tb/ (TensorBoard), checkpoints/")

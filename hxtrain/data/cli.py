@@ -74,7 +74,7 @@ def _cmd_prepare(args) -> int:
     index = shards.prepare(args.data, tok, args.out, shard_tokens=args.shard_tokens,
                            eval_fraction=args.eval_fraction, progress=not args.no_progress)
     split = index["splits"]
-    print(f"hxtrain prepare: {args.data or 'stdlib'} with tokenizer {tok.name} ({tok.vocab_size} tokens) -> "
+    print(f"hxtrain prepare: {args.data if args.data is not None else 'stdlib'} with tokenizer {tok.name} ({tok.vocab_size} tokens) -> "
           f"{args.out}: train {split['train']['documents']} documents, {split['train']['tokens']} tokens in "
           f"{len(split['train']['shards'])} shards; eval {split['eval']['documents']} documents, "
           f"{split['eval']['tokens']} tokens")

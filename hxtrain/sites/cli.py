@@ -14,7 +14,7 @@ from hxtrain.training.diloco_run import diloco_overrides
 
 def add_run_arguments(p) -> None:
     """Arguments shared by `hxtrain site` and `hxtrain launch`: a run's (as `hxtrain train`), then the sites'."""
-    from hxtrain.training.trainer import add_run_arguments as add_run
+    from hxtrain.training.flags import add_run_arguments as add_run
 
     add_run(p, out_help="folder for metrics-<site>.jsonl and tb/<site>/ (TensorBoard)")
     from hxtrain.training.diloco_run import add_diloco_arguments
