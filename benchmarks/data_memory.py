@@ -3,7 +3,9 @@ and one of --small-mb MiB (files of ~1 MiB, in a temporary folder deleted afterw
 `hxtrain.data.shards.prepare` (byte tokenizer: fast, and the question is the loader, not the tokenizer); then, for
 each, a fresh process runs --batches batches through `hxtrain.data.loader.batches` (the loader training uses) and
 reports its peak resident memory (VmHWM; RssAnon and RssFile at the end: mapped shard pages count as RssFile);
-for comparison, a reader through np.load(mmap_mode="r") maps runs the same batches (last row).
+for comparison, a reader through np.load(mmap_mode="r") maps runs the same batches. Last, a fresh process trains
+--train-steps steps of the `tiny` GPT on one CPU device from each prepared folder (`hxtrain.Trainer(data=folder)`,
+the path `hxtrain train --data DIR` takes) and reports its peak: training memory against corpus size.
 Each prepare also runs in its own process, so its peak says whether preparing streams.
 
     python benchmarks/data_memory.py                    # 1 GiB vs 10 MiB, 200 batches of 32 x 257
@@ -108,6 +110,17 @@ def _child_load(folder: str, reader: str, batches: int, seq: int, batch: int) ->
     print(json.dumps({"seconds": time.perf_counter() - t, "base": base, "checksum": checksum, **_status()}))
 
 
+def _child_train(folder: str, steps: int) -> None:
+    import hxtrain
+    from models import gpt
+
+    base = _status()["VmRSS"]  # after importing jax, flax and hxtrain
+    t = time.perf_counter()
+    trainer = hxtrain.Trainer(gpt.build(gpt.TINY), hxtrain.uniform(1), microbatches=2, batch_size=8, data=folder)
+    history = trainer.fit(steps, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - t, "base": base, "loss": history[-1]["loss"], **_status()}))
+
+
 def _run(args: list[str]) -> dict:
     r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if r.returncode:
@@ -124,10 +137,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tmp", help="where the temporary corpora go (default: the system's temp folder)")
     p.add_argument("--child-prepare", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--train-steps", type=int, default=20, help="steps of the training run per corpus (default 20)")
     p.add_argument("--child-load", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child-train", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_prepare:
         return _child_prepare(*args.child_prepare)
+    if args.child_train:
+        return _child_train(args.child_train, args.train_steps)
     if args.child_load:
         return _child_load(*args.child_load, args.batches, args.seq, args.batch)
 
@@ -143,7 +160,8 @@ def main(argv=None) -> None:
             load, mapped = (_run(["--child-load", str(root / f"{name}-prepared"), reader, "--batches",
                                   str(args.batches), "--seq", str(args.seq), "--batch", str(args.batch)])
                             for reader in ("loader", "memmap"))
-            rows[name] = dict(size=size, files=files, wrote=wrote, prep=prep, load=load, mapped=mapped)
+            train = _run(["--child-train", str(root / f"{name}-prepared"), "--train-steps", str(args.train_steps)])
+            rows[name] = dict(size=size, files=files, wrote=wrote, prep=prep, load=load, mapped=mapped, train=train)
             print(f"{name}: {size / MiB:.0f} MiB in {files} files (written in {wrote:.1f} s); prepare "
                   f"{prep['seconds']:.1f} s, {prep['tokens']} tokens in {prep['shards']} shards, peak RSS "
                   f"{prep['VmHWM'] / 1024:.0f} MiB; load {args.batches} batches in {load['seconds']:.2f} s, "
@@ -160,7 +178,9 @@ def main(argv=None) -> None:
                         ("load RssAnon MiB (end)", s["load"]["RssAnon"] / 1024, g["load"]["RssAnon"] / 1024),
                         ("load RssFile MiB (end)", s["load"]["RssFile"] / 1024, g["load"]["RssFile"] / 1024),
                         ("load seconds", s["load"]["seconds"], g["load"]["seconds"]),
-                        ("np.memmap reader peak MiB", s["mapped"]["VmHWM"] / 1024, g["mapped"]["VmHWM"] / 1024)]:
+                        ("np.memmap reader peak MiB", s["mapped"]["VmHWM"] / 1024, g["mapped"]["VmHWM"] / 1024),
+                        ("training peak RSS MiB", s["train"]["VmHWM"] / 1024, g["train"]["VmHWM"] / 1024),
+                        ("training seconds", s["train"]["seconds"], g["train"]["seconds"])]:
         print(f"{label:<28}{a:>12.1f}{b:>12.1f}{b / a if a else float('nan'):>14.2f}")
 
 
