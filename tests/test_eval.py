@@ -8,6 +8,7 @@ import hxtrain
 from hxtrain.config import topology as T
 from hxtrain.engine import executor
 from hxtrain.schedules import tables
+from hxtrain.schedules.forward import ForwardOnly
 from tests.helpers import batch, model, reference, rel_err
 
 MB = 4
@@ -30,7 +31,7 @@ def test_eval_loss_equals_the_single_device_loss_with_poisoned_slots(sites, data
 
 
 def test_forward_only_table_is_valid_holds_nothing_and_rejects_a_backward():
-    sched = tables.ForwardOnly(virtual=2)
+    sched = ForwardOnly(virtual=2)
     orders = sched.site_orders(2, 3)
     tables.validate(orders, 2, 3, virtual=2, forward_only=True)
     assert [str(t) for t in orders[0]] == ["F0", "F0", "F1", "F1", "F2", "F2"]
@@ -40,7 +41,7 @@ def test_forward_only_table_is_valid_holds_nothing_and_rejects_a_backward():
     with pytest.raises(tables.ScheduleError, match="has kind 'B' but this schedule only has \\('F',\\)"):
         tables.validate(training, 2, 3, forward_only=True)
     with pytest.raises(tables.ScheduleError, match="ForwardOnly: virtual must be an int >= 1"):
-        tables.ForwardOnly(virtual=0)
+        ForwardOnly(virtual=0)
 
 
 def test_a_forward_only_pass_is_asked_for_never_inferred():

@@ -165,7 +165,7 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
     tokens: int32 [M, mb, T+1] on the host; each site that reads them (the first and the last stage) gets the
     whole batch in one transfer and slices it on its devices. `zeros`: {stage index: (gacc, lacc)} zero
     accumulators from the previous step's `finish_step` (they are donated here; None builds fresh ones).
-    `forward_only` (with a table of F tasks only, `schedules.tables.ForwardOnly`) computes the loss sums alone,
+    `forward_only` (with a table of F tasks only, `schedules.forward.ForwardOnly`) computes the loss sums alone,
     for evaluation: `gacc` is then empty and no stage input is held. It is asked for, never inferred: a training
     table that lacks its backward tasks is an error, not an evaluation.
     `timeline=True` (or a `record` callback, called with each `Event` once the step is done) times every task and

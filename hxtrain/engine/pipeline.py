@@ -19,6 +19,7 @@ from hxtrain.engine import executor as _executor
 from hxtrain.core import parts as _parts
 from hxtrain.core import placement as _placement
 from hxtrain.schedules import tables as _schedules
+from hxtrain.schedules.forward import ForwardOnly
 from hxtrain.core import stages as _stages
 from hxtrain.config.topology import Topology, load_topology
 from hxtrain.engine.transport import InProcessTransport, link_codecs
@@ -54,7 +55,7 @@ class Pipeline:
         self.transport = transport
         self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
         # Evaluation walks the same stages with a forward-only table (no backward, nothing held).
-        self.eval_tasks = tuple(_schedules.ForwardOnly(virtual=getattr(self.schedule, "virtual", 1))
+        self.eval_tasks = tuple(ForwardOnly(virtual=getattr(self.schedule, "virtual", 1))
                                 .tasks(n_sites, microbatches))
         self.stages = [_stages.place_stage(self.parts, i, r, len(self.ranges), self.topology,
                                            self.meshes[i % n_sites], _copied_onto)

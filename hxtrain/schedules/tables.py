@@ -113,25 +113,6 @@ class OneFOneB(Schedule):
         return [_one_f_one_b(d, sites, microbatches, self.extra) for d in range(sites)]
 
 
-@dataclass(frozen=True, kw_only=True)
-class ForwardOnly(Schedule):
-    """Evaluation: every stage's forward for every microbatch, in microbatch order; no backward. The executor runs
-    the last stage's forward with the loss and holds no stage input (nothing will pull a gradient back), so a
-    forward-only pass holds no activations between tasks. `virtual` matches the training schedule's so the same
-    stages (and compiled programs) serve both."""
-
-    name: str = "forward"
-
-    def __post_init__(self):
-        if self.split_backward or not (isinstance(self.virtual, int) and self.virtual >= 1):
-            raise ScheduleError(f"ForwardOnly: virtual must be an int >= 1 and split_backward False, got "
-                                f"{self.virtual!r}, {self.split_backward}")
-
-    def _orders(self, sites, microbatches):
-        return [[Task(d + c * sites, m, "F") for m in range(microbatches) for c in range(self.virtual)]
-                for d in range(sites)]
-
-
 def latency_extra(round_trip_s: float, microbatch_s: float) -> int:
     """The extra warm-up of the latency-aware 1F1B: microbatches whose F + B (`microbatch_s`) cover a link's round
     trip, ceil(round_trip / microbatch_s); 0 for a free link."""
@@ -335,7 +316,7 @@ def get_schedule(name: str | Schedule) -> Schedule:
 def validate(orders: Sequence[Sequence[Task]], sites: int, microbatches: int, virtual: int = 1,
              split_backward: bool = False, forward_only: bool = False) -> None:
     """Raise ScheduleError unless `orders` runs every task exactly once, on its site, in a deadlock-free order
-    (`forward_only`: F tasks only, as `ForwardOnly` gives)."""
+    (`forward_only`: F tasks only, as `schedules.forward.ForwardOnly` gives)."""
     _check_counts(sites, microbatches, "validate")
     if len(orders) != sites:
         raise ScheduleError(f"validate: expected one order per site ({sites}), got {len(orders)}")
