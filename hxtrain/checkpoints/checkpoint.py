@@ -176,6 +176,7 @@ class Checkpoints:
         """Save the trainer's params, optimizer state, step, seed and data position (asynchronously). Returns
         whether a checkpoint was started (False when it is not a `save_every` step or this step is saved)."""
         step = int(trainer.step)
+        self.seal_finished()
         if not self.due(step, force):
             return False
         why = _logical.supported(trainer.pipeline)
@@ -248,6 +249,17 @@ class Checkpoints:
             self._failed = self._failure(sealed, e)  # failed: a read-only folder, a full disk, ...
             raise self._failed from e
         return sealed
+
+    def seal_finished(self) -> list[int]:
+        """Seal the save in flight if orbax has finished writing it, without waiting; the steps sealed now. A step
+        counts for a resume only once sealed, so a run that is killed loses fewer steps when this runs after every
+        step. One process only: under jax.distributed the processes could see different states (`wait` is a
+        collective there), so they seal at the next save."""
+        import jax
+
+        if not self._unsealed or jax.process_count() > 1 or self._mngr.is_saving_in_progress():
+            return []
+        return self.wait()
 
     def close(self) -> None:
         self.wait()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hxtrain.checkpoints import logical as _logical
+from hxtrain.checkpoints import manifest as _manifest
 from hxtrain.checkpoints.checkpoint import (RESUME_MODES, CheckpointError, CheckpointMismatch, Checkpoints, check_shapes,
                                 run_meta)
 
@@ -31,6 +32,53 @@ MUST_MATCH = (("model", "--model"), ("config", "--model"), ("sites", "the topolo
               ("ranges", "--partition / the topology's layers"), ("schedule", "--schedule"),
               ("microbatches", "--microbatches"), ("batch_size", "--batch-size"), ("seq", "--model"),
               ("seed", "--seed (the data order depends on it)"), ("site", "--site"), ("stages", "--schedule"))
+
+
+# What must be equal to continue a step that another topology saved (an elastic re-plan): the run, not its split.
+CONTINUE_MUST_MATCH = (("model", "--model"), ("config", "--model"), ("batch_size", "--batch-size"),
+                       ("seq", "--model"), ("seed", "--seed (the data order depends on it)"))
+
+
+def _flat(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _param_key(opt_key: str) -> str | None:
+    """'0/mu/blocks/3/w1' -> 'blocks/3/w1' (the parameter an optimizer leaf belongs to); None for a counter."""
+    parts = opt_key.split("/")
+    at = next((i for i, p in enumerate(parts) if p in _logical.PARTS), None)
+    return None if at is None else "/".join(parts[at:])
+
+
+def _subtree(targets: dict, params: set, counters: bool) -> dict:
+    """The leaves of `targets` (a logical params or opt tree) that belong to the parameters `params`, plus the
+    step counters when `counters`."""
+    out: dict = {}
+    for key, leaf in _flat(targets):
+        owner = _param_key(key) if key.split("/")[0] not in _logical.PARTS else key
+        if (owner in params) if owner is not None else counters:
+            _logical._set(out, key.split("/"), leaf)
+    return out
+
+
+def _merge(into: dict, tree: dict) -> None:
+    for key, leaf in _flat(tree):
+        _logical._set(into, key.split("/"), leaf)
+
+
+def _partial_read(item_dir: Path, targets: dict) -> dict:
+    """The leaves `targets` (ShapeDtypeStructs with shardings) of one orbax item folder that holds more."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    args = jax.tree_util.tree_map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), targets)
+    with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(item_dir, args=ocp.args.PyTreeRestore(targets, restore_args=args,
+                                                                    partial_restore=True))
 
 
 def check_meta(saved: dict, now: dict, where: str) -> None:
@@ -146,10 +194,62 @@ class SiteCheckpoints:
         self.ckpt.set_aside([s for s in self.ckpt.all_steps() if s > step])
         self.log(f"site {self.name!r}: resumed from step {step} ({self.folder / str(step)})")
 
+    def continue_from(self, step: int) -> int:
+        """Restore `step` as saved by *whichever* topology saved it (an elastic re-plan or a rejoin): every site
+        of that topology sealed it (`hxtrain.checkpoints.steps.complete`), so the union of their folders under
+        the checkpoint directory, which every site of an elastic run reads (one folder on one machine, shared
+        storage across machines), holds this site's blocks, their optimizer state and the data position. Each
+        leaf is read from the folder that holds it, onto this site's own placement. Steps after `step` in this
+        site's own folder are set aside. Returns `step`."""
+        from hxtrain.checkpoints import steps as _steps
+
+        found = _steps.complete(self.root, step)
+        if found is None:
+            have = _steps.newest_complete(self.root)
+            raise CheckpointError(f"--continue-step {step}: no complete checkpoint of step {step} under {self.root} "
+                                  f"(every site of the topology that saved it must have sealed it); the newest "
+                                  f"complete step there is {'none' if have is None else have[0]}")
+        now = self.meta(step)
+        union: dict = {}
+        for name, meta in found.items():
+            where = f"site {self.name!r}: continuing step {step} of site {name!r} ({self.root / name / str(step)})"
+            for field, flag in CONTINUE_MUST_MATCH:
+                if meta.get(field) != json.loads(json.dumps(now.get(field))):
+                    raise CheckpointMismatch(f"{where}: saved with {field} = {meta.get(field)!r}, this run has "
+                                             f"{field} = {now.get(field)!r}; continue with the same {flag}")
+            try:
+                _manifest.verify(self.root / name / str(step), step)
+            except _manifest.CheckpointDamaged as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            union.update({k: (name, v) for k, v in meta["shapes"].items()})
+        mine = {k: (tuple(s), d) for k, (s, d) in now["shapes"].items()}
+        check_shapes({k: v for k, (_, v) in union.items() if k in mine}, mine, f"site {self.name!r}: step {step}")
+        view = self._view()
+        tg = _logical.targets(view, self.local.optimizer.states)
+        first = next(iter(found))
+        params, opt = {}, {}
+        for name in found:  # each folder's leaves onto this site's shardings, read in one pass per item
+            want = {k for k, (src, _) in union.items() if src == name and k in mine}
+            sub_p, sub_o = _subtree(tg["params"], want, False), _subtree(tg["opt"], want, name == first)
+            folder = self.root / name / str(step)
+            if sub_p:
+                _merge(params, _partial_read(folder / "params", sub_p))
+            if sub_o:
+                _merge(opt, _partial_read(folder / "opt", sub_o))
+        self.local.load(_logical.to_stages(view, params, [s.params for s in view.stages]),
+                        _logical.to_stages(view, opt, self.local.optimizer.states),
+                        _steps.read_json(self.root / first, step, "data"))
+        self.ckpt.set_aside([s for s in self.ckpt.all_steps() if s > step])
+        self.log(f"site {self.name!r}: continued from step {step}, saved by sites {list(found)} "
+                 f"({', '.join(str(self.root / n / str(step)) for n in found)})")
+        return step
+
     # ---- during the run ----------------------------------------------------------------------------------------
 
     def save(self, step: int, *, force: bool = False) -> None:
-        """Start saving `step` (asynchronously) when it is due; log the steps sealed meanwhile."""
+        """Start saving `step` (asynchronously) when it is due; log the steps sealed meanwhile (after every step
+        once orbax has finished one: a step counts for a resume only when sealed)."""
+        self._sealed(self.ckpt.seal_finished())
         if not self.ckpt.due(step, force):
             return
         self._sealed(self.ckpt.wait())
@@ -167,4 +267,4 @@ class SiteCheckpoints:
             self.log(f"site {self.name!r}: saved step {s} ({self.folder / str(s)})")
 
 
-__all__ = ["MUST_MATCH", "SiteCheckpoints", "agree", "check_meta"]
+__all__ = ["CONTINUE_MUST_MATCH", "MUST_MATCH", "SiteCheckpoints", "agree", "check_meta"]

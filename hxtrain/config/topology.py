@@ -206,6 +206,20 @@ class Topology:
             return shares
         return even_split(n_layers, self.n_sites)
 
+    def only(self, names, what: str = "sites") -> Topology:
+        """The sites `names`, in that order, as a topology of their own, with the links among them and no `layers`
+        shares (they would not sum to the model); `what` names the part in its name and source, e.g. "survivors".
+        TopologyError naming an unknown site."""
+        names = list(dict.fromkeys(names))
+        if not names:
+            raise TopologyError(f"{self.source}: {what}: expected at least one site, got none")
+        sites = tuple(dataclasses.replace(self.site(n), layers=None) for n in names)
+        keep = set(names)
+        links = tuple(ln for ln in self.links if set(ln.sites) <= keep)
+        label = "+".join(s.name for s in sites)
+        return dataclasses.replace(self, name=f"{self.name}[{label}]", sites=sites, links=links,
+                                   source=f"{self.source} ({what} {label})", diloco=None)
+
     def replace_sites(self, **changes) -> Topology:
         """A copy with `changes` applied to every site, e.g. `replace_sites(backend="cpu", device_kind=None)`."""
         return dataclasses.replace(self, sites=tuple(dataclasses.replace(s, **changes) for s in self.sites))

@@ -47,17 +47,17 @@ def site_meshes(topology) -> list[Mesh]:
 
 
 def sub_topology(topology, names, what: str = "replica"):
-    """The sites `names` of `topology` (in pipeline order) as a topology of their own, each on the devices it has
+    """The sites `names` of `topology` (in that order) as a topology of their own, each on the devices it has
     in the whole topology (its `first_device` set), with the links among them: a replica of `--strategy diloco`."""
     import dataclasses
 
     from hxtrain.backends import site_offsets
 
     offsets = dict(zip((s.name for s in topology.sites), site_offsets(topology.sites)))
-    sites = tuple(dataclasses.replace(topology.site(n), first_device=offsets[n]) for n in names)
-    links = tuple(ln for ln in topology.links if set(ln.sites) <= set(names))
-    return dataclasses.replace(topology, name=f"{topology.name}[{'+'.join(names)}]", sites=sites, links=links,
-                               source=f"{topology.source} ({what} {'+'.join(names)})", diloco=None)
+    part = topology.only(names, what)
+    return dataclasses.replace(part, sites=tuple(dataclasses.replace(s, first_device=offsets[s.name],
+                                                                     layers=topology.site(s.name).layers)
+                                                 for s in part.sites))
 
 
 def site_mesh(site, devices: Sequence[jax.Device]) -> Mesh:

@@ -58,6 +58,11 @@ class Plan:
     def layers(self) -> tuple[int, ...]:
         return tuple(s.layers for s in self.predicted.sites)
 
+    def partition(self, virtual: int = 1) -> tuple[int, ...]:
+        """Blocks per stage for a schedule of `virtual` chunks per site: stage k * S + i is chunk k of site i
+        (the pipeline's order), each site's layers split as the planner simulated them."""
+        return tuple(L // virtual + (k < L % virtual) for k in range(virtual) for L in self.layers)
+
     def to_topology(self):
         """The topology with this plan applied: each site's data/tensor/layers, link codecs, and the [run]."""
         topo = self.topology

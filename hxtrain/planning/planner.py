@@ -46,20 +46,23 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
          schedules=DEFAULT_SCHEDULES, codecs=CODEC_NAMES, microbatch_choices=None,
          efficiency: float | None = None, assumptions: cm.Assumptions | None = None,
          profiles: dict | None = None, hardware: dict | None = None, exhaustive: bool = False,
-         time_budget_s: float = 1.0, model_name: str | None = None, capability=None) -> Plan:
+         time_budget_s: float = 1.0, model_name: str | None = None, capability=None,
+         keep_shapes: bool = False) -> Plan:
     """Plan a run of `model_cfg` (GPTConfig-like) on `topology` (a hxtrain.config.topology.Topology).
 
     global_batch: sequences per step (default: the topology's run.batch_size); seq: tokens per sequence (default
     model_cfg.seq_len); microbatch_choices: microbatch counts to try (default: divisors of the batch);
     profiles: {site name: SiteProfile} measured block times; hardware: {site name: Hardware} overrides of the
-    capability table; capability: device_kind -> Capability (default hxtrain.backends.capability_for).
+    capability table; capability: device_kind -> Capability (default hxtrain.backends.capability_for);
+    keep_shapes: every site keeps its topology's data x tensor (only the partition and the rest are chosen).
     Raises PlanError when nothing fits or the inputs are inconsistent.
     """
     t0 = time.perf_counter()
     a = assumptions or cm.Assumptions()
     if efficiency is not None:
         a = cm.Assumptions(**{**a.__dict__, "efficiency": efficiency})
-    ctx = make_context(topology, model_cfg, global_batch, seq, a, profiles or {}, hardware or {}, capability)
+    ctx = replace(make_context(topology, model_cfg, global_batch, seq, a, profiles or {}, hardware or {},
+                               capability), keep_shapes=keep_shapes)
     codecs = check_codecs(codecs)
     options = make_options(ctx, schedules, microbatch_choices)
     # The budget bounds the optional refinements (hill climbing, codec relaxation), never the first answer.

@@ -40,6 +40,7 @@ class Ctx:
     a: cm.Assumptions
     links: tuple[object, ...]  # Link between site i and i+1
     wrap: object | None  # Link between the last and first site (interleaving needs it), if any
+    keep_shapes: bool = False  # each site keeps the data x tensor its topology entry gives (an elastic re-plan)
 
     @property
     def S(self) -> int:
@@ -140,8 +141,10 @@ def check_codecs(codecs) -> tuple[str, ...]:
 def _shapes(ctx: Ctx, i: int, micro: int | None) -> list[tuple[int, int]]:
     """(data, tensor) choices of site i for microbatches of `micro` sequences: all devices used, tensor <= 8
     dividing heads, kv heads and d_ff, data dividing the microbatch (any data when micro is None); a measured profile
-    pins its tensor size."""
+    pins its tensor size; `ctx.keep_shapes` pins the topology's own (data, tensor)."""
     site, sh, prof = ctx.topo.sites[i], ctx.shape, ctx.profiles[i]
+    if ctx.keep_shapes:
+        return [(site.data, site.tensor)] if micro is None or micro % site.data == 0 else []
     out = []
     for t in range(1, min(MAX_TENSOR, site.devices) + 1):
         if site.devices % t or not sh.splits_over(t) or (prof is not None and t != prof.tensor):

@@ -31,13 +31,33 @@ def add_run_arguments(p) -> None:
                    help="checkpoint every N steps (default 0: only at the end); needs --checkpoint-dir")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per site (default 3)")
     p.add_argument("--elastic", action="store_true",
-                   help="with --strategy diloco: when a replica is lost, the others go on without it (and launch "
-                        "does not stop them)")
+                   help="when a site is lost, go on without it: launch re-plans the pipeline onto the survivors "
+                        "from the newest checkpoint every site sealed (needs --checkpoint-dir and --save-every) "
+                        "and restarts the lost site at the next checkpoint; with --strategy diloco the other "
+                        "replicas go on without the lost one")
+    p.add_argument("--sites", type=_site_names,
+                   help="run the topology restricted to these sites, in this order (a,c): how launch --elastic "
+                        "continues on the survivors; default: every site")
+    p.add_argument("--stop-at", type=int,
+                   help="end after this step (the learning-rate schedule still spans --steps); launch --elastic "
+                        "stops the survivors at the next checkpoint to bring the lost site back")
+    p.add_argument("--continue-step", type=int,
+                   help="restore this step of --checkpoint-dir, whichever sites and partition saved it (every "
+                        "site reads the whole folder: one machine, or storage all sites share)")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="link the sites without TLS (loopback only; logged as a warning). Default: mutual TLS 1.3")
     p.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
                    help="continue from the newest step every site has sealed in --checkpoint-dir: never, auto "
                         "(if there is one; default) or must")
+
+
+def _site_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected distinct site names a,b,..., got {text!r}")
+    return names
 
 
 def config_from_args(args, site: str, addresses=()) -> SiteConfig:
@@ -52,7 +72,9 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       save_every=args.save_every, keep=args.keep, resume=args.resume,
                       tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
                       tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext,
-                      strategy=args.strategy, diloco=diloco_overrides(args), elastic=args.elastic)
+                      strategy=args.strategy, diloco=diloco_overrides(args), elastic=args.elastic,
+                      sites=() if args.sites is None else args.sites, stop_at=args.stop_at,
+                      continue_step=args.continue_step)
 
 
 def _cmd_site(args) -> int:

@@ -82,7 +82,7 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
            addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
            env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET",
            extra: dict[str, list[str]] | None = None, plaintext: bool = False,
-           elastic: bool = False) -> list[SiteExit]:
+           elastic: bool = False, only: tuple[str, ...] | None = None) -> list[SiteExit]:
     """Run every site of topology `mesh` as a subprocess and wait for all of them.
 
     site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
@@ -92,6 +92,7 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
     elastic: a failed site does not stop the others (`--elastic`: DiLoCo replicas go on without it); once one has
     finished, the rest get `grace` seconds, then are killed.
     grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
+    only: start these sites of the topology only (`site_args` then say `--sites` too: an elastic segment).
     A site with processes > 1 is started as that many processes around a coordinator on a free loopback port.
     Returns one SiteExit per process, the first failure first (all codes 0 when the run succeeded).
     """
@@ -120,6 +121,8 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
             tls_flags = {name: ["--tls-cert", c.cert, "--tls-key", c.key, "--tls-ca", c.ca]
                          for name, c in mint_run_certs(cert_dir, [s.name for s in topo.sites]).items()}
         for s in topo.sites:
+            if only is not None and s.name not in only:
+                continue
             multi = s.processes > 1
             coordinator = f"127.0.0.1:{free_port()}" if multi else None
             for k in range(s.processes):
@@ -206,10 +209,16 @@ def _cmd_launch(args) -> int:
     from hxtrain.training.diloco_run import diloco_flag_args
 
     site_args += ["--strategy", args.strategy, *diloco_flag_args(args)]
+    if args.elastic and args.strategy == "pipeline":
+        return _elastic_pipeline(args, site_args)
     if args.elastic:
         site_args += ["--elastic"]
+    for flag in ("sites", "stop_at", "continue_step"):
+        if getattr(args, flag) is not None:
+            site_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag)) if flag != "sites"
+                          else ",".join(args.sites)]
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env,
-                   plaintext=args.insecure_plaintext, elastic=args.elastic)
+                   plaintext=args.insecure_plaintext, elastic=args.elastic, only=args.sites)
     failed = [e for e in exits if e.returncode != 0]
     finished = sorted({e.site for e in exits if e.returncode == 0})
     if args.elastic and failed and finished:
@@ -226,9 +235,41 @@ def _cmd_launch(args) -> int:
     return 1
 
 
+def _elastic_pipeline(args, site_args: list[str]) -> int:
+    """`launch --elastic` of a pipeline: segments over the sites that are up (`hxtrain.sites.elastic`)."""
+    from hxtrain.config.topology import load_topology
+    from hxtrain.sites import elastic as _elastic
+    from hxtrain.training.trainer import resolve_run
+
+    given = [f"--{f.replace('_', '-')}" for f in ("sites", "stop_at", "continue_step") if getattr(args, f) is not None]
+    try:
+        if given:
+            raise _elastic.ElasticError(f"--elastic chooses {', '.join(given)} itself; leave them out")
+        topo = load_topology(args.mesh)
+        cfg = resolve_run(topo, _site_cli.config_from_args(args, topo.sites[0].name))
+        run = _elastic.Run(model=cfg.model, schedule=cfg.schedule, microbatches=cfg.microbatches,
+                           batch_size=cfg.batch_size, steps=cfg.steps, save_every=cfg.save_every,
+                           checkpoint_dir=cfg.checkpoint_dir, partition=cfg.partition, resume=cfg.resume,
+                           out=cfg.out)
+        _elastic.check(topo, run, args.strategy)
+        site_args = list(site_args)  # --partition goes per segment
+        if "--partition" in site_args:
+            at = site_args.index("--partition")
+            del site_args[at:at + 2]
+        code = _elastic.run_elastic(args.mesh, site_args, run, rejoin=not args.no_rejoin, timeout=args.timeout,
+                                    grace=args.grace, secret_env=args.secret_env, plaintext=args.insecure_plaintext)
+    except (_elastic.ElasticError, ValueError) as e:
+        print(f"hxtrain launch: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print("[launch] elastic: the run finished", flush=True)
+    return code
+
+
 def register(subparsers) -> None:
     """Add the `launch` command to hxtrain's argparse subparsers."""
     p = subparsers.add_parser("launch", help="start every site of a topology as a local process (loopback TCP)")
     _site_cli.add_run_arguments(p)
     p.add_argument("--grace", type=float, help="seconds the other sites get after one fails (default timeout+5)")
+    p.add_argument("--no-rejoin", action="store_true",
+                   help="with --elastic: a lost site is not started again; the survivors finish the run")
     p.set_defaults(func=_cmd_launch)

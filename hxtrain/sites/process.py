@@ -73,6 +73,9 @@ class SiteConfig:
     strategy: str = "pipeline"  # or "diloco": this site is a replica (hxtrain.sites.diloco)
     elastic: bool = False  # diloco: a lost replica is dropped and this one goes on alone
     diloco: tuple[tuple[str, object], ...] = ()  # (Diloco field, value) given on the command line
+    sites: tuple[str, ...] = ()  # run the topology restricted to these sites (an elastic re-plan); () = all
+    stop_at: int | None = None  # end after this step; the learning-rate schedule still spans `steps`
+    continue_step: int | None = None  # restore this step of checkpoint_dir, whichever topology saved it
 
 
 class SiteError(RuntimeError):
@@ -208,6 +211,21 @@ def check_supported(topology, name: str, schedule) -> int:
     return [s.name for s in topology.sites].index(name)
 
 
+def check_segment(cfg: SiteConfig) -> None:
+    """ValueError naming the flag when --stop-at / --continue-step do not fit the run (a resolved config)."""
+    for flag, value in (("--stop-at", cfg.stop_at), ("--continue-step", cfg.continue_step)):
+        if value is None:
+            continue
+        least = 1 if flag == "--stop-at" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= cfg.steps:
+            raise ValueError(f"{flag}: expected a step in {least}..{cfg.steps} (--steps), got {value!r}")
+    if cfg.continue_step is not None and not cfg.checkpoint_dir:
+        raise ValueError(f"--continue-step {cfg.continue_step}: needs --checkpoint-dir, the folder that holds the "
+                         "step")
+    if None not in (cfg.stop_at, cfg.continue_step) and cfg.stop_at <= cfg.continue_step:
+        raise ValueError(f"--stop-at {cfg.stop_at}: expected a step after --continue-step {cfg.continue_step}")
+
+
 def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, tls, max_bytes: int) -> dict:
     """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor. `tls`: the
     site's TlsConfig, or None (plaintext, loopback only)."""
@@ -256,14 +274,20 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     topo = load_topology(cfg.mesh)
     try:
         cfg = resolve_run(topo, cfg)
+        check_segment(cfg)
     except ValueError as e:  # bad input: one line and exit 2, also for a process of a multi-process site
         raise SiteError(str(e)) from None
+    if cfg.sites:
+        try:
+            topo = topo.only(cfg.sites, "sites")
+        except ValueError as e:  # an unknown site, or survivors with no link between them
+            raise SiteError(f"--sites {','.join(cfg.sites)}: {e}") from None
     schedule = _schedules.get_schedule(cfg.schedule)
     index = check_supported(topo, cfg.site, schedule)
     diloco = None
     if cfg.elastic and cfg.strategy != "diloco":
-        raise SiteError("--elastic: only with --strategy diloco for now (continuing a pipeline without a site needs "
-                        "a re-plan and a restore, which are not built)")
+        raise SiteError("--elastic: a pipeline site does not re-plan by itself; `hxtrain launch --elastic` does "
+                        "(a site continues on the survivors with --sites, --partition and --continue-step)")
     if cfg.strategy == "diloco":
         from hxtrain.sites import diloco as _replica
 
@@ -318,12 +342,14 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
 
             ckpt = SiteCheckpoints(local, cfg.checkpoint_dir, save_every=cfg.save_every, keep=cfg.keep,
                                    resume=cfg.resume, log=log)
-            newest = ckpt.newest()  # before the barrier: verifying it may take longer than the link timeout
+            if cfg.continue_step is None:
+                newest = ckpt.newest()  # before the barrier: verifying it may take longer than the link timeout
         transport.barrier(cfg.connect_timeout)
         log(f"site {site.name!r}: compiled in {time.perf_counter() - t0:.1f} s; all sites ready")
         start = 0
-        if ckpt is not None:
-            start = ckpt.resume(transport, newest)  # the same step on every site
+        if ckpt is not None:  # the same step on every site
+            start = ckpt.resume(transport, newest) if cfg.continue_step is None else \
+                ckpt.continue_from(cfg.continue_step)
             transport.barrier(cfg.connect_timeout)  # restoring may take longer than the link timeout
         return _loop(local, transport, cfg, log, start, ckpt)
     finally:
@@ -348,7 +374,8 @@ def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None, ste
         log(f"step {row['step']}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
             f"sent {sent or '-'} control {row['control_bytes']} B")
 
-    return run_steps(steps or _SiteSteps(local, transport), first=start + 1, last=cfg.steps, metrics=metrics,
+    last = cfg.steps if cfg.stop_at is None else cfg.stop_at
+    return run_steps(steps or _SiteSteps(local, transport), first=start + 1, last=last, metrics=metrics,
                      saver=None if ckpt is None else _SiteSaver(ckpt, local), report=report, where=f"site {name!r}: ")
 
 

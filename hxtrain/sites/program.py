@@ -216,7 +216,12 @@ class LocalSite:
                     batch = np.zeros((self.microbatches, mb, self.seq + 1), np.int32)
                     _stage.microbatches(s.role, put(batch, s, P(None, _placement.DATA)))
                 gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
-                if s.role.last:
+                if s.role.first and s.role.last:  # the whole model on this site: the step's one fused program
+                    whole = np.zeros((self.microbatches, mb, self.seq + 1), np.int32)
+                    batch = put(whole, s, P(None, _placement.DATA))
+                    lacc = put(np.zeros((s.data,), np.float32), s)
+                    gacc, _ = _stage.whole_step(s.role, params, batch, gacc, lacc, put(np.float32(1.0), s, P()))
+                elif s.role.last:
                     lacc = put(np.zeros((s.data,), np.float32), s)
                     _, gacc, _ = _stage.last_step(s.role, params, x, put(toks, s), gacc, lacc, put(np.float32(1.0), s, P()))
                 else:

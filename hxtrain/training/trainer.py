@@ -264,8 +264,8 @@ def _from_plan(config: RunConfig) -> RunConfig:
                          f"{plan.model!r} trains on {model_seq}; plan again with --seq {model_seq}")
     topo, partition = plan.topology, None
     v = getattr(get_schedule(plan.schedule), "virtual", 1)
-    if v > 1:  # stage k * S + i is chunk k of site i (Pipeline's order), split as the planner simulated it
-        partition = tuple(L // v + (k < L % v) for k in range(v) for L in plan.layers)
+    if v > 1:  # one stage per site comes from the planned topology's `layers`; chunks are spelled out
+        partition = plan.partition(v)
     return dataclasses.replace(config, mesh=topo.source, model=plan.model, schedule=plan.schedule,
                                microbatches=plan.microbatches, batch_size=plan.global_batch, partition=partition)
 
