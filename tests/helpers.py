@@ -49,11 +49,35 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, gpt.TINY.seq_len + 1)).astype(np.int32)
 
 
+CHUNK = 4  # sequences per reference program: the tests' microbatch size
+
+
+@functools.cache
+def _value_and_grad(loss):
+    return nnx.jit(nnx.value_and_grad(loss))
+
+
+def chunked_reference(loss, model, tokens: np.ndarray, chunk: int = CHUNK):
+    """(loss, grads as a pure dict of float64 arrays): `nnx.value_and_grad(loss)` of `model` on `tokens`, on one
+    device. A batch's mean loss is the mean of its equal chunks' mean losses, so one compiled program (per model
+    and chunk) serves every batch size: each new size would otherwise compile the model again (seconds here).
+    Chunk results are summed in float64; a batch that `chunk` does not divide is one chunk."""
+    step, n = _value_and_grad(loss), tokens.shape[0]
+    chunk = chunk if n % chunk == 0 else n
+    total, grads = 0.0, None
+    with jax.default_device(jax.devices()[0]):
+        for i in range(0, n, chunk):
+            lo, g = step(model, jnp.asarray(tokens[i:i + chunk]))
+            g = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(g))
+            total, grads = total + float(lo), g if grads is None else jax.tree.map(np.add, grads, g)
+    k = n // chunk
+    return total / k, jax.tree.map(lambda a: a / k, grads)
+
+
 @functools.cache
 def reference(n: int):
-    """(loss, grads): nnx.value_and_grad of the plain model loss on batch(n), on one device."""
-    with jax.default_device(jax.devices()[0]):
-        return nnx.value_and_grad(gpt.loss)(model(), jnp.asarray(batch(n)))
+    """(loss, grads) of the plain model loss on batch(n), on one device (`chunked_reference`)."""
+    return chunked_reference(gpt.loss, model(), batch(n))
 
 
 def endpoint_pair(timeout: float = 5.0, max_bytes: int = 1 << 20, secret: bytes = b"test-secret-0123456789abcdef-0123"):

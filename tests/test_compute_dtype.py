@@ -26,7 +26,7 @@ from hxtrain.config import topology as T
 from hxtrain.backends import BackendError
 from hxtrain.core.optim import OptimizerConfig, SiteOptimizer
 from models import gpt
-from tests.helpers import assert_trees_close, rel_err
+from tests.helpers import assert_trees_close, chunked_reference, rel_err
 
 MB, M = 4, 2  # microbatch size and count: batch 8
 SEQ, WIDTH = gpt.TINY.seq_len, gpt.TINY.d_model
@@ -45,8 +45,7 @@ def batch() -> np.ndarray:
 
 @functools.cache
 def reference():
-    with jax.default_device(jax.devices()[0]):
-        return nnx.value_and_grad(gpt.loss)(model(), jnp.asarray(batch()))
+    return chunked_reference(gpt.loss, model(), batch(), MB)
 
 
 def topo(dtypes=(None, None), codec="none") -> T.Topology:

@@ -316,5 +316,5 @@ def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
                           "--insecure-plaintext"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HXTRAIN_SECRET": "0123456789abcdef" * 2})
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-        "hxtrain site 'a': error: --elastic: only with --strategy diloco for now (continuing a pipeline without a "
-        "site needs a re-plan and a restore, which are not built)")
+        "hxtrain site 'a': error: --elastic: a pipeline site does not re-plan by itself; `hxtrain launch --elastic` "
+        "does (a site continues on the survivors with --sites, --partition and --continue-step)")

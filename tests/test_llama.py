@@ -1,6 +1,6 @@
 """The Llama-style decoder (models/llama.py): its config checks, cached decoding equal to the full forward, the
-pipeline equal to the single-device reference (a few cells of test_pipeline's matrix, tensor parallelism over KV
-heads included), the model registry and the cost model's count of its parameters."""
+pipeline under zero-bubble and with fewer KV heads than tensor shards equal to the single-device reference (the rest
+of the equivalence matrix is test_pipeline's), the model registry and the cost model's count of its parameters."""
 
 import dataclasses
 import functools
@@ -15,7 +15,7 @@ from hxtrain.config import topology as T
 from hxtrain.core import model_registry
 from hxtrain.planning import costmodel as cm
 from models import llama
-from tests.helpers import assert_trees_close, batch, rel_err
+from tests.helpers import chunked_reference, assert_trees_close, batch, rel_err
 
 MB = 4  # microbatch size, as in test_pipeline
 TINY = llama.PRESETS["llama-tiny"]
@@ -28,9 +28,8 @@ def _model(**changes):
 
 @functools.cache
 def _reference(n: int, **changes):
-    """(loss, grads) of the plain model on batch(n), on one device (jitted: eager costs 2-3x as much here)."""
-    with jax.default_device(jax.devices()[0]):
-        return nnx.jit(nnx.value_and_grad(llama.loss))(_model(**changes), jnp.asarray(batch(n)))
+    """(loss, grads) of the plain model on batch(n), on one device, one compiled program per model."""
+    return chunked_reference(llama.loss, _model(**changes), batch(n), MB)
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -74,13 +73,11 @@ def test_cached_decoding_equals_the_full_forward():
     assert caches[0]["k"].shape == (2, TINY.seq_len, TINY.n_kv_heads, TINY.head_dim)
 
 
-# A few cells of test_pipeline's matrix: the model's own code under every sharding and stage role (tensor over kv
-# heads, data as shard_map's manual axis, first/middle/last stages, the split backward of zero-bubble). 5 blocks
-# (uneven splits on 2 and 4 sites) instead of llama-tiny's 8 and one microbatch count, so that the cases share a
-# reference and compile small programs: each compile costs seconds on 2 cores.
-CASES = [  # sites, data, tensor, partition, schedule, microbatches
+# test_pipeline's matrix runs llama-tiny under gpipe and 1f1b on every site count and device shape; here the split
+# backward of zero-bubble. 5 blocks instead of llama-tiny's 8, so that it compiles small programs: each compile
+# costs seconds on 2 cores.
+CASES = [  # sites, data, tensor, partition, schedule, microbatches (gpipe and 1f1b: test_pipeline's matrix)
     pytest.param(2, 1, 2, [3, 2], "zb-h1", 3, id="zbh1-S2-d1t2-uneven-M3"),
-    pytest.param(4, 2, 1, [2, 1, 1, 1], "gpipe", 3, id="gpipe-S4-d2t1-uneven-M3"),
 ]
 
 

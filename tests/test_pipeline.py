@@ -1,5 +1,7 @@
 """Every parallel path equals the unsplit model on one device (loss and every gradient leaf, fp32 rel <= 1e-5)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,35 +10,60 @@ from flax import nnx
 
 import hxtrain
 from hxtrain.config import topology as T
-from models import gpt, toy
-from tests.helpers import assert_trees_close, batch, model, reference, rel_err
+from models import gpt, llama, toy
+from tests.helpers import assert_trees_close, batch, chunked_reference, model, reference, rel_err
 
 MB = 4  # microbatch size, fixed so that compiled stage programs are shared across cases
 SHAPES = [(1, 1), (2, 1), (1, 2), (2, 2)]
 UNEVEN = {2: [5, 3], 4: [3, 2, 2, 1]}
 
 
-def _cases():
+@functools.cache
+def _llama():
+    return llama.build(llama.PRESETS["llama-tiny"], seed=0)
+
+
+FAMILIES = {"gpt": (gpt.loss, model), "llama": (llama.loss, _llama)}
+
+
+@functools.cache
+def _reference(family: str, n: int):
+    loss, net = FAMILIES[family]
+    return reference(n) if family == "gpt" else chunked_reference(loss, net(), batch(n), MB)
+
+
+def _splits():
+    # One case per split of the model (sites x data x tensor x even/uneven): its schedules and microbatch counts run
+    # inside the case, on the split's compiled stage programs (a new split compiles for seconds; a new schedule or
+    # microbatch count only dispatches). The Llama decoder runs every site count and device shape on the uneven
+    # split (one site: the whole model), tensor parallelism over its KV heads included.
     for sites in (1, 2, 4):
         for data, tensor in SHAPES:
             if sites * data * tensor > 8:
                 continue
             for uneven in ([False, True] if sites > 1 else [False]):
-                for schedule in ("gpipe", "1f1b"):
-                    for m in sorted({1, sites, 2 * sites + 1}):
-                        yield pytest.param(sites, data, tensor, uneven, schedule, m,
-                                           id=f"{schedule}-S{sites}-d{data}t{tensor}-{'uneven' if uneven else 'even'}-M{m}")
+                split = f"S{sites}-d{data}t{tensor}-{'uneven' if uneven else 'even'}"
+                yield pytest.param("gpt", sites, data, tensor, uneven, id=f"gpt-{split}")
+                if uneven or sites == 1:
+                    yield pytest.param("llama", sites, data, tensor, uneven, id=f"llama-{split}")
 
 
-@pytest.mark.parametrize("sites,data,tensor,uneven,schedule,m", list(_cases()))
-def test_pipeline_matches_single_device(sites, data, tensor, uneven, schedule, m):
+@pytest.mark.parametrize("family,sites,data,tensor,uneven", list(_splits()))
+def test_pipeline_matches_single_device(family, sites, data, tensor, uneven):
     topo = T.uniform(sites, data=data, tensor=tensor)
-    pipe = hxtrain.Pipeline(model(), topo, schedule=schedule, microbatches=m,
-                            partition=UNEVEN[sites] if uneven else None)
-    loss, grads = pipe.loss_and_grads(batch(m * MB))
-    ref_loss, ref_grads = reference(m * MB)
-    assert rel_err(loss, ref_loss) <= 1e-5
-    assert_trees_close(grads, ref_grads, rtol=1e-5)
+    for schedule in ("gpipe", "1f1b"):
+        for m in sorted({1, sites, 2 * sites + 1}):
+            pipe = hxtrain.Pipeline(FAMILIES[family][1](), topo, schedule=schedule, microbatches=m,
+                                    partition=UNEVEN[sites] if uneven else None)
+            loss, grads = pipe.loss_and_grads(batch(m * MB))
+            ref_loss, ref_grads = _reference(family, m * MB)
+            where = f"{schedule} M={m}"
+            assert rel_err(loss, ref_loss) <= 1e-5, f"{where}: loss {loss} vs {ref_loss}"
+            assert_trees_close(grads, ref_grads, rtol=1e-5, what=f"{where}: grads")
+    if family == "llama" and tensor == 2:  # the KV heads split over tensor with their query groups
+        blocks = pipe.stages[0].params["blocks"]
+        for w in ("wq", "wk", "wv"):
+            assert blocks[w].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None), w
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

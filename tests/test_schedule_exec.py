@@ -23,7 +23,7 @@ from hxtrain.config import topology as T
 from hxtrain.engine.executor import run_step
 from hxtrain.engine.transport import InProcessTransport
 from models import gpt, toy
-from tests.helpers import assert_trees_close, rel_err
+from tests.helpers import assert_trees_close, chunked_reference, rel_err
 
 MB = 4  # microbatch size, fixed so that compiled stage programs are shared across cases
 # Most cases run the toy mixer (cheap to compile, so the whole matrix fits in the test budget); the GPT runs the
@@ -47,24 +47,9 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
 
 
 @functools.cache
-def _reference_step(name: str):
-    return nnx.jit(nnx.value_and_grad(LOSSES[name]))
-
-
-@functools.cache
 def reference(n: int, name: str = "toy"):
-    """nnx.value_and_grad of the plain model loss on one device. The batch's mean loss is the mean of its
-    MB-sequence chunks' mean losses (equal sizes), so one compiled program serves every batch size; the chunk
-    results are summed in float64."""
-    step, tokens = _reference_step(name), batch(n)
-    loss, grads = 0.0, None
-    with jax.default_device(jax.devices()[0]):
-        for i in range(0, n, MB):
-            lo, g = step(model(name), jnp.asarray(tokens[i:i + MB]))
-            g = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(g))
-            loss, grads = loss + float(lo), g if grads is None else jax.tree.map(np.add, grads, g)
-    k = n // MB
-    return loss / k, jax.tree.map(lambda a: a / k, grads)
+    """The plain model loss and grads on one device, one compiled program for every batch size."""
+    return chunked_reference(LOSSES[name], model(name), batch(n), MB)
 
 
 def reversed_table(sites: int, m: int) -> S.UserTable:
