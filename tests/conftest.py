@@ -42,3 +42,4 @@ def pytest_unconfigure(config):
     if owned and "PYTEST_XDIST_WORKER" not in os.environ:
         shutil.rmtree(owned, ignore_errors=True)
 
+
