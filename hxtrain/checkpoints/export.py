@@ -62,7 +62,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int |
     saver = ocp.StandardCheckpointer()
     saver.save((out / "params").absolute(), got)
     saver.wait_until_finished()
-    shapes = {k: [list(np.shape(v)), str(v.dtype)] for k, v in _flat_items(got)}
+    shapes = {k: [list(np.shape(v)), str(v.dtype)] for k, v in _logical.flat(got)}
     info = {"format": EXPORT_FORMAT, **info, "shapes": shapes}
     (out / "model.json").write_text(json.dumps(info, indent=1))
     from hxtrain.data.tokenizer import for_run
@@ -100,14 +100,6 @@ def read_run(checkpoint: str | os.PathLike, *, step: int | None = None, dtype: s
     got = ckpts.read_params(chosen, tree)
     ckpts.close()
     return got, {"model": meta["model"], "config": meta["config"], "step": chosen, "source": str(ckpts.directory)}
-
-
-def _flat_items(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat_items(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def load_params(pipeline, source: str | os.PathLike, *, step: int | None = None, dtype=None) -> str:

@@ -67,6 +67,15 @@ def _set(tree: dict, keys: list[str], value) -> None:
     tree[keys[-1]] = value
 
 
+def flat(tree: dict, prefix: str = ""):
+    """('embed/wte', leaf), ... of a nested dict (a logical tree), depth first."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def _get(tree: dict, keys: list[str]):
     for k in keys:
         tree = tree[k]

@@ -39,14 +39,6 @@ CONTINUE_MUST_MATCH = (("model", "--model"), ("config", "--model"), ("batch_size
                        ("seq", "--model"), ("seed", "--seed (the data order depends on it)"))
 
 
-def _flat(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
-
-
 def _param_key(opt_key: str) -> str | None:
     """'0/mu/blocks/3/w1' -> 'blocks/3/w1' (the parameter an optimizer leaf belongs to); None for a counter."""
     parts = opt_key.split("/")
@@ -58,7 +50,7 @@ def _subtree(targets: dict, params: set, counters: bool) -> dict:
     """The leaves of `targets` (a logical params or opt tree) that belong to the parameters `params`, plus the
     step counters when `counters`."""
     out: dict = {}
-    for key, leaf in _flat(targets):
+    for key, leaf in _logical.flat(targets):
         owner = _param_key(key) if key.split("/")[0] not in _logical.PARTS else key
         if (owner in params) if owner is not None else counters:
             _logical._set(out, key.split("/"), leaf)
@@ -66,7 +58,7 @@ def _subtree(targets: dict, params: set, counters: bool) -> dict:
 
 
 def _merge(into: dict, tree: dict) -> None:
-    for key, leaf in _flat(tree):
+    for key, leaf in _logical.flat(tree):
         _logical._set(into, key.split("/"), leaf)
 
 

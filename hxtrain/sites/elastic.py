@@ -91,6 +91,22 @@ def check(topology, run: Run, strategy: str) -> None:
                            "process of a site, which is not built: use sites of one process")
 
 
+def check_segment(cfg) -> None:
+    """ValueError naming the flag when a segment's --stop-at / --continue-step do not fit the run (a site's resolved
+    `SiteConfig`)."""
+    for flag, value in (("--stop-at", cfg.stop_at), ("--continue-step", cfg.continue_step)):
+        if value is None:
+            continue
+        least = 1 if flag == "--stop-at" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= cfg.steps:
+            raise ValueError(f"{flag}: expected a step in {least}..{cfg.steps} (--steps), got {value!r}")
+    if cfg.continue_step is not None and not cfg.checkpoint_dir:
+        raise ValueError(f"--continue-step {cfg.continue_step}: needs --checkpoint-dir, the folder that holds the "
+                         "step")
+    if None not in (cfg.stop_at, cfg.continue_step) and cfg.stop_at <= cfg.continue_step:
+        raise ValueError(f"--stop-at {cfg.stop_at}: expected a step after --continue-step {cfg.continue_step}")
+
+
 def replan(topology, survivors: list[str], run: Run) -> tuple[tuple[int, ...], str]:
     """The planner's partition of the model over `survivors` (their own data x tensor, the run's schedule and
     microbatches) and one line on its prediction; ElasticError when the model does not fit them."""
@@ -229,4 +245,4 @@ class _Segments:
                        partition=partition)
 
 
-__all__ = ["ElasticError", "Run", "check", "replan", "run_elastic"]
+__all__ = ["ElasticError", "Run", "check", "check_segment", "replan", "run_elastic"]

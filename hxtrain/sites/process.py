@@ -211,21 +211,6 @@ def check_supported(topology, name: str, schedule) -> int:
     return [s.name for s in topology.sites].index(name)
 
 
-def check_segment(cfg: SiteConfig) -> None:
-    """ValueError naming the flag when --stop-at / --continue-step do not fit the run (a resolved config)."""
-    for flag, value in (("--stop-at", cfg.stop_at), ("--continue-step", cfg.continue_step)):
-        if value is None:
-            continue
-        least = 1 if flag == "--stop-at" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= cfg.steps:
-            raise ValueError(f"{flag}: expected a step in {least}..{cfg.steps} (--steps), got {value!r}")
-    if cfg.continue_step is not None and not cfg.checkpoint_dir:
-        raise ValueError(f"--continue-step {cfg.continue_step}: needs --checkpoint-dir, the folder that holds the "
-                         "step")
-    if None not in (cfg.stop_at, cfg.continue_step) and cfg.stop_at <= cfg.continue_step:
-        raise ValueError(f"--stop-at {cfg.stop_at}: expected a step after --continue-step {cfg.continue_step}")
-
-
 def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, tls, max_bytes: int) -> dict:
     """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor. `tls`: the
     site's TlsConfig, or None (plaintext, loopback only)."""
@@ -269,6 +254,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     from hxtrain.schedules import tables as _schedules
     from hxtrain.config.topology import load_topology
 
+    from hxtrain.sites.elastic import check_segment
     from hxtrain.training.trainer import resolve_run
 
     topo = load_topology(cfg.mesh)
