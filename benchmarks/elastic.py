@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hxtrain.sites.elastic import CACHE_EVERYTHING  # noqa: E402
 
 
 def topology(folder: Path, model: str, steps: int) -> Path:
@@ -42,7 +44,7 @@ def launch(mesh: Path, *args, env=None) -> subprocess.Popen:
 
 
 def compile_seconds(mesh: Path, cache: str | None) -> list[float]:
-    env = {"JAX_COMPILATION_CACHE_DIR": cache} if cache else {}
+    env = {"JAX_COMPILATION_CACHE_DIR": cache, **CACHE_EVERYTHING} if cache else {}  # as launch --elastic sets it
     env = {**env, "JAX_ENABLE_COMPILATION_CACHE": "true" if cache else "false"}
     proc = launch(mesh, "--steps", 2, env=env)
     out, _ = proc.communicate(timeout=600)

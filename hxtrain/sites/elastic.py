@@ -37,6 +37,8 @@ from pathlib import Path
 
 from hxtrain.sites.launch import LOST_PEER, launch
 
+# JAX's persistent cache skips programs that compiled in under a second; a restarted site has many of those
+CACHE_EVERYTHING = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 _STEP = re.compile(r"^\[([^\]/]+)\] step (\d+) ")
 
 
@@ -144,8 +146,9 @@ def run_elastic(mesh: str, site_args: list[str], run: Run, *, rejoin: bool = Tru
 
     env = dict(os.environ if env is None else env)
     cache = None
-    if "JAX_COMPILATION_CACHE_DIR" not in env:
+    if "JAX_COMPILATION_CACHE_DIR" not in env:  # a folder of this run only: every program is worth keeping
         cache = env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hxtrain-elastic-jax-cache-")
+        env.update({k: v for k, v in CACHE_EVERYTHING.items() if k not in env})
     try:
         segments = _Segments(load_topology(mesh), mesh, list(site_args), run, rejoin, max_losses,
                              sys.stdout if out is None else out, {**launch_kw, "env": env})
