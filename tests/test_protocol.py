@@ -114,10 +114,78 @@ def test_a_head_that_returns_logits_is_pipelined_and_samples_without_rewriting_i
         hxtrain.generate(model, [1, 2, 3], 4, temperature=0)  # a KV cache needs the blocks' decode
 
 
-def test_a_scanned_stack_of_blocks_is_refused_naming_the_fix():
+class _ScannedMixer(nnx.Module):
+    """The usual Flax layer stack: one GatedBlock made under nnx.vmap (every param [L, ...]), run with nnx.scan.
+    `layer_axis` names the stack's axis in the params' metadata; without it, `cfg` is what confirms L."""
+
+    def __init__(self, cfg: toy.ToyConfig, rngs: nnx.Rngs, *, layer_axis: bool):
+        self.meta = {nnx.PARTITION_NAME: "layers"} if layer_axis else {}
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=self.meta)
+        def stack(rngs):
+            return toy.GatedBlock(cfg, rngs)
+
+        with nnx.use_eager_sharding(False):
+            self.embed, self.blocks, self.head = toy.Embed(cfg, rngs), stack(rngs), toy.Readout(cfg, rngs)
+        if not layer_axis:
+            self.cfg = cfg
+
+    def __call__(self, tokens):  # [B, T+1] -> scalar mean loss
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=self.meta)
+        def run(h, block):
+            return block(h)
+
+        return self.head(run(self.embed(tokens[:, :-1]), self.blocks), tokens[:, 1:])
+
+
+@pytest.mark.parametrize("layer_axis", [True, False], ids=["layer-axis-name", "cfg-n_layers"])
+def test_a_scanned_stack_pipelines_unchanged(layer_axis):
+    cfg = toy.ToyConfig(n_layers=4)
+    model = _ScannedMixer(cfg, nnx.Rngs(0), layer_axis=layer_axis)
+    split = hxtrain.split_model(model)
+    with nnx.use_eager_sharding(False):
+        unstacked = parts.split_model(toy.Mixer(cfg, nnx.Rngs(0)))
+    assert split.scanned and split.n_layers == 4 and not unstacked.scanned
+    assert split.block_axes == unstacked.block_axes  # the layer axis's name is dropped per block
+    tokens = np.random.default_rng(0).integers(0, 256, (8, cfg.seq_len + 1)).astype(np.int32)
+    ref_loss, ref_grads = nnx.value_and_grad(lambda m, t: m(t))(model, jnp.asarray(tokens))
+    pipe = hxtrain.Pipeline(model, T.uniform(2, data=2, tensor=2), schedule="1f1b", microbatches=2)
+    loss, grads = pipe.loss_and_grads(tokens)  # grads stacked [L, ...] like the model's own
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert_trees_close(grads, ref_grads, rtol=1e-5)
+    assert_trees_close(pipe.params_state(), nnx.state(model, nnx.Param), rtol=0, what="params")
+    trained = pipe.trained_model()
+    assert trained.blocks.gate.shape == (4, cfg.width, cfg.hidden)
+    assert rel_err(trained(jnp.asarray(tokens)), ref_loss) <= 1e-5
+    if layer_axis:  # the SPMD path takes the same parts, and loads a stacked state back into its layout
+        from hxtrain.engine.spmd import SpmdPipeline
+
+        spmd = SpmdPipeline(model, T.uniform(2), microbatches=2)
+        loss, grads = spmd.loss_and_grads(tokens)
+        assert rel_err(loss, ref_loss) <= 1e-5
+        assert_trees_close(grads, ref_grads, rtol=1e-5)
+        state = nnx.state(model, nnx.Param)
+        assert_trees_close(spmd.as_state(spmd.stack_state(state)), state, rtol=0, what="params")
+
+
+def test_a_single_module_that_is_not_a_stack_is_refused():
     cfg = toy.ToyConfig(n_layers=2)
     model = toy.Mixer(cfg, nnx.Rngs(0))
     with nnx.use_eager_sharding(False):
-        model.blocks = nnx.vmap(lambda r: toy.GatedBlock(cfg, r))(nnx.Rngs(0).split(2))
-    with pytest.raises(hxtrain.ProtocolError, match="Mixer.blocks is one GatedBlock module, not an nnx.List"):
+        model.blocks = toy.GatedBlock(cfg, nnx.Rngs(0))  # gain [24], down [48, 24]: no common layer axis
+    with pytest.raises(hxtrain.ProtocolError, match=r"Mixer\.blocks is one GatedBlock module, not an nnx\.List of "
+                                                     r"blocks nor a scanned stack: .* got \{'down': 48, 'gain': 24"):
         hxtrain.split_model(model)
+    with nnx.use_eager_sharding(False):  # a stack, but nothing confirms that the 2 in front counts layers
+        model.blocks = nnx.vmap(lambda r: toy.GatedBlock(cfg, r))(nnx.Rngs(0).split(2))
+    with pytest.raises(hxtrain.ProtocolError, match=r"Mixer\.blocks is one GatedBlock module whose params all lead "
+                                                     r"with 2, but neither Mixer\.cfg\.n_layers nor a layer axis"):
+        hxtrain.split_model(model)
+
+
+def test_generation_refuses_a_scanned_stack():
+    model = _ScannedMixer(toy.ToyConfig(n_layers=2), nnx.Rngs(0), layer_axis=False)
+    with pytest.raises(hxtrain.ProtocolError, match=r"_ScannedMixer\.blocks is a scanned stack \(one GatedBlock "
+                                                     r"with a leading layer axis\): generation does not take one"):
+        parts.has_generation(model, cache=False)

@@ -3,7 +3,8 @@
 A model that hxtrain can pipeline is any Flax NNX module with three attributes:
 
     model.embed   a module: tokens [B, T] int32 -> h [B, T, D]
-    model.blocks  an `nnx.List` of modules with identical structure, applied in order: h [B, T, D] -> h [B, T, D]
+    model.blocks  an `nnx.List` of modules with identical structure, applied in order: h [B, T, D] -> h [B, T, D];
+                  or a scanned stack (below)
     model.head    a module: (h [B, T, D], targets [B, T] int32) -> scalar loss, the mean over the B*T targets;
                   or a head that returns logits, h [B, T, D] -> [B, T, V] (its `__call__` takes h alone), whose
                   loss hxtrain takes as the mean next-token cross-entropy (`head_loss`)
@@ -12,6 +13,15 @@ and the reference loss is `head(blocks(...(embed(tokens[:, :-1]))), tokens[:, 1:
 whose `out_sharding` metadata holds logical axis names (missing metadata means replicated). Every parameter must
 belong to exactly one part: a weight shared between the embedding and the head (tied embeddings) would have to
 cross sites as a gradient, which hxtrain refuses rather than doing silently.
+
+A scanned stack is the usual Flax layer stack: `blocks` is one module (not an `nnx.List`) created under
+`nnx.vmap(..., in_axes=0, out_axes=0)` over split rngs, so each Param has a leading layer axis L, and applied with
+`nnx.scan` in the model's `__call__`. hxtrain takes it as L blocks when every Param of `blocks` has the same
+leading dimension L >= 1 and either `model.cfg.n_layers == L` or the stack's partition metadata names the layer
+axis: every Param with `out_sharding` names as many axes as it has dimensions, the first one the same for all
+(the name `transform_metadata={nnx.PARTITION_NAME: 'layers'}` puts in front; without it nnx.vmap leaves each
+Param's names as the block's own). Block i is the params sliced at i, the block graphdef the stack's with that
+leading name dropped, so the per-block axes are an unstacked block's. `as_model_state` stacks them back.
 
 Generation (`hxtrain sample`, `hxtrain.generation`) is an optional part of the protocol, checked by
 `has_generation`: `model.embed(tokens, start=0)` embeds tokens [B, t] at positions start..start+t-1 (start an int
@@ -59,6 +69,7 @@ class ModelParts:
     embed_axes: dict  # logical axis names per leaf (tuples), same structure as `embed`
     block_axes: dict
     head_axes: dict
+    scanned: bool = False  # model.blocks was one scanned stack (params [L, ...]), not an nnx.List
 
     @property
     def n_layers(self) -> int:
@@ -91,6 +102,57 @@ def _variable_ids(module) -> dict[int, str]:
     }
 
 
+def _is_stack(blocks) -> bool:
+    return isinstance(blocks, nnx.Module) and not isinstance(blocks, nnx.List)
+
+
+def _split_list(model) -> tuple[Any, list[dict], dict]:
+    """An nnx.List of blocks -> (block graphdef, one pure dict per block, the per-block logical axes)."""
+    blocks = list(model.blocks)
+    if not blocks:
+        raise ProtocolError(f"{type(model).__name__}.blocks is empty: a pipeline needs at least one block")
+    block_defs, block_params, block_axes = zip(*(_split_part(f"blocks[{i}]", b) for i, b in enumerate(blocks)))
+    for i, (d, p) in enumerate(zip(block_defs, block_params)):
+        if d != block_defs[0] or jax.tree.map(jnp.shape, p) != jax.tree.map(jnp.shape, block_params[0]):
+            raise ProtocolError(
+                f"model.blocks[{i}] differs in structure or shapes from model.blocks[0]; stages stack blocks "
+                "into one scanned program, so every block must be the same module with the same shapes"
+            )
+    return block_defs[0], list(block_params), block_axes[0]
+
+
+def _unstack(model) -> tuple[Any, list[dict], dict]:
+    """A scanned stack (module doc) -> (block graphdef, one pure dict per block, the per-block logical axes)."""
+    name, kind = type(model).__name__, type(model.blocks).__name__
+    graphdef, stacked, _ = _split_part("blocks", model.blocks)
+    flat = [(".".join(map(str, p)), v.shape, tuple(v.get_metadata().get("out_sharding") or ()))
+            for p, v in nnx.to_flat_state(nnx.state(model.blocks, nnx.Param))]
+    dims = {path: shape[0] if shape else None for path, shape, _ in flat}
+    if len(set(dims.values())) != 1 or None in dims.values():
+        raise ProtocolError(
+            f"{name}.blocks is one {kind} module, not an nnx.List of blocks nor a scanned stack: its params do not "
+            f"share one leading (layer) dim, got {dims}; give nnx.List([block_0, block_1, ...]) or a stack built "
+            "with nnx.vmap (every param [L, ...])")
+    (n,) = set(dims.values())
+    # nnx.vmap's transform_metadata={nnx.PARTITION_NAME: name} puts `name` in front of every named param's axes
+    named = [(shape, axes) for _, shape, axes in flat if axes]
+    firsts = {axes[0] for _, axes in named}
+    layer_axis = bool(named) and all(len(a) == len(s) for s, a in named) and len(firsts) == 1 and None not in firsts
+    if getattr(getattr(model, "cfg", None), "n_layers", None) != n and not layer_axis:
+        raise ProtocolError(
+            f"{name}.blocks is one {kind} module whose params all lead with {n}, but neither {name}.cfg.n_layers "
+            f"nor a layer axis name in their out_sharding confirms a stack of {n} blocks; set cfg.n_layers = {n}, "
+            "build it with nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME: 'layers'}) or give an nnx.List")
+    blocks = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+    block = nnx.merge(graphdef, blocks[0])
+    for _, v in nnx.iter_graph(block):  # drop the layer axis's name: an unstacked block's axes
+        axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Param) else None
+        if axes and len(axes) == len(v.shape) + 1:
+            v.set_metadata(out_sharding=tuple(axes[1:]))
+    block_def, _, block_axes = _split_part("blocks[0]", block)
+    return block_def, blocks, block_axes
+
+
 def split_model(model) -> ModelParts:
     """Split a protocol-following NNX model into pure arrays. Raises ProtocolError naming what is wrong."""
     missing = [p for p in PARTS if not hasattr(model, p)]
@@ -99,14 +161,8 @@ def split_model(model) -> ModelParts:
             f"{type(model).__name__} lacks {missing}: a pipelined model exposes `embed` (tokens -> h), "
             "`blocks` (nnx.List of identical blocks, h -> h) and `head` ((h, targets) -> mean loss)"
         )
-    if isinstance(model.blocks, nnx.Module) and not isinstance(model.blocks, nnx.List):
-        raise ProtocolError(
-            f"{type(model).__name__}.blocks is one {type(model.blocks).__name__} module, not an nnx.List of blocks "
-            "(an nnx.scan-ed stack?); hxtrain splits the stack between sites block by block, so give it "
-            "nnx.List([block_0, block_1, ...])")
-    blocks = list(model.blocks)
-    if not blocks:
-        raise ProtocolError(f"{type(model).__name__}.blocks is empty: a pipeline needs at least one block")
+    scanned = _is_stack(model.blocks)
+    block_def, block_params, block_axes = _unstack(model) if scanned else _split_list(model)
     embed_ids, head_ids = _variable_ids(model.embed), _variable_ids(model.head)
     shared = sorted(set(embed_ids) & set(head_ids))
     if shared:
@@ -117,22 +173,15 @@ def split_model(model) -> ModelParts:
         )
     embed_def, embed, embed_axes = _split_part("embed", model.embed)
     head_def, head, head_axes = _split_part("head", model.head)
-    block_defs, block_params, block_axes = zip(*(_split_part(f"blocks[{i}]", b) for i, b in enumerate(blocks)))
-    for i, (d, p) in enumerate(zip(block_defs, block_params)):
-        if d != block_defs[0] or jax.tree.map(jnp.shape, p) != jax.tree.map(jnp.shape, block_params[0]):
-            raise ProtocolError(
-                f"model.blocks[{i}] differs in structure or shapes from model.blocks[0]; stages stack blocks "
-                "into one scanned program, so every block must be the same module with the same shapes"
-            )
     counted = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
-    split = len(jax.tree.leaves((embed, block_params, head)))
+    split = len(jax.tree.leaves((embed, block_params[:1] if scanned else block_params, head)))
     if counted != split:
         raise ProtocolError(
             f"{type(model).__name__} has {counted} parameters but embed/blocks/head hold {split}; "
             "parameters outside those three parts would never be trained by the pipeline"
         )
-    return ModelParts(embed_def, block_defs[0], head_def, embed, tuple(block_params), head,
-                      embed_axes, block_axes[0], head_axes)
+    return ModelParts(embed_def, block_def, head_def, embed, tuple(block_params), head,
+                      embed_axes, block_axes, head_axes, scanned=scanned)
 
 
 def has_generation(model, *, cache: bool = True) -> bool:
@@ -140,6 +189,10 @@ def has_generation(model, *, cache: bool = True) -> bool:
     method otherwise. `cache=False` (sampling by recomputing the whole sequence) needs only `head.logits` and
     `cfg.seq_len` / `cfg.vocab_size`: any pipelined model whose head can return logits samples that way."""
     name = type(model).__name__
+    if _is_stack(getattr(model, "blocks", None)):
+        raise ProtocolError(f"{name}.blocks is a scanned stack (one {type(model.blocks).__name__} with a leading "
+                            "layer axis): generation does not take one yet; sample from a copy whose blocks are an "
+                            "nnx.List")
     blocks = list(getattr(model, "blocks", None) or [])
     needed = [("embed", getattr(model, "embed", None), "__call__", "embed(tokens, start=0) -> h [B, t, D]"),
               ("blocks[0]", blocks[0] if blocks else None, "init_cache",
@@ -220,9 +273,14 @@ def stack(trees) -> dict:
 
 
 def as_model_state(model, embed: dict, blocks: list[dict], head: dict) -> nnx.State:
-    """Pure per-part trees -> an nnx.State shaped like nnx.state(model, nnx.Param)."""
+    """Pure per-part trees -> an nnx.State shaped like nnx.state(model, nnx.Param). For a scanned stack the blocks
+    come back stacked [L, ...] as host arrays: the blocks may sit on different sites."""
     template = nnx.state(model, nnx.Param)
-    pure = {"embed": embed, "blocks": dict(enumerate(blocks)), "head": head}
+    if _is_stack(model.blocks):
+        blocks = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
+    else:
+        blocks = dict(enumerate(blocks))
+    pure = {"embed": embed, "blocks": blocks, "head": head}
     nnx.replace_by_pure_dict(template, pure)
     return template
 

@@ -198,7 +198,9 @@ class SpmdPipeline:
         """An nnx.State (or pure dict) shaped like nnx.state(model, nnx.Param) -> the stacked layout on the global
         mesh (the inverse of `as_state`): to load params, or to feed grads computed elsewhere to the optimizer."""
         pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
-        blocks = [pure["blocks"][i] for i in range(self.parts.n_layers)]
+        stack = pure["blocks"]  # a scanned model's blocks are one tree of [L, ...] leaves
+        blocks = [jax.tree.map(lambda x, i=i: np.asarray(x)[i], stack) if self.parts.scanned else stack[i]
+                  for i in range(self.parts.n_layers)]
         host = self._stack(pure["embed"], blocks, pure["head"])
         return jax.device_put(host, self.stages[0].shardings)
 
