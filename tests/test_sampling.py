@@ -1,4 +1,14 @@
-"""Generation: the KV cache against recomputing, pipelined against one device, seeds, errors, loading, the CLI."""
+"""Generation: the KV cache against recomputing, pipelined against one device, seeds, errors, loading, the CLI.
+
+bfloat16 tolerance (TINY, PROMPT, N = 9 greedy tokens, CPU): first-step logits within rel 6.7e-3 of the float32 ones
+(max |a-b| / max |b|; the mixed 2-site forward 7.3e-3), asserted <= 2e-2 and > 1e-4 (a bf16 run as exact as fp32
+did not compute in bf16). Cached against recomputed bf16 logits differ by at most 0.0039 (2 bf16 ulps at the
+logits' scale ~0.4) while the top-1 margins are >= 0.0078, except row 0 step 5 where the cached logits of tokens
+24 and 194 tie (argmax takes the lower id in both runs, but a change in XLA's rounding could flip it). So the bf16
+cache test compares the first 4 greedy tokens only, where every margin is above the difference.
+"""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +82,36 @@ def test_pipelined_sampling_equals_one_device(local):
                                   generate(local, PROMPT, N, seed=5, **SAMPLED))
 
 
+def test_bf16_computes_in_bf16_and_greedy_with_the_cache_equals_recomputing(local):
+    bf16 = Stages.local(model(), compute_dtype="bfloat16")
+    assert bf16.compute_dtypes == ("bfloat16",) and bf16.describe().endswith("compute bfloat16")
+    assert {c.dtype for c in jax.tree.leaves(bf16.init_caches(2, 14))} == {jnp.dtype(jnp.bfloat16)}
+    cached, logits = generate(bf16, PROMPT, 4, temperature=0, return_logits=True)  # 4: see the module doc
+    full, full_logits = generate(bf16, PROMPT, 4, temperature=0, cache=False, return_logits=True)
+    np.testing.assert_array_equal(cached, full)
+    assert logits.dtype == np.float32 and rel_err(logits, full_logits) <= 2e-2  # sampling reads fp32 logits
+    fp32 = generate(local, PROMPT, 1, temperature=0, return_logits=True)[1]
+    assert 1e-4 < rel_err(logits[:, 0], fp32[:, 0]) <= 2e-2
+
+
+def test_pipelined_stages_compute_in_their_sites_dtype_unless_one_is_given(local):
+    base = uniform(2, tensor=2)
+    mixed = dataclasses.replace(base, sites=(dataclasses.replace(base.sites[0], compute_dtype="bfloat16"),
+                                             base.sites[1]))
+    sites = Stages.pipelined(model(), mixed, partition=[5, 3])
+    assert sites.compute_dtypes == ("bfloat16", "float32")  # as training resolves them (site_compute_dtype)
+    assert [{c.dtype for c in jax.tree.leaves(c)} for c in sites.init_caches(2, 14)] == [
+        {jnp.dtype(jnp.bfloat16)}, {jnp.dtype(jnp.float32)}]
+    logits = generate(sites, PROMPT, 1, temperature=0, return_logits=True)[1]
+    fp32 = generate(local, PROMPT, 1, temperature=0, return_logits=True)[1]
+    assert 1e-4 < rel_err(logits, fp32) <= 2e-2
+    explicit = Stages.pipelined(model(), mixed, partition=[5, 3], compute_dtype="float32")
+    assert explicit.compute_dtypes == ("float32", "float32")  # an explicit dtype is honoured on every site
+    with pytest.raises(GenerationError, match=r"^--compute-dtype: float32 asked for, but the given Stages compute "
+                                              r"in bfloat16, float32; build them with compute_dtype='float32'$"):
+        generate(sites, PROMPT, 1, compute_dtype="float32")
+
+
 def test_a_seed_gives_the_same_tokens_and_another_seed_others(local):
     a = generate(local, PROMPT, N, seed=1, **SAMPLED)
     np.testing.assert_array_equal(a, generate(local, PROMPT, N, seed=1, **SAMPLED))
@@ -93,6 +133,7 @@ def test_a_seed_gives_the_same_tokens_and_another_seed_others(local):
     ([1], 3, {"top_k": 0}, r"^--top-k: expected a whole number >= 1 \(1 = greedy\), got 0$"),
     ([1], 3, {"top_p": 0.0}, r"^--top-p: expected a number in \(0, 1\] \(1 = off\), got 0\.0$"),
     ([1], 3, {"top_p": 1.5}, r"^--top-p: expected a number in \(0, 1\] \(1 = off\), got 1\.5$"),
+    ([1], 3, {"compute_dtype": "bf16"}, r"^--compute-dtype: expected one of float32, bfloat16, float16, got 'bf16'$"),
 ])
 def test_bad_requests_are_one_line_errors(local, prompt, n, kw, match):
     with pytest.raises(GenerationError, match=match):
@@ -139,8 +180,12 @@ def test_sample_cli_prints_the_prompt_and_its_continuation(saved, capsys):
     assert cli.main(["sample", "--from", str(saved["run"]), "--step", "2", "--mesh", "local", "--no-cache",
                      *knobs]) == 0
     again = capsys.readouterr()
-    assert "stage 1: blocks[4:8] + head" in again.err
+    assert "stage 1: blocks[4:8] + head" in again.err and again.err.count("compute float32") == 2  # CPU policy
     assert again.out == got.out  # the run and its export, one device or two sites, cached or not: the same text
+    assert cli.main(["sample", "--from", str(saved["export"]), "--mesh", "local", "--compute-dtype", "bfloat16",
+                     "--no-cache", *knobs]) == 0
+    bf16 = capsys.readouterr()
+    assert bf16.out.startswith("Hi there") and bf16.err.count("compute bfloat16") == 2
 
 
 def test_sample_cli_refuses_what_it_cannot_load(saved, tmp_path, capsys):
@@ -158,5 +203,7 @@ def test_sample_cli_refuses_what_it_cannot_load(saved, tmp_path, capsys):
     assert error(tmp_path / "dead").startswith("hxtrain sample: error: no complete checkpoint in ")
     assert error(saved["export"], "--tokens", "30").endswith("exceeds the model's context of 16 tokens (seq_len); "
                                                             "ask for at most 15")
+    assert error(saved["export"], "--compute-dtype", "fp8") == ("hxtrain sample: error: --compute-dtype: expected "
+                                                                "one of float32, bfloat16, float16, got 'fp8'")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_model(tmp_path / "dead")

@@ -65,25 +65,25 @@ class StageRole:
         return h
 
 
-def _to_compute(role: StageRole, tree):
-    """Floating leaves -> the role's compute dtype. Integer leaves (tokens) and leaves already in it are returned
-    as they are, so a float32 role adds no op at all."""
-    dtype = jnp.dtype(role.compute_dtype)
+def to_compute(dtype, tree):
+    """Floating leaves -> `dtype` (a compute dtype). Integer leaves (tokens) and leaves already in it are returned
+    as they are, so float32 adds no op at all. The one cast rule: generation's stage programs use it too."""
+    dtype = jnp.dtype(dtype)
     return jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a, tree)
 
 
 def _forward(role: StageRole, params: dict, x):
     """Stage input (tokens [mb, T] or [mb, T, D]) -> stage output [mb, T, D] in the compute dtype (non-last)."""
-    params, x = _to_compute(role, params), _to_compute(role, x)
+    params, x = to_compute(role.compute_dtype, params), to_compute(role.compute_dtype, x)
     h = _parts.apply_embed(role.embed_def, params["embed"], x) if role.first else x
     # A block may widen internally (softmax in fp32); what leaves the stage is in the compute dtype.
-    return _to_compute(role, _parts.apply_blocks(role.block_def, params["blocks"], h))
+    return to_compute(role.compute_dtype, _parts.apply_blocks(role.block_def, params["blocks"], h))
 
 
 def _loss(role: StageRole, params: dict, x, targets):
     """Scalar float32 mean loss of the microbatch, computed in the compute dtype up to the head's output."""
-    params = _to_compute(role, params)
+    params = to_compute(role.compute_dtype, params)
     loss = _parts.apply_head(role.head_def, params["head"], _forward(role, params, x), targets)
     return loss if loss.dtype == jnp.float32 else loss.astype(jnp.float32)
 

@@ -1,7 +1,7 @@
 """`hxtrain sample`: text from a trained run or an export, on one device or pipelined across a topology's sites.
 
     hxtrain sample --from runs/a --prompt "Once upon a time" --tokens 100 [--temperature 0.8 --top-k 40
-                   --top-p 0.95 --seed 1 --mesh local --no-cache]
+                   --top-p 0.95 --seed 1 --mesh local --compute-dtype bfloat16 --no-cache]
 
 Prints the prompt and its continuation (the tokenizer's decoding) on stdout; what was loaded and how fast it ran
 go to stderr.
@@ -16,6 +16,8 @@ import time
 
 def register(sub) -> None:
     """Add `hxtrain sample` to the CLI's subparsers."""
+    from hxtrain.config.checks import COMPUTE_DTYPES
+
     s = sub.add_parser("sample", help="generate text from a run folder or an export (KV cache, jit; --mesh: "
                                       "pipelined across a topology's sites)")
     s.add_argument("--from", dest="source", required=True, metavar="RUN_OR_EXPORT",
@@ -29,6 +31,10 @@ def register(sub) -> None:
     s.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest sealed, intact one)")
     s.add_argument("--mesh", help="sample pipelined across this topology's sites (TOML file or shipped name); "
                                   "default: one device")
+    # Not argparse `choices`: a bad value is the one-line GenerationError that `generate` raises for it too.
+    s.add_argument("--compute-dtype", metavar="|".join(COMPUTE_DTYPES),
+                   help="what the forward computes (and keeps its KV cache) in; params stay float32 and sampling "
+                        "is float32 (default: each site's policy with --mesh, as training uses it; else float32)")
     s.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token instead of keeping a KV cache (slow)")
     s.set_defaults(func=run)
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer, info = load_model(args.source, step=args.step)
     try:
-        forward = forward_for(model, topology, cache=not args.no_cache)
+        forward = forward_for(model, topology, cache=not args.no_cache, compute_dtype=args.compute_dtype)
     except ProtocolError as e:  # a TypeError: the command line reports input errors in one line
         raise GenerationError(f"--from: {e}") from None
     print(f"hxtrain sample: {info['model']} from {info['kind']} {info['source']} (step {info['step']})\n"

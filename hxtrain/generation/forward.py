@@ -2,6 +2,7 @@
 
     fwd = Stages.local(model)                        # one stage: embed + every block + head, on one device
     fwd = Stages.pipelined(model, topology, [5, 3])  # stage s on site s's mesh: its blocks and their caches
+    fwd = Stages.local(model, compute_dtype="bfloat16")  # compute (and cache) in bf16; params stay fp32
     caches = fwd.init_caches(batch, length)          # per stage: {"k", "v"} stacked [L_s, B, length, H, K]
     logits, caches = fwd.step(tokens, start, caches) # tokens [B, t] at positions start.. -> logits [B, V] of the last
     logits = fwd.full(tokens, at)                    # no cache: the whole [B, T] sequence, logits [B, V] at `at`
@@ -13,6 +14,13 @@ embedding on the first stage and the head on the last. Between stages only the a
 stage's program is one `jax.jit` of a module-level function whose static arguments are the graph definitions and
 the mesh, so it compiles once per shape (prefill, one-token decode) and is reused by every later `Stages` of the
 same model shape. The caches are donated to each step.
+
+Dtypes, as training's stage programs (`core.programs`): params stay as they are (float32) and each stage program
+casts its floating params and input to the stage's compute dtype with the same `core.programs.to_compute`, so
+float32 adds no op. `pipelined` takes each site's compute dtype as training resolves it
+(`core.placement.site_compute_dtype`), `local` an explicit one (default float32). A stage's KV cache is held in its
+compute dtype, the activation leaves it in that dtype (the next stage casts it to its own), and the last stage's
+logits are cast to float32, so sampling (`sampling._pick`) is float32 whatever the stages compute in.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from hxtrain.core import parts as _parts
 from hxtrain.core import placement as _placement
+from hxtrain.core.programs import to_compute
 from hxtrain.core.stages import stage_ranges
 
 # Logical axes of what a stage takes and gives: tokens [B, t], activations [B, t, D], a stacked cache leaf
@@ -46,12 +55,14 @@ def _cache_shardings(mesh: Mesh, caches):
 
 @dataclasses.dataclass(frozen=True)
 class _Defs:
-    """A stage's static side: graph definitions (None: the stage has no embedding / head), and its mesh."""
+    """A stage's static side: graph definitions (None: the stage has no embedding / head), its mesh and the name
+    of its compute dtype."""
 
     embed: object
     block: object
     head: object
     mesh: Mesh
+    dtype: str
 
 
 def _decode_blocks(block_def, stacked: dict, h, caches, start):
@@ -69,10 +80,12 @@ def _decode_blocks(block_def, stacked: dict, h, caches, start):
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
 def _step(defs: _Defs, params: tuple, x, start, caches):
     """One stage of a cached forward: x (tokens [B, t] on the first stage, else h [B, t, D]) at positions
-    start.. -> (h [B, t, D], or the last position's logits [B, V] fp32 on the last stage; the caches)."""
-    embed, blocks, head = params
+    start.. -> (h [B, t, D] in the stage's dtype, or the last position's logits [B, V] fp32 on the last stage;
+    the caches, in the stage's dtype)."""
+    (embed, blocks, head), x = to_compute(defs.dtype, params), to_compute(defs.dtype, x)
     h = nnx.merge(defs.embed, embed)(x, start) if defs.embed is not None else x
     h, caches = _decode_blocks(defs.block, blocks, h, caches, start)
+    h = to_compute(defs.dtype, h)  # a block may widen internally; what leaves the stage is in its dtype
     caches = jax.lax.with_sharding_constraint(caches, _cache_shardings(defs.mesh, caches))
     if defs.head is None:
         return h, caches
@@ -82,10 +95,10 @@ def _step(defs: _Defs, params: tuple, x, start, caches):
 @functools.partial(jax.jit, static_argnums=0)
 def _full(defs: _Defs, params: tuple, x, at):
     """One stage of an uncached forward over the whole sequence (the training forward, `core.parts`): x [B, T]
-    or [B, T, D] -> h [B, T, D], or on the last stage the logits [B, V] fp32 at position `at`."""
-    embed, blocks, head = params
+    or [B, T, D] -> h [B, T, D] in the stage's dtype, or on the last stage the logits [B, V] fp32 at `at`."""
+    (embed, blocks, head), x = to_compute(defs.dtype, params), to_compute(defs.dtype, x)
     h = _parts.apply_embed(defs.embed, embed, x) if defs.embed is not None else x
-    h = _parts.apply_blocks(defs.block, blocks, h)
+    h = to_compute(defs.dtype, _parts.apply_blocks(defs.block, blocks, h))
     if defs.head is None:
         return h
     h = jax.lax.dynamic_slice_in_dim(h, at, 1, axis=1)  # [B, 1, D]
@@ -100,17 +113,19 @@ def _zeros(block_def, dtype, batch: int, length: int, blocks: dict):
 
 class Stages:
     """A generation-protocol model as a chain of stages, one per mesh (see the module doc). Build with `local`
-    or `pipelined`; the constructor takes the meshes and the block ranges [(lo, hi), ...] per stage."""
+    or `pipelined`; the constructor takes the meshes, the block ranges [(lo, hi), ...] and the compute dtypes
+    ("float32", "bfloat16", "float16"; None: float32 everywhere) per stage."""
 
-    def __init__(self, model, meshes: list[Mesh], ranges, *, cache: bool = True):
+    def __init__(self, model, meshes: list[Mesh], ranges, *, cache: bool = True, compute_dtypes=None):
         _parts.has_generation(model, cache=cache)
-        if len(meshes) != len(ranges):
-            raise _placement.PlacementError(f"Stages: {len(meshes)} meshes but {len(ranges)} block ranges")
+        compute_dtypes = ["float32"] * len(meshes) if compute_dtypes is None else list(compute_dtypes)
+        if not len(meshes) == len(ranges) == len(compute_dtypes):
+            raise _placement.PlacementError(f"Stages: {len(meshes)} meshes, {len(ranges)} block ranges and "
+                                            f"{len(compute_dtypes)} compute dtypes; expected one of each per stage")
         parts = _parts.split_model(model)
         self.context, self.vocab_size = int(model.cfg.seq_len), int(model.cfg.vocab_size)
         self.meshes, self.ranges = list(meshes), tuple(ranges)
-        floats = [x for x in jax.tree.leaves(parts.blocks[0]) if jnp.issubdtype(x.dtype, jnp.floating)]
-        self.cache_dtype = jnp.dtype(floats[0].dtype) if floats else jnp.dtype(jnp.float32)
+        self.compute_dtypes = tuple(jnp.dtype(d).name for d in compute_dtypes)
         self._block_def = parts.block_def
         self._defs, self._params = [], []
         last = len(meshes) - 1
@@ -122,30 +137,41 @@ class Stages:
                           for k, (t, a) in enumerate(zip(tree, axes)))
             self._params.append(jax.device_put(tree, where))
             self._defs.append(_Defs(parts.embed_def if s == 0 else None, parts.block_def,
-                                    parts.head_def if s == last else None, mesh))
+                                    parts.head_def if s == last else None, mesh, self.compute_dtypes[s]))
 
     @classmethod
-    def local(cls, model, device: jax.Device | None = None, *, cache: bool = True) -> "Stages":
-        """The whole model as one stage on `device` (default: JAX's first device). `cache=False`: for sampling
-        without a KV cache, which asks less of the model (`core.parts.has_generation`)."""
+    def local(cls, model, device: jax.Device | None = None, *, cache: bool = True,
+              compute_dtype: str = "float32") -> "Stages":
+        """The whole model as one stage on `device` (default: JAX's first device), computing in `compute_dtype`
+        (checked against the device as a topology site's is, `backends.dtype_policy`). `cache=False`: for
+        sampling without a KV cache, which asks less of the model (`core.parts.has_generation`)."""
+        from hxtrain.backends import capability_for, dtype_policy
+
         device = device if device is not None else jax.devices()[0]
         mesh = Mesh(np.array([device]).reshape(1, 1), (_placement.DATA, _placement.TENSOR))
-        return cls(model, [mesh], [(0, len(model.blocks))], cache=cache)
+        dtype = dtype_policy(capability_for(device.device_kind), compute_dtype).compute_dtype
+        return cls(model, [mesh], [(0, len(model.blocks))], cache=cache, compute_dtypes=[dtype])
 
     @classmethod
-    def pipelined(cls, model, topology, partition=None, *, cache: bool = True) -> "Stages":
+    def pipelined(cls, model, topology, partition=None, *, cache: bool = True,
+                  compute_dtype: str | None = None) -> "Stages":
         """Stage s on site s of `topology` (`core.placement.site_meshes`); `partition` = blocks per site (uneven
-        allowed), None for the topology's `layers` shares or an even split."""
+        allowed), None for the topology's `layers` shares or an even split. Stage s computes in site s's compute
+        dtype as training resolves it (`core.placement.site_compute_dtype`), or in `compute_dtype` on every site
+        when one is given (the site's `compute_dtype` replaced by it, and checked against its devices)."""
         meshes = _placement.site_meshes(topology)
-        return cls(model, meshes, stage_ranges(topology, len(model.blocks), len(meshes), partition), cache=cache)
+        sites = [s if compute_dtype is None else dataclasses.replace(s, compute_dtype=compute_dtype)
+                 for s in topology.sites]
+        return cls(model, meshes, stage_ranges(topology, len(model.blocks), len(meshes), partition), cache=cache,
+                   compute_dtypes=[_placement.site_compute_dtype(s, m) for s, m in zip(sites, meshes)])
 
     def describe(self) -> str:
-        """One line per stage: its blocks and devices."""
-        last = len(self.meshes) - 1
+        """One line per stage: its blocks, devices and compute dtype."""
+        last, stages = len(self.meshes) - 1, zip(self.meshes, self.ranges, self.compute_dtypes)
         return "\n".join(
             f"stage {s}: {'embed + ' if s == 0 else ''}blocks[{lo}:{hi}]{' + head' if s == last else ''} on "
-            f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s) {[d.id for d in mesh.devices.flat]}"
-            for s, (mesh, (lo, hi)) in enumerate(zip(self.meshes, self.ranges)))
+            f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s) {[d.id for d in mesh.devices.flat]}, "
+            f"compute {dtype}" for s, (mesh, (lo, hi), dtype) in enumerate(stages))
 
     def place_tokens(self, tokens) -> jax.Array:
         """tokens [B, t] (or [B]) int32 onto the first stage's mesh."""
@@ -156,10 +182,10 @@ class Stages:
         return self.place_tokens(x) if s == 0 else jax.device_put(x, _sharding(self.meshes[s], _ACTS, x.shape))
 
     def init_caches(self, batch: int, length: int) -> list:
-        """Zero caches for `batch` sequences of `length` positions, each stage's on its mesh."""
+        """Zero caches for `batch` sequences of `length` positions, each stage's on its mesh in its compute dtype."""
         out = []
-        for mesh, params in zip(self.meshes, self._params):
-            caches = _zeros(self._block_def, self.cache_dtype, int(batch), int(length), params[1])
+        for mesh, params, dtype in zip(self.meshes, self._params, self.compute_dtypes):
+            caches = _zeros(self._block_def, jnp.dtype(dtype), int(batch), int(length), params[1])
             out.append(jax.device_put(caches, _cache_shardings(mesh, caches)))
         return out
 

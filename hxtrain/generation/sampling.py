@@ -10,7 +10,9 @@ stage programs, the caches donated. Without (`cache=False`, the reference and th
 token recomputes the whole sequence, padded to P + n_tokens so that it compiles once; causal attention makes the
 padding invisible. Sampling is one jitted function of the last position's logits [B, V] (fp32): temperature,
 then top-k, then top-p (nucleus), then `jax.random.categorical` with a key folded from `seed` and the step, so a
-seed gives the same tokens on any forward. Temperature 0 is greedy (argmax).
+seed gives the same tokens on any forward. Temperature 0 is greedy (argmax). `compute_dtype` is what the forward
+computes in (`forward.Stages`; default: each site's policy when pipelined, else float32); the logits it hands
+over are float32 whatever it is, so sampling itself is float32.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hxtrain.config.checks import COMPUTE_DTYPES
 from hxtrain.generation.forward import Stages
 
 
@@ -110,28 +113,36 @@ def _write(buffer, tokens, at):  # buffer [B, T], tokens [B] -> buffer with colu
 
 # ---- the loop -------------------------------------------------------------------------------------------------------
 
-def forward_for(model, topology=None, partition=None, *, cache: bool = True) -> Stages:
+def forward_for(model, topology=None, partition=None, *, cache: bool = True,
+                compute_dtype: str | None = None) -> Stages:
     """`model` as the forward generation runs: itself if it already is one (`Stages`), pipelined across
-    `topology`'s sites when one is given, else on one device."""
+    `topology`'s sites when one is given, else on one device. `compute_dtype` (one of COMPUTE_DTYPES) on every
+    stage; None: each site's policy when pipelined, float32 on one device."""
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise GenerationError(f"--compute-dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     if isinstance(model, Stages):
+        if compute_dtype is not None and set(model.compute_dtypes) != {compute_dtype}:
+            raise GenerationError(f"--compute-dtype: {compute_dtype} asked for, but the given Stages compute in "
+                                  f"{', '.join(model.compute_dtypes)}; build them with compute_dtype={compute_dtype!r}")
         return model
     if topology is not None:
-        return Stages.pipelined(model, topology, partition, cache=cache)
-    return Stages.local(model, cache=cache)
+        return Stages.pipelined(model, topology, partition, cache=cache, compute_dtype=compute_dtype)
+    return Stages.local(model, cache=cache, compute_dtype="float32" if compute_dtype is None else compute_dtype)
 
 
 def generate(model, prompt_ids, n_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, cache: bool = True, topology=None, partition=None,
-             return_logits: bool = False):
+             compute_dtype: str | None = None, return_logits: bool = False):
     """Continue `prompt_ids` (list[int] [P], or [B, P]) by `n_tokens` tokens -> np.int32 [B, n_tokens].
 
     `model`: a generation-protocol model (`hxtrain.core.parts`) or a prepared `Stages` (reuse one to avoid placing
     the parameters again). `topology` (+ `partition`, blocks per site): sample pipelined across its sites.
+    `compute_dtype`: what the forward computes in (`forward_for`); the logits sampled from are float32.
     `return_logits`: also return the logits each token was drawn from, np.float32 [B, n_tokens, V].
     GenerationError (one line) for an empty prompt, a token outside the vocabulary, more tokens than the context
-    holds, or a bad temperature / top_k / top_p / seed.
+    holds, or a bad temperature / top_k / top_p / seed / compute_dtype.
     """
-    fwd = forward_for(model, topology, partition, cache=cache)
+    fwd = forward_for(model, topology, partition, cache=cache, compute_dtype=compute_dtype)
     prompt = _prompt(prompt_ids, fwd.vocab_size)
     B, P = prompt.shape
     _check(P, n_tokens, fwd.context, temperature, top_k, top_p, seed)
@@ -166,7 +177,8 @@ def generate(model, prompt_ids, n_tokens: int, *, temperature: float = 1.0, top_
 
 def sample_text(model, tokenizer, prompt: str, n_tokens: int, **kw) -> str:
     """`prompt` and `n_tokens` tokens generated after it, as text: tokenizer.decode(prompt ids + new ids).
-    `model`: as for `generate`; `kw`: generate's keywords (temperature, top_k, top_p, seed, cache, topology)."""
+    `model`: as for `generate`; `kw`: generate's keywords (temperature, top_k, top_p, seed, cache, topology,
+    compute_dtype)."""
     ids = list(tokenizer.encode(prompt))
     new = generate(model, ids, n_tokens, **kw)[0]
     return tokenizer.decode(ids + [int(t) for t in new])
