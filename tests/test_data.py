@@ -199,27 +199,23 @@ def test_resume_mid_shard_is_exact(docs, bpe, tmp_path):
     assert got[0].shape == (4, 9) and got[0].dtype == np.int32
 
 
-def test_process_shards_are_disjoint_and_cover_the_source(docs, tmp_path):
-    rng = np.random.default_rng(1)
-    for i in range(6):  # random bytes: every window differs, so records can be told apart by their contents
-        (tmp_path / "c").mkdir(exist_ok=True)
-        (tmp_path / "c" / f"{i}.txt").write_bytes(rng.bytes(int(rng.integers(500, 3000))))
-    shards.prepare(tmp_path / "c", tokenizer.ByteTokenizer(), tmp_path / "p", shard_tokens=640, eval_fraction=0.0,
-                   progress=False)
+def test_readers_of_disjoint_rows_read_each_batch_once_and_resume_exactly(docs, bpe, tmp_path):
+    # The processes of one data-parallel site read only their own rows of the one seeded stream
+    shards.prepare(docs, bpe, tmp_path / "p", shard_tokens=100, progress=False)
     data = loader.load_data(tmp_path / "p")
-    src = shards.ShardSource(data, seq=12)
-    every = [tuple(src[i]) for i in range(len(src))]
-    assert len(set(every)) == len(every)  # windows tell records apart
-    seen = []
-    for index in range(3):
-        it = loader.batches(data, seq=12, batch_size=1, seed=7, shard=(index, 3))
-        n = len(range(index, len(src), 3))
-        seen.append({tuple(next(it)[0]) for _ in range(n)})  # one epoch of this process: each record once
-        assert len(seen[-1]) == n
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert set().union(*seen) == set(every)
-    with pytest.raises(ValueError, match=r"shard: expected \(index, count\) with 0 <= index < count"):
-        loader.batches(data, seq=12, batch_size=1, shard=(3, 3))
+    whole = loader.batches(data, seq=8, batch_size=4, seed=3)
+    readers = [loader.batches(data, seq=8, batch_size=4, seed=3, rows=r) for r in ((0, 2), range(1, 4, 2), ())]
+    for _ in range(4):
+        full = next(whole)
+        even, odd, none = (next(r) for r in readers)
+        assert np.array_equal(even, full[[0, 2]]) and np.array_equal(odd, full[[1, 3]])
+        assert none.shape == (0, 9) and even.dtype == np.int32
+    assert readers[2].get_state() == whole.get_state() == {"next_index": 4}  # a reader of no rows keeps its place
+    again = loader.batches(data, seq=8, batch_size=4, seed=3, rows=(1, 3))
+    again.set_state(readers[1].get_state())
+    assert np.array_equal(next(again), next(whole)[[1, 3]])
+    with pytest.raises(ValueError, match=r"^rows: expected indices into a batch of 4, got \(0, 4\)$"):
+        loader.batches(data, seq=8, batch_size=4, rows=(0, 4))
 
 
 def test_the_default_byte_corpus_gives_the_batches_it_always_gave():

@@ -191,6 +191,26 @@ def test_resume_mid_round_is_bit_identical_and_the_checkpoint_exports(tmp_path):
         _run(uniform(2), dataclasses.replace(cfg, sync_every=6), out=tmp_path / "run", **kw)
 
 
+def test_the_held_out_loss_is_the_global_params_and_leaves_replica_0_as_it_was():
+    run = _run(uniform(2), Diloco(sync_every=2), optimizer=ADAMW, eval_batches=2, max_corpus_bytes=100_000)
+    rows = run.fit(3, progress=False, eval_every=2)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 3]  # every 2nd step and the last
+    # the reference: the plain model holding the global params, on one device
+    pipe = hxtrain.Pipeline(gpt.build(gpt.TINY, seed=0), uniform(1), microbatches=1)
+    pipe.set_params(logical.to_stages(pipe, _outer.nested(run.global_params), [s.params for s in pipe.stages]))
+    plain = pipe.trained_model()
+    want = np.mean([float(gpt.loss(plain, jnp.asarray(b))) for b in run.eval_set])
+    assert len(run.eval_set) == 2 and run.eval_set[0].shape == (4, T + 1)  # replica 0's rows
+    assert rel_err(rows[-1]["eval_loss"], want) <= 1e-5, (rows[-1]["eval_loss"], want)
+    before = run.replicas[0].params()  # step 3 is an inner step after the sync: not the global params
+    assert any(not np.array_equal(v, run.global_params[k]) for k, v in before.items())
+    assert rel_err(run.evaluate(), want) <= 1e-5
+    for k, v in run.replicas[0].params().items():  # its own params are back
+        assert np.array_equal(v, before[k]), k
+    with pytest.raises(ValueError, match=r"^eval_every: this DilocoTrainer holds no data out"):
+        _run(uniform(2), Diloco(sync_every=2)).fit(1, progress=False, eval_every=1)
+
+
 def test_bad_diloco_settings_are_refused_naming_the_field(tmp_path):
     topo = hxtrain.load_topology("local-4site")
     cases = [
@@ -271,19 +291,26 @@ def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):
     mesh.write_text(_TWO_SITES)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
-                          "--sync-every", "1", "--out", str(out), "--timeout", "60"],
+                          "--sync-every", "1", "--out", str(out), "--timeout", "60", "--eval-every", "2",
+                          "--eval-batches", "1"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "diloco replica 0 of 2, rows 0..5 of each batch, sync every 1 steps, codec int8" in run.stdout
     topo = hxtrain.load_topology(mesh)
     ref = dl.DilocoTrainer(gpt.build(gpt.TINY, seed=0), topo, diloco=dataclasses.replace(topo.diloco, sync_every=1),
-                           microbatches=2, batch_size=8, optimizer=OptimizerConfig.for_steps(3, 3e-3))
-    want = [r["replica_loss"] for r in ref.fit(3, progress=False)]
+                           microbatches=2, batch_size=8, optimizer=OptimizerConfig.for_steps(3, 3e-3), eval_batches=1)
+    ref_rows = ref.fit(3, progress=False, eval_every=2)
+    want = [r["replica_loss"] for r in ref_rows]
     for s in ("a", "b"):
         rows = [json.loads(line) for line in (out / f"metrics-{s}.jsonl").read_text().splitlines()]
         assert [r["outer_step"] for r in rows] == [1, 2, 3] and all(r["sync_bytes"] > 0 for r in rows)
         for got, w in zip(rows, want):
             assert rel_err(got["loss"], w[s]) <= 1e-5, (s, got["loss"], w[s])
+        # the global params' held-out loss at steps 2 and 3, taken by replica 0 (site a) as in one process
+        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        want_evals = [(r["step"], r["eval_loss"]) for r in ref_rows if "eval_loss" in r] if s == "a" else []
+        assert [k for k, _ in evals] == [k for k, _ in want_evals], (s, evals)
+        assert all(rel_err(g, w) <= 1e-5 for (_, g), (_, w) in zip(evals, want_evals)), (evals, want_evals)
 
 
 def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):

@@ -78,11 +78,14 @@ def test_trainer_evaluates_held_out_documents_every_n_steps_and_at_the_end(tmp_p
     (["--eval-every", "-1"], "--eval-every: expected a whole number >= 0, got -1"),
     (["--eval-every", "2", "--eval-batches", "0"], "--eval-batches: expected a whole number >= 1, got 0"),
     (["--sample-tokens", "-3"], "--sample-tokens: expected a whole number >= 0, got -3"),
-    (["--eval-every", "2", "--strategy", "diloco"], "--strategy diloco: --eval-every is not supported"),
+    (["--eval-every", "2", "--eval-batches", "-1", "--strategy", "diloco"],
+     "--eval-batches: expected a whole number >= 1, got -1"),
+    (["site", "--site", "s1", "--eval-every", "-2"], "--eval-every: expected a whole number >= 0, got -2"),
 ])
 def test_eval_and_sample_flags_are_checked_in_one_line(capsys, argv, message):
     from hxtrain.cli import main
 
-    assert main(["train", "--model", "tiny", "--steps", "1", *argv]) == 2
+    command, argv = (argv[:1], argv[1:]) if argv[0] == "site" else (["train"], argv)  # sites: the same flags
+    assert main([*command, "--model", "tiny", "--steps", "1", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

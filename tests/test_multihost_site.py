@@ -40,9 +40,10 @@ def _topology(tmp_path, steps=3, a_dtype=None):
 def test_a_site_over_two_processes_matches_the_in_process_trainer(tmp_path):
     # Site a computes in bf16 (its policy, fp32 master weights), so bf16 activations cross the link and bf16
     # cotangents come back to a site of two processes; the in-process Trainer runs the same programs.
+    # Each process of site a reads only its own rows of each batch; the held-out loss is taken at the end.
     mesh = _topology(tmp_path, a_dtype="bfloat16")
-    run = _launch(mesh, "--out", tmp_path / "out")
-    ref = _reference(mesh)  # meanwhile, the same run in this process (site a on fake devices 0-1, b on 2)
+    run = _launch(mesh, "--out", tmp_path / "out", "--eval-every", 3, "--eval-batches", 1)
+    ref = _reference(mesh, eval_every=3, eval_batches=1)  # meanwhile, the same run in this process
     assert run.finish(240) == 0, run.text()
     # one metrics file per site, written by its leader
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics-a.jsonl", "metrics-b.jsonl", "tb"]
@@ -54,11 +55,13 @@ def test_a_site_over_two_processes_matches_the_in_process_trainer(tmp_path):
     out = run.text()
     for k in (0, 1):  # every process of the site logs its steps, with the global norm
         assert re.search(rf"\[a/{k}\] site 'a': cpu cpu x 2 \(data 2 x tensor 1, process {k} of 2\).*compute "
-                         r"bfloat16", out)
+                         r"bfloat16.*; reads 2 of 4 rows per step$", out, re.M)
         for want in ref:
             assert re.search(rf"\[a/{k}\] step {want['step']} grad_norm {want['grad_norm']:.4f}", out), out
     assert re.search(r"\[a/1\] step 3 grad_norm \S+ step_s \S+ sent - control 0 B", out)  # no TCP: the leader's
     assert "[launch] site 'a' process 1 of 2: pid" in out
+    assert re.search(r"\[b\] site 'b': .*; reads 4 of 4 rows per step$", out, re.M)
+    assert "eval_loss" in rows["b"][-1]  # compared with the reference by _check_rows
     assert "[launch] all 2 sites finished (3 processes)" in out
 
 

@@ -94,12 +94,13 @@ def _launch(mesh, *args, timeout=20):
                  *map(str, args)])
 
 
-def _reference(mesh, schedule="1f1b", microbatches=2, batch_size=4, steps=3):
+def _reference(mesh, schedule="1f1b", microbatches=2, batch_size=4, steps=3, eval_every=0, eval_batches=0):
     """The same run in this process: the Trainer's per-step rows, with the optimizer `hxtrain site` derives."""
     opt = OptimizerConfig.for_steps(steps)  # what `hxtrain site` derives
     trainer = hxtrain.Trainer(build_model("tiny"), hxtrain.load_topology(mesh), schedule=schedule,
-                              microbatches=microbatches, batch_size=batch_size, optimizer=opt)
-    return trainer.fit(steps, progress=False)
+                              microbatches=microbatches, batch_size=batch_size, optimizer=opt,
+                              eval_batches=eval_batches)
+    return trainer.fit(steps, progress=False, eval_every=eval_every)
 
 
 def _check_rows(out, ref) -> dict:
@@ -109,6 +110,9 @@ def _check_rows(out, ref) -> dict:
     assert [r["step"] for r in rows["b"]] == [r["step"] for r in ref]
     for got, want in zip(rows["b"], ref):
         assert rel_err(got["loss"], want["loss"]) <= 1e-5, (got["loss"], want["loss"])
+        assert ("eval_loss" in got) == ("eval_loss" in want), (got, want)  # at the same steps
+        if "eval_loss" in want:  # the held-out loss through the sites' forward-only table
+            assert rel_err(got["eval_loss"], want["eval_loss"]) <= 1e-5, (got["eval_loss"], want["eval_loss"])
     for s in ("a", "b"):
         for got, want in zip(rows[s], ref):
             assert rel_err(got["grad_norm"], want["grad_norm"]) <= 1e-5, (s, got["grad_norm"], want["grad_norm"])
@@ -116,12 +120,15 @@ def _check_rows(out, ref) -> dict:
 
 
 def test_two_site_processes_match_the_in_process_trainer(tmp_path):
+    # With the held-out loss every 2 steps and at the end (steps 2 and 3), as `hxtrain train --eval-every 2`
     mesh = _topology(tmp_path, data=2)
-    run = _launch(mesh, "--out", tmp_path / "out")
-    ref = _reference(mesh)  # meanwhile, the same run in this process (sites on fake devices 0-1 and 2-3)
+    run = _launch(mesh, "--out", tmp_path / "out", "--eval-every", 2, "--eval-batches", 2)
+    ref = _reference(mesh, eval_every=2, eval_batches=2)  # meanwhile, the same run in this process
     assert run.finish(240) == 0, run.text()
     rows = _check_rows(tmp_path / "out", ref)
-    assert all(r["loss"] is None for r in rows["a"])  # only the last site has the loss
+    assert [r["step"] for r in ref if "eval_loss" in r] == [2, 3]
+    assert all(r["loss"] is None and "eval_loss" not in r for r in rows["a"])  # only the last site has the loss
+    assert re.search(r"\[b\] step 2 loss \S+ eval_loss \S+ grad_norm", run.text())
     act = 2 * (wire.HEADER_SIZE + 2 * 16 * 32 * 4)  # 2 microbatches of [mb 2, T 16, D 32] fp32 frames
     assert rows["a"][-1]["bytes_per_link"] == {"a->b": act}
     assert rows["b"][-1]["bytes_per_link"] == {"b->a": act}

@@ -21,7 +21,7 @@ from hxtrain.data import shards as _shards
 from hxtrain.data import tokenizer as _tok
 from hxtrain.data.corpus import DataError
 
-__all__ = ["Corpus", "DataError", "batches", "load_data", "tokenizer_of"]
+__all__ = ["Batches", "Corpus", "DataError", "batches", "eval_batches", "load_data", "load_split", "tokenizer_of"]
 
 Corpus = np.ndarray | _shards.Shards  # what load_data returns and batches takes
 
@@ -43,25 +43,62 @@ def load_data(path: str | os.PathLike | None = None, *, max_bytes: int | None = 
     return data
 
 
+def load_split(path: str | os.PathLike | None, *, hold_out: bool, max_bytes: int | None = None,
+               model_vocab: int | None = None) -> tuple[Corpus, Corpus | None]:
+    """(the corpus to train on, the held-out one or None): with `hold_out`, `load_data`'s "train" and "eval"
+    splits; without, every document trains, as it always has."""
+    train = load_data(path, max_bytes=max_bytes, model_vocab=model_vocab, split="train" if hold_out else None)
+    return train, load_data(path, max_bytes=max_bytes, split="eval") if hold_out else None
+
+
+def eval_batches(held_out: Corpus, *, seq: int, batch_size: int, count: int) -> list[np.ndarray]:
+    """The `count` fixed int32 [batch_size, seq + 1] batches that every evaluation of a run takes (seed 0), so
+    that successive eval losses compare, and every process of a run takes the same ones."""
+    it = batches(held_out, seq=seq, batch_size=batch_size, seed=0)
+    return [next(it) for _ in range(count)]
+
+
 def tokenizer_of(corpus: Corpus) -> _tok.Tokenizer:
     """The tokenizer that made `corpus`'s tokens: a prepared folder's own, else bytes."""
     return corpus.tokenizer if isinstance(corpus, _shards.Shards) else _tok.ByteTokenizer()
 
 
-def batches(corpus: Corpus, *, seq: int, batch_size: int, seed: int = 0, shard: tuple[int, int] = (0, 1)):
-    """An endless, seeded grain iterator of int32 [batch_size, seq + 1] batches (`get_state`/`set_state`).
+def batches(corpus: Corpus, *, seq: int, batch_size: int, seed: int = 0, rows=None) -> "Batches":
+    """The run's endless, seeded stream of int32 [batch_size, seq + 1] batches (`Batches`).
 
-    `shard=(index, count)`: this data-parallel process's records, `index::count` of the source taken before the
-    shuffle, so the processes' records are disjoint and together cover the source (less its last len % count).
-    Each process draws its own batch_size rows per step."""
-    index, count = shard
-    if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
-        raise ValueError(f"shard: expected (index, count) with 0 <= index < count, got {shard!r}")
+    `rows` (indices into each batch, e.g. a range): read only those rows of every batch, [len(rows), seq + 1]; the
+    stream is the same, so readers of disjoint rows (the processes of one data-parallel site, DiLoCo replicas)
+    together read each batch once, and a reader of no rows reads nothing while keeping its place."""
     source = _shards.ShardSource(corpus, seq) if isinstance(corpus, _shards.Shards) else _corpus.Windows(corpus, seq)
-    ds = grain.MapDataset.source(source)
-    if count > 1:
-        if len(source) < count:
-            raise DataError(f"data: {len(source)} sequences cannot be shared by {count} processes")
-        ds = ds[index::count]
-    ds = ds.seed(seed).shuffle().repeat(None).batch(batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    rows = range(batch_size) if rows is None else rows
+    if not all(isinstance(r, (int, np.integer)) and 0 <= r < batch_size for r in rows):
+        raise ValueError(f"rows: expected indices into a batch of {batch_size}, got {rows!r}")
+    return Batches(grain.MapDataset.source(source).seed(seed).shuffle().repeat(None), batch_size, tuple(rows),
+                   seq + 1)
+
+
+class Batches:
+    """Batch t is records t*B .. t*B+B-1 of grain's seeded shuffle of the source, repeated endlessly (what
+    `MapDataset.batch(B)` gives); only `rows` of each are read. `get_state()` / `set_state()` hold the position
+    as grain's own batch iterator does ({"next_index": t}), so a run resumes exactly."""
+
+    def __init__(self, records, batch_size: int, rows: tuple[int, ...], width: int):
+        self.records, self.batch_size, self.rows, self.width = records, batch_size, rows, width
+        self.next_index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        base = self.next_index * self.batch_size
+        self.next_index += 1
+        out = np.empty((len(self.rows), self.width), np.int32)
+        for i, r in enumerate(self.rows):
+            out[i] = self.records[base + r]
+        return out
+
+    def get_state(self) -> dict:
+        return {"next_index": self.next_index}
+
+    def set_state(self, state: dict) -> None:
+        self.next_index = int(state["next_index"])

@@ -74,7 +74,8 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext,
                       strategy=args.strategy, diloco=diloco_overrides(args), elastic=args.elastic,
                       sites=() if args.sites is None else args.sites, stop_at=args.stop_at,
-                      continue_step=args.continue_step)
+                      continue_step=args.continue_step, eval_every=args.eval_every,
+                      eval_batches=args.eval_batches)
 
 
 def _cmd_site(args) -> int:

@@ -22,6 +22,7 @@ from hxtrain.checkpoints import logical as _logical
 from hxtrain.links.wire import Kind
 from hxtrain.network.handshake import PeerError
 from hxtrain.data import loader as _data
+from hxtrain.training.diloco import evaluate_global
 from hxtrain.training.outer import OuterSync, flat, nested
 
 _TOKENS = 1 << 20  # the `microbatch` of the frame carrying a replica's token count (keys are numbered from 0)
@@ -42,34 +43,20 @@ def check(topology, cfg, error) -> object:
     return d
 
 
-def run(topology, index: int, cfg, d, endpoints: dict, log, *, loop) -> list[dict]:
-    """This site as a DiLoCo replica to the last step: `loop` is the site process's training loop."""
+def run(topology, index: int, cfg, d, endpoints: dict, log) -> list[dict]:
+    """This site as a DiLoCo replica to the last step, through the site process's training loop."""
+    from hxtrain.sites.steps import run_loop
+
     local = build(topology, index, cfg, d)
     log(local.describe())
     transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
     steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log)
-    log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows.start}.."
-        f"{local.batches.rows.stop - 1} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
+    log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows[0]}.."
+        f"{local.batches.rows[-1]} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
     steps.barrier(cfg.connect_timeout)
     log(f"site {local.site.name!r}: compiled; both replicas ready")
-    return loop(local, transport, cfg, log, steps=steps)
-
-
-class _Rows:
-    """A replica's rows of every global batch (the same seeded stream on every replica)."""
-
-    def __init__(self, batches, rows: slice):
-        self.batches, self.rows = batches, rows
-
-    def __next__(self):
-        return np.asarray(next(self.batches))[self.rows]
-
-    def get_state(self):
-        return self.batches.get_state()
-
-    def set_state(self, state):
-        self.batches.set_state(state)
+    return run_loop(local, transport, cfg, log, steps=steps)
 
 
 def build(topology, index: int, cfg, d):
@@ -81,9 +68,11 @@ def build(topology, index: int, cfg, d):
     site = topology.sites[index]
     alone = dataclasses.replace(topology, name=f"{topology.name}[{site.name}]", sites=(site,), links=(), diloco=None)
     local = _prog.LocalSite.build(alone, 0, dataclasses.replace(cfg, batch_size=sizes[index]))
-    rows = slice(sum(sizes[:index]), sum(sizes[:index + 1]))
-    corpus = _data.load_data(cfg.data, max_bytes=8_000_000, model_vocab=local.model_config.vocab_size)
-    local.batches = _Rows(_data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed), rows)
+    first = sum(sizes[:index])  # the replica's rows of every global batch, as the in-process DilocoTrainer's
+    corpus, _ = _data.load_split(cfg.data, hold_out=cfg.eval_every > 0, max_bytes=8_000_000,
+                                 model_vocab=local.model_config.vocab_size)
+    local.batches = _data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  rows=[first + r for r in local.rows])
     return local
 
 
@@ -113,6 +102,14 @@ class ReplicaSteps:
 
     def next_batch(self):
         return self.local.next_batch()
+
+    def evaluate(self) -> float | None:
+        """Replica 0's held-out loss of the global params (both replicas hold the same ones), as the in-process
+        `DilocoTrainer.evaluate`; None on replica 1."""
+        if self.me != 0:
+            return None
+        return evaluate_global(self.local, self.outer.global_params,
+                               lambda local: [local.evaluate(self.transport)])
 
     def run(self, batch, step: int) -> dict:
         t, outer = self.transport, self.outer

@@ -202,7 +202,8 @@ def _cmd_launch(args) -> int:
                         ("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
                         ("--seed", args.seed), ("--data", args.data), ("--out", args.out),
                         ("--partition", args.partition), ("--checkpoint-dir", args.checkpoint_dir),
-                        ("--save-every", args.save_every), ("--keep", args.keep), ("--resume", args.resume)):
+                        ("--save-every", args.save_every), ("--keep", args.keep), ("--resume", args.resume),
+                        ("--eval-every", args.eval_every), ("--eval-batches", args.eval_batches)):
         if value is not None:
             site_args += [flag, ",".join(map(str, value)) if flag == "--partition" else str(value)]
     site_args += ["--sync-sends"] if args.sync_sends else []

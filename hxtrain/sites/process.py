@@ -76,6 +76,8 @@ class SiteConfig:
     sites: tuple[str, ...] = ()  # run the topology restricted to these sites (an elastic re-plan); () = all
     stop_at: int | None = None  # end after this step; the learning-rate schedule still spans `steps`
     continue_step: int | None = None  # restore this step of checkpoint_dir, whichever topology saved it
+    eval_every: int = 0  # the held-out loss every N steps and at the end (0: none; the run trains on all the data)
+    eval_batches: int = 4  # batches of held-out documents per evaluation (with eval_every)
 
 
 class SiteError(RuntimeError):
@@ -301,6 +303,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             f"{cfg.coordinator}")
 
     from hxtrain.sites import program as _prog  # imports JAX: after the device count is set
+    from hxtrain.sites.steps import run_loop
 
     # Link first, so that a wrong secret, a version mismatch or a missing peer shows in seconds, before the model
     # is built. The frame bound is provisional until the model's width is known; tightening it later can only
@@ -312,7 +315,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             how = "mutual TLS 1.3" if tls is not None else "plaintext"
             log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())} ({how})")
         if diloco is not None:
-            return _replica.run(topo, index, cfg, diloco, endpoints, log, loop=_loop)
+            return _replica.run(topo, index, cfg, diloco, endpoints, log)
         local = _prog.LocalSite.build(topo, index, cfg)
         log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
         log(local.describe())
@@ -337,64 +340,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             start = ckpt.resume(transport, newest) if cfg.continue_step is None else \
                 ckpt.continue_from(cfg.continue_step)
             transport.barrier(cfg.connect_timeout)  # restoring may take longer than the link timeout
-        return _loop(local, transport, cfg, log, start, ckpt)
+        return run_loop(local, transport, cfg, log, start, ckpt)
     finally:
         for ep in endpoints.values():
             ep.close()
-
-
-def _loop(local, transport, cfg: SiteConfig, log, start: int = 0, ckpt=None, steps=None) -> list[dict]:
-    """Steps start+1 .. cfg.steps through the one training loop; `ckpt` (SiteCheckpoints or None) saves the due
-    ones and the last. The site's leader writes metrics-<site>.jsonl and TensorBoard events under tb/<site>."""
-    from hxtrain.training.metrics import MetricsWriter
-    from hxtrain.training.loop import run_steps
-
-    name = local.site.name
-    metrics = None
-    if cfg.out and cfg.process_id == 0:  # one metrics file per site, by its leader
-        metrics = MetricsWriter(cfg.out, jsonl=f"metrics-{name}.jsonl", tensorboard_dir=f"tb/{name}")
-
-    def report(row):
-        loss_txt = "" if row["loss"] is None else f" loss {row['loss']:.6f}"
-        sent = " ".join(f"{k} {v} B" for k, v in row["bytes_per_link"].items())
-        log(f"step {row['step']}{loss_txt} grad_norm {row['grad_norm']:.4f} step_s {row['step_s']:.3f} "
-            f"sent {sent or '-'} control {row['control_bytes']} B")
-
-    last = cfg.steps if cfg.stop_at is None else cfg.stop_at
-    return run_steps(steps or _SiteSteps(local, transport), first=start + 1, last=last, metrics=metrics,
-                     saver=None if ckpt is None else _SiteSaver(ckpt, local), report=report, where=f"site {name!r}: ")
-
-
-class _SiteSteps:
-    """`training.loop.Steps` of a site process: its share of each step over the network transport."""
-
-    def __init__(self, local, transport):
-        self.local, self.transport = local, transport
-        self.tokens_per_step = local.batch_size * local.seq
-        self.learning_rate = local.optimizer.learning_rate
-
-    def next_batch(self):
-        return self.local.next_batch()
-
-    def run(self, batch, step: int) -> dict:
-        t = self.transport
-        t.reset_stats()
-        t.step = step
-        loss, norm = self.local.train_step(batch, t)
-        return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "bytes_per_link": t.bytes_per_link(),
-                "payload_bytes_per_link": t.payload_bytes_per_link(), "control_bytes": t.control_bytes}
-
-
-class _SiteSaver:
-    """`training.loop.Saver` of a site's checkpoints. After a failure a site of several processes does not seal:
-    sealing waits for every process of the site, and one may be gone."""
-
-    def __init__(self, ckpt, local):
-        self.ckpt, self.local = ckpt, local
-
-    def save(self, step: int, *, force: bool = False):
-        return self.ckpt.save(step, force=force)
-
-    def close(self, *, failed: bool) -> None:
-        if not failed or self.local.processes == 1:
-            self.ckpt.close()

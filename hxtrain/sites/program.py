@@ -30,6 +30,7 @@ from hxtrain.engine import executor as _executor
 from hxtrain.core import parts as _parts
 from hxtrain.core import placement as _placement
 from hxtrain.schedules import tables as _schedules
+from hxtrain.schedules.forward import ForwardOnly
 from hxtrain.network import group as _group
 from hxtrain.core import programs as _stage
 from hxtrain.core import stages as _stages
@@ -51,6 +52,18 @@ def site_mesh(site) -> Mesh:
 
 def _device_put_tree(tree, shardings):
     return jax.device_put(tree, shardings)
+
+
+def rows_read(mesh: Mesh, stages: dict, microbatches: int, batch_size: int) -> tuple[int, ...]:
+    """The rows of each batch [B, T+1] that this process places on its devices: those of its own shards of the
+    token batch [M, mb, T+1] laid out P(None, 'data') (all of them unless the site spans several processes), or
+    none when no stage here embeds or takes the loss."""
+    if not any(s.role.first or s.role.last for s in stages.values()):
+        return ()
+    mb = batch_size // microbatches
+    shards = NamedSharding(mesh, P(None, _placement.DATA)).addressable_devices_indices_map((microbatches, mb, 1))
+    return tuple(sorted({m * mb + j for index in shards.values()
+                         for m in range(microbatches)[index[0]] for j in range(mb)[index[1]]}))
 
 
 class _NetOptimizer(SiteOptimizer):
@@ -93,6 +106,9 @@ class LocalSite:
     schedule_name: str = ""
     model_name: str = ""
     model_config: Any = None
+    rows: tuple = ()  # the rows of each batch this process reads: its own devices' shards (none: no stage needs them)
+    eval_set: tuple = ()  # the fixed held-out batches of every evaluation, int32 [B, T+1] each (none: no eval)
+    eval_order: tuple = ()  # this site's tasks of the forward-only table
     _zeros: dict | None = None  # the last step's accumulators, zeroed, for the next one
 
     @property
@@ -120,13 +136,18 @@ class LocalSite:
         _stages.check_batch(B, M, topology.sites, field="--batch-size")
         width = int(_stages.embed_output(parts, seq).shape[-1])
         opt = OptimizerConfig.for_steps(cfg.steps, cfg.learning_rate)  # as `hxtrain train` derives it
-        corpus = _data.load_data(cfg.data, max_bytes=8_000_000,  # the Trainer's default corpus cap
-                                 model_vocab=model.cfg.vocab_size)
-        batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed)
+        corpus, held_out = _data.load_split(cfg.data, hold_out=cfg.eval_every > 0, max_bytes=8_000_000,
+                                            model_vocab=model.cfg.vocab_size)  # the Trainer's corpus cap
+        rows = rows_read(mesh, stages, M, B)
+        batches = _data.batches(corpus, seq=seq, batch_size=B, seed=cfg.seed, rows=rows)
         order = schedule.site_orders(n_sites, M)[index]
+        eval_set = () if held_out is None else \
+            tuple(_data.eval_batches(held_out, seq=seq, batch_size=B, count=cfg.eval_batches))
+        eval_order = ForwardOnly(virtual=getattr(schedule, "virtual", 1)).site_orders(n_sites, M)[index]
         return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches,
                    put=put, put_tree=put_tree, ranges=tuple(ranges), seed=cfg.seed, schedule_name=schedule.name,
-                   model_name=type(model).__name__, model_config=model.cfg)
+                   model_name=type(model).__name__, model_config=model.cfg, rows=rows, eval_set=eval_set,
+                   eval_order=eval_order if eval_set else ())
 
     def describe(self) -> str:
         dev = self.mesh.devices.flat[0]
@@ -138,7 +159,7 @@ class LocalSite:
         return (f"site {self.site.name!r}: {self.site.backend} {dev.device_kind} x {self.mesh.devices.size} "
                 f"(data {self.site.data} x tensor {self.site.tensor}{procs}), pid {__import__('os').getpid()}; "
                 f"dtype policy: params {policy.param_dtype}, compute {policy.compute_dtype}, "
-                f"wire {policy.wire_dtype}; runs {stages}")
+                f"wire {policy.wire_dtype}; runs {stages}; reads {len(self.rows)} of {self.batch_size} rows per step")
 
     def describe_client(self) -> str:
         """The PJRT client the site's devices belong to, e.g. 'platform cpu, version PJRT C API, 4 x cpu'."""
@@ -216,14 +237,17 @@ class LocalSite:
                     batch = np.zeros((self.microbatches, mb, self.seq + 1), np.int32)
                     _stage.microbatches(s.role, put(batch, s, P(None, _placement.DATA)))
                 gacc = _stage.zeros_accumulator(s.params, s.shardings, s.data)
+                one = put(np.float32(1.0), s, P())
                 if s.role.first and s.role.last:  # the whole model on this site: the step's one fused program
                     whole = np.zeros((self.microbatches, mb, self.seq + 1), np.int32)
                     batch = put(whole, s, P(None, _placement.DATA))
-                    lacc = put(np.zeros((s.data,), np.float32), s)
-                    gacc, _ = _stage.whole_step(s.role, params, batch, gacc, lacc, put(np.float32(1.0), s, P()))
+                    gacc, _ = _stage.whole_step(s.role, params, batch, gacc, self._lacc(s), one)
+                    if self.eval_set:
+                        _stage.whole_loss(s.role, params, batch, self._lacc(s), one)
                 elif s.role.last:
-                    lacc = put(np.zeros((s.data,), np.float32), s)
-                    _, gacc, _ = _stage.last_step(s.role, params, x, put(toks, s), gacc, lacc, put(np.float32(1.0), s, P()))
+                    _, gacc, _ = _stage.last_step(s.role, params, x, put(toks, s), gacc, self._lacc(s), one)
+                    if self.eval_set:
+                        _stage.last_loss(s.role, params, x, put(toks, s), self._lacc(s), one)
                 else:
                     _stage.forward(s.role, params, x)
                     _, gacc = _stage.backward(s.role, params, x, put(dy, s), gacc)
@@ -235,17 +259,38 @@ class LocalSite:
         if isinstance(opt.transport, _group.GroupTransport):
             opt.transport.warm_up(("act", 0, 0))
 
+    def _lacc(self, s):
+        return self.put(np.zeros((s.data,), np.float32), s)
+
+    def evaluate(self, transport) -> float | None:
+        """The held-out loss, the mean over `eval_set` of each batch's loss through the forward-only table (every
+        site takes part); None on a site without the last stage, which has no loss to give."""
+        losses = []
+        for batch in self.eval_set:
+            tokens = batch.reshape(self.microbatches, self.batch_size // self.microbatches, batch.shape[-1])
+            out = run_step(self.stages, self.eval_order, tokens, transport, n_sites=self.topology.n_sites,
+                           n_stages=self.n_stages, last_data=self._last_data(), put=self.put, forward_only=True)
+            loss = _executor.finish_eval(list(self.stages.values()), out)
+            if loss is not None:
+                losses.append(float(loss))
+        return float(np.mean(losses)) if losses else None
+
+    def _last_data(self) -> int:
+        return self.topology.sites[(self.n_stages - 1) % self.topology.n_sites].data
+
     def next_batch(self) -> np.ndarray:
-        """int32 [M, mb, T+1]: the same batch on every site (same seed), as `Pipeline` splits it."""
-        tokens = np.asarray(next(self.batches)).astype(np.int32)
-        return tokens.reshape(self.microbatches, self.batch_size // self.microbatches, tokens.shape[-1])
+        """int32 [M, mb, T+1]: the step's batch as `Pipeline` splits it (the same seeded stream on every site),
+        with only this process's `rows` read; the others stay -1 (`put` never places them on this process)."""
+        tokens = np.full((self.batch_size, self.seq + 1), -1, np.int32)
+        tokens[list(self.rows)] = next(self.batches)
+        return tokens.reshape(self.microbatches, self.batch_size // self.microbatches, self.seq + 1)
 
     def train_step(self, tokens: np.ndarray, transport: NetTransport):
         """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm)."""
         n_sites = self.topology.n_sites
         zeros, self._zeros = self._zeros, None  # donated by the step: gone if it fails
         out = run_step(self.stages, self.order, tokens, transport, n_sites=n_sites, n_stages=self.n_stages,
-                       last_data=self.topology.sites[(self.n_stages - 1) % n_sites].data, put=self.put, zeros=zeros)
+                       last_data=self._last_data(), put=self.put, zeros=zeros)
         stages = list(self.stages.values())
         loss, grads, sqs, self._zeros = _executor.finish_step(stages, out)
         params, norm = self.optimizer.step(stages, grads, sqs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 
 import jax
 import numpy as np
@@ -74,6 +75,19 @@ class Replica:
         pipe.set_params(_logical.to_stages(pipe, nested(params), [s.params for s in pipe.stages]))
 
 
+def evaluate_global(pipeline, global_params: dict, losses) -> float:
+    """The mean of `losses(pipeline)` (device scalars) with the replica's `pipeline` (a `Pipeline` or a site's
+    `LocalSite`) holding the global params for the while; its own params are put back, also on failure."""
+    stages = pipeline.stages if isinstance(pipeline.stages, list) else list(pipeline.stages.values())
+    view = types.SimpleNamespace(stages=stages, ranges=[pipeline.ranges[s.index] for s in stages])
+    kept = [s.params for s in stages]
+    pipeline.set_params(_logical.to_stages(view, nested(global_params), kept))
+    try:
+        return float(np.mean([float(x) for x in losses(pipeline)]))
+    finally:
+        pipeline.set_params(kept)
+
+
 class DilocoTrainer:
     """DiLoCo over the replicas of a topology, every replica pipelined over its own sites, all in this process."""
 
@@ -81,11 +95,13 @@ class DilocoTrainer:
                  schedule="1f1b", microbatches: int = 8, partition=None, batch_size: int = 32,
                  seq: int | None = None, optimizer: OptimizerConfig | None = None, data=None, seed: int = 0,
                  max_corpus_bytes: int | None = 8_000_000, out=None, save_every: int = 0, keep: int = 3,
-                 resume: str = "auto"):
+                 resume: str = "auto", eval_batches: int = 0):
         """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/): with it, the global and every
         replica's state are saved every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and
         `resume` ("never", "auto", "must") restores the newest step every folder sealed
-        (`hxtrain.training.diloco_checkpoint`; `self.resumed_from` = its step or None)."""
+        (`hxtrain.training.diloco_checkpoint`; `self.resumed_from` = its step or None). `eval_batches` >= 1 holds
+        documents out, as `Trainer` does, and `evaluate` takes the global params' loss on that many fixed batches
+        of replica 0's size."""
         topo = topology if isinstance(topology, Topology) else load_topology(topology)
         self.diloco = cfg = diloco or topo.diloco or Diloco()
         from hxtrain.config.checks import check_diloco
@@ -114,7 +130,10 @@ class DilocoTrainer:
         self.tokens = [0] * len(self.replicas)  # tokens each replica processed, in all
         self.step = 0
         vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)  # prepared tokens must fit the model
-        self.corpus = _data.load_data(data, max_bytes=max_corpus_bytes, model_vocab=vocab)
+        self.corpus, held_out = _data.load_split(data, hold_out=eval_batches > 0, max_bytes=max_corpus_bytes,
+                                                 model_vocab=vocab)
+        self.eval_set = [] if held_out is None else _data.eval_batches(
+            held_out, seq=self.seq, batch_size=sizes[0], count=eval_batches)
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
         self.checkpoints, self.resumed_from = None, None
         if out is not None:
@@ -175,6 +194,14 @@ class DilocoTrainer:
                 rep.set_params(mine)
         return sent
 
+    def evaluate(self) -> float:
+        """The held-out loss of the global params (what an export of the run holds), through replica 0's
+        pipeline forward only; the replica's own params are back in place afterwards."""
+        if not self.eval_set:
+            raise ValueError("eval_every: this DilocoTrainer holds no data out; build it with eval_batches >= 1")
+        return evaluate_global(self.replicas[0].pipeline, self.global_params,
+                               lambda pipe: [pipe.eval_loss(b) for b in self.eval_set])
+
     @property
     def global_params(self) -> dict[str, np.ndarray]:
         return self.outer.global_params
@@ -185,15 +212,21 @@ class DilocoTrainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
-    def fit(self, steps: int, *, out=None, progress: bool = True, log_every: int = 1) -> list[dict]:
+    def fit(self, steps: int, *, out=None, progress: bool = True, log_every: int = 1,
+            eval_every: int = 0) -> list[dict]:
         """Train `steps` inner steps through the one training loop (metrics JSONL + TensorBoard, progress, the NaN
-        stop); rows carry outer_step, sync_bytes and replica_tokens besides the usual fields."""
+        stop); rows carry outer_step, sync_bytes and replica_tokens besides the usual fields. `eval_every` N >= 1:
+        the global params' held-out loss (`evaluate`) after every N-th step and the last, as "eval_loss"."""
         from hxtrain.training.loop import fit_steps
 
+        if eval_every and not self.eval_set:
+            raise ValueError("eval_every: this DilocoTrainer holds no data out; build it with eval_batches >= 1 "
+                             "(hxtrain train --eval-batches)")
         return fit_steps(_DilocoSteps(self), first=self.step + 1, count=steps,
                          out=out if out is not None else self.out, progress=progress, log_every=log_every,
                          saver=None if self.checkpoints is None else _DilocoSaver(self.checkpoints),
-                         postfix=lambda row: {"outer": row["outer_step"]})
+                         postfix=lambda row: {"outer": row["outer_step"]}, evaluate=self.evaluate,
+                         eval_every=eval_every)
 
     def describe(self) -> str:
         cfg = self.diloco

@@ -69,7 +69,7 @@ def resolve_diloco(topology, config):
 
     get = lambda f: getattr(config, f, None)  # noqa: E731 (RunConfig and the site's SiteConfig)
     for what, bad in (("--executor spmd", get("executor") not in (None, "mpmd")), ("--init-from", get("init_from")),
-                      ("--timeline", get("timeline")), ("--plan", get("plan")), ("--eval-every", get("eval_every")),
+                      ("--timeline", get("timeline")), ("--plan", get("plan")),
                       ("--checkpoint-dir (checkpoints of diloco site processes)", get("checkpoint_dir"))):
         if bad:
             raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet; leave it out")
@@ -99,7 +99,8 @@ def train_diloco(config, *, progress: bool = True):
                         partition=resolved.partition, batch_size=resolved.batch_size,
                         optimizer=OptimizerConfig.for_steps(resolved.steps, resolved.learning_rate),
                         data=resolved.data, seed=resolved.seed, out=resolved.out, save_every=resolved.save_every,
-                        keep=resolved.keep, resume=resolved.resume)
+                        keep=resolved.keep, resume=resolved.resume,
+                        eval_batches=resolved.eval_batches if resolved.eval_every else 0)
     print(run.describe())
     if run.resumed_from is not None:
         print(f"resuming from {resolved.out}/checkpoints at step {run.resumed_from} "
@@ -109,9 +110,11 @@ def train_diloco(config, *, progress: bool = True):
             return run, []
     if d.sync_every > resolved.steps:
         print(f"warning: --sync-every {d.sync_every} is more than --steps {resolved.steps}: the replicas never sync")
-    history = run.fit(resolved.steps - run.step, out=resolved.out, progress=progress)
+    history = run.fit(resolved.steps - run.step, out=resolved.out, progress=progress,
+                      eval_every=resolved.eval_every)
     first, last = history[0]["loss"], history[-1]["loss"]
     sent = sum(r["sync_bytes"] for r in history)
-    print(f"done: {len(history)} inner steps, {run.outer_steps} outer steps, loss {first:.4f} -> {last:.4f}, "
+    held_out = f", held-out loss {history[-1]['eval_loss']:.4f}" if "eval_loss" in history[-1] else ""
+    print(f"done: {len(history)} inner steps, {run.outer_steps} outer steps, loss {first:.4f} -> {last:.4f}{held_out}, "
           f"pseudo-gradient bytes sent {sent} ({d.codec}), tokens per replica {history[-1]['replica_tokens']}")
     return run, history

@@ -40,3 +40,8 @@ def add_run_arguments(p, *, out_help: str) -> None:
                                                               "layers, else even)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=_seed, default=0, help="seed of the model's initialisation and the data order")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="the held-out loss every N steps and at the end, through the pipeline's forward only "
+                        "(default 0: none, and every document trains; N >= 1 holds documents out)")
+    p.add_argument("--eval-batches", type=int, default=4, metavar="K",
+                   help="held-out batches per evaluation (default 4)")

@@ -51,7 +51,7 @@ def run_steps(steps: Steps, *, first: int, last: int, metrics=None, saver: Saver
     gets every `log_every`-th row; `saver` saves the due steps and always the last one; `report(row)` follows
     each step (a progress bar, a log line). A non-finite loss raises NonFiniteLoss naming the step (prefixed by
     `where`, e.g. "site 'b': "); what was saved before it is still sealed. `evaluate()` (the held-out loss) runs
-    after every `eval_every`-th step and after the last one; its value is the row's "eval_loss".
+    after every `eval_every`-th step and after the last one; its value, unless None, is the row's "eval_loss".
     """
     history: list[dict] = []
     failed = True
@@ -69,7 +69,9 @@ def run_steps(steps: Steps, *, first: int, last: int, metrics=None, saver: Saver
             row = {"step": step, **fields, "loss": loss, "grad_norm": float(fields["grad_norm"]),
                    "lr": steps.learning_rate(step - 1), "tokens_per_s": steps.tokens_per_step / dt, "step_s": dt}
             if evaluate is not None and eval_every and (step % eval_every == 0 or step == last):
-                row["eval_loss"] = float(evaluate())
+                value = evaluate()  # None on a site process without the last stage: its peers need it all the same
+                if value is not None:
+                    row["eval_loss"] = float(value)
             history.append(row)
             if metrics is not None and (step % log_every == 0 or "eval_loss" in row):
                 metrics.write(row)

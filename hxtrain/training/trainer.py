@@ -42,9 +42,8 @@ class Trainer:
             raise ValueError(f"executor: expected 'mpmd' or 'spmd', got {executor!r}")
         vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)  # before any work: tokens must fit
         # Holding data out splits the corpus by document; without it, every document trains (as it always has).
-        split = "train" if eval_batches else None
-        self.corpus = _data.load_data(data, max_bytes=max_corpus_bytes, model_vocab=vocab, split=split)
-        held_out = _data.load_data(data, max_bytes=max_corpus_bytes, split="eval") if eval_batches else None
+        self.corpus, held_out = _data.load_split(data, hold_out=eval_batches > 0, max_bytes=max_corpus_bytes,
+                                                 model_vocab=vocab)
         if executor == "spmd":  # one program over every site (same backend and shape everywhere), GPipe only
             from hxtrain.engine.spmd import SpmdPipeline
 
@@ -63,11 +62,9 @@ class Trainer:
                           else SiteOptimizer(self.optimizer_config, self.pipeline.stages))
         self.batches = _data.batches(self.corpus, seq=self.seq, batch_size=batch_size, seed=seed)
         # The same fixed batches at every evaluation, so that successive eval losses compare.
-        self.eval_set: list[np.ndarray] = []
         self.eval_corpus = held_out
-        if held_out is not None:
-            it = _data.batches(held_out, seq=self.seq, batch_size=batch_size, seed=0)
-            self.eval_set = [next(it) for _ in range(eval_batches)]
+        self.eval_set: list[np.ndarray] = [] if held_out is None else \
+            _data.eval_batches(held_out, seq=self.seq, batch_size=batch_size, count=eval_batches)
         if out is not None:  # the tokenizer travels with the run, for `tokenizer.for_run` (sampling, export)
             _data.tokenizer_of(self.corpus).save(out)
         self.step = 0
@@ -295,6 +292,11 @@ def resolve_run(topology, config, **defaults):
     from hxtrain.checkpoints.manifest import unwritable
     from hxtrain.schedules.tables import ScheduleError, get_schedule
 
+    sample = getattr(config, "sample_tokens", None)  # `hxtrain train` only
+    for flag, value, least in (("--eval-every", config.eval_every, 0), ("--eval-batches", config.eval_batches, 1),
+                               ("--sample-tokens", 0 if sample is None else sample, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{flag}: expected a whole number >= {least}, got {value!r}")
     resolved = topology.run.fill(config, **defaults)
     try:
         get_schedule(resolved.schedule)
@@ -320,10 +322,6 @@ def train(config: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[di
         from hxtrain.training.diloco_run import train_diloco
 
         return train_diloco(config, progress=progress)
-    for flag, value, least in (("--eval-every", config.eval_every, 0), ("--eval-batches", config.eval_batches, 1),
-                               ("--sample-tokens", 0 if config.sample_tokens is None else config.sample_tokens, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{flag}: expected a whole number >= {least}, got {value!r}")
     if config.plan is not None:
         config = _from_plan(config)
     topo = load_topology(config.mesh)
