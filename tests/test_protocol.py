@@ -184,8 +184,34 @@ def test_a_single_module_that_is_not_a_stack_is_refused():
         hxtrain.split_model(model)
 
 
-def test_generation_refuses_a_scanned_stack():
-    model = _ScannedMixer(toy.ToyConfig(n_layers=2), nnx.Rngs(0), layer_axis=False)
-    with pytest.raises(hxtrain.ProtocolError, match=r"_ScannedMixer\.blocks is a scanned stack \(one GatedBlock "
-                                                     r"with a leading layer axis\): generation does not take one"):
-        parts.has_generation(model, cache=False)
+def _scanned_llama(seed: int = 0):
+    """llama-tiny whose blocks are one nnx.vmap-ed stack holding the nnx.List model's params, stacked."""
+    from models import llama
+
+    listed = llama.build("llama-tiny", seed=seed)
+    cfg = listed.cfg
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stack(rngs):
+        return llama.Block(cfg, rngs)
+
+    scanned = llama.build("llama-tiny", seed=seed)
+    with nnx.use_eager_sharding(False):
+        scanned.blocks = stack(nnx.Rngs(seed))
+    state = nnx.state(scanned.blocks, nnx.Param)
+    nnx.replace_by_pure_dict(state, parts.stack([nnx.to_pure_dict(nnx.state(b, nnx.Param)) for b in listed.blocks]))
+    nnx.update(scanned.blocks, state)
+    return listed, scanned
+
+
+def test_a_scanned_stack_samples_with_its_kv_cache_as_the_listed_model_does():
+    from hxtrain.generation.forward import Stages
+
+    listed, scanned = _scanned_llama()
+    assert parts.split_model(scanned).scanned and parts.n_blocks(scanned) == listed.cfg.n_layers
+    assert parts.has_generation(scanned)  # the stack's block class has init_cache and decode
+    for stages in (Stages.local, lambda m: Stages.pipelined(m, T.uniform(2, tensor=2))):
+        want = hxtrain.generate(stages(listed), [5, 6, 7], 6, temperature=0)
+        got = hxtrain.generate(stages(scanned), [5, 6, 7], 6, temperature=0)
+        np.testing.assert_array_equal(got, want)

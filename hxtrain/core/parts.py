@@ -153,6 +153,11 @@ def _unstack(model) -> tuple[Any, list[dict], dict]:
     return block_def, blocks, block_axes
 
 
+def n_blocks(model) -> int:
+    """How many blocks `model` has: the length of its nnx.List, or the layer axis of a scanned stack."""
+    return split_model(model).n_layers if _is_stack(model.blocks) else len(model.blocks)
+
+
 def split_model(model) -> ModelParts:
     """Split a protocol-following NNX model into pure arrays. Raises ProtocolError naming what is wrong."""
     missing = [p for p in PARTS if not hasattr(model, p)]
@@ -189,11 +194,11 @@ def has_generation(model, *, cache: bool = True) -> bool:
     method otherwise. `cache=False` (sampling by recomputing the whole sequence) needs only `head.logits` and
     `cfg.seq_len` / `cfg.vocab_size`: any pipelined model whose head can return logits samples that way."""
     name = type(model).__name__
-    if _is_stack(getattr(model, "blocks", None)):
-        raise ProtocolError(f"{name}.blocks is a scanned stack (one {type(model.blocks).__name__} with a leading "
-                            "layer axis): generation does not take one yet; sample from a copy whose blocks are an "
-                            "nnx.List")
-    blocks = list(getattr(model, "blocks", None) or [])
+    if _is_stack(getattr(model, "blocks", None)):  # a scanned stack: its first block, as split_model takes it
+        block_def, stacked, _ = _unstack(model)
+        blocks = [nnx.merge(block_def, stacked[0])]
+    else:
+        blocks = list(getattr(model, "blocks", None) or [])
     needed = [("embed", getattr(model, "embed", None), "__call__", "embed(tokens, start=0) -> h [B, t, D]"),
               ("blocks[0]", blocks[0] if blocks else None, "init_cache",
                "init_cache(batch, length, dtype) -> {'k', 'v'} [B, length, H, K]"),

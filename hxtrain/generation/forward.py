@@ -150,7 +150,7 @@ class Stages:
         device = device if device is not None else jax.devices()[0]
         mesh = Mesh(np.array([device]).reshape(1, 1), (_placement.DATA, _placement.TENSOR))
         dtype = dtype_policy(capability_for(device.device_kind), compute_dtype).compute_dtype
-        return cls(model, [mesh], [(0, len(model.blocks))], cache=cache, compute_dtypes=[dtype])
+        return cls(model, [mesh], [(0, _parts.n_blocks(model))], cache=cache, compute_dtypes=[dtype])
 
     @classmethod
     def pipelined(cls, model, topology, partition=None, *, cache: bool = True,
@@ -162,7 +162,7 @@ class Stages:
         meshes = _placement.site_meshes(topology)
         sites = [s if compute_dtype is None else dataclasses.replace(s, compute_dtype=compute_dtype)
                  for s in topology.sites]
-        return cls(model, meshes, stage_ranges(topology, len(model.blocks), len(meshes), partition), cache=cache,
+        return cls(model, meshes, stage_ranges(topology, _parts.n_blocks(model), len(meshes), partition), cache=cache,
                    compute_dtypes=[_placement.site_compute_dtype(s, m) for s, m in zip(sites, meshes)])
 
     def describe(self) -> str:
