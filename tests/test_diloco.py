@@ -290,16 +290,19 @@ def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):
     mesh = tmp_path / "two.toml"
     mesh.write_text(_TWO_SITES)
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
-                          "--sync-every", "1", "--out", str(out), "--timeout", "60", "--eval-every", "2",
-                          "--eval-batches", "1"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "diloco replica 0 of 2, rows 0..5 of each batch, sync every 1 steps, codec int8" in run.stdout
-    topo = hxtrain.load_topology(mesh)
+    run = subprocess.Popen([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
+                            "--sync-every", "1", "--out", str(out), "--timeout", "60", "--eval-every", "2",
+                            "--eval-batches", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    topo = hxtrain.load_topology(mesh)  # meanwhile, the same run in this process
     ref = dl.DilocoTrainer(gpt.build(gpt.TINY, seed=0), topo, diloco=dataclasses.replace(topo.diloco, sync_every=1),
                            microbatches=2, batch_size=8, optimizer=OptimizerConfig.for_steps(3, 3e-3), eval_batches=1)
     ref_rows = ref.fit(3, progress=False, eval_every=2)
+    try:
+        stdout, _ = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout[-6000:]
+    assert "diloco replica 0 of 2, rows 0..5 of each batch, sync every 1 steps, codec int8" in stdout
     want = [r["replica_loss"] for r in ref_rows]
     for s in ("a", "b"):
         rows = [json.loads(line) for line in (out / f"metrics-{s}.jsonl").read_text().splitlines()]
@@ -327,8 +330,7 @@ def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
     mesh.write_text(_TWO_SITES)
     out = tmp_path / "out"
     run = _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco", "--elastic",
-                "--sync-every", "2", "--steps", "8", "--out", str(out), "--timeout", "5", "--grace", "5"],
-               env={"XLA_FLAGS": ""})
+                "--sync-every", "2", "--steps", "8", "--out", str(out), "--timeout", "5", "--grace", "5"])
     pid = int(run.wait_for(r"\[launch\] site 'b': pid (\d+)", 60).split("pid ")[1].split(",")[0])
     run.wait_for(r"\[a\] step 2 ", 240)
     os.kill(pid, signal.SIGKILL)

@@ -181,7 +181,7 @@ def test_sites_with_different_secrets_refuse_each_other(tmp_path):
     mesh = _topology(tmp_path)
     addr = f"a=127.0.0.1:{_free_port()},b=127.0.0.1:{_free_port()}"
     a, b = [_Run([sys.executable, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", s, "--addresses", addr,
-                  "--timeout", "10", "--insecure-plaintext"], env={"HXTRAIN_SECRET": secret, "XLA_FLAGS": ""})
+                  "--timeout", "10", "--insecure-plaintext"], env={"HXTRAIN_SECRET": secret})
             for s, secret in (("a", "secret-of-site-a-0123456789abcdefghij"), ("b", "secret-of-site-b-0123456789abcdefghij"))]
     try:
         assert a.finish(120) == 3, a.text()
