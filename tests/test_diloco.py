@@ -330,7 +330,8 @@ def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
     mesh.write_text(_TWO_SITES)
     out = tmp_path / "out"
     run = _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco", "--elastic",
-                "--sync-every", "2", "--steps", "8", "--out", str(out), "--timeout", "5", "--grace", "5"])
+                "--sync-every", "2", "--steps", "8", "--out", str(out), "--timeout", "5", "--grace", "5",
+                "--no-rejoin"])
     pid = int(run.wait_for(r"\[launch\] site 'b': pid (\d+)", 60).split("pid ")[1].split(",")[0])
     run.wait_for(r"\[a\] step 2 ", 240)
     os.kill(pid, signal.SIGKILL)
@@ -341,9 +342,51 @@ def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics-a.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["outer_step"] == 4
     assert all(np.isfinite(r["loss"]) for r in rows)
-    bad = subprocess.run([sys.executable, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", "a", "--elastic",
-                          "--insecure-plaintext"], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HXTRAIN_SECRET": "0123456789abcdef" * 2})
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-        "hxtrain site 'a': error: --elastic: a pipeline site does not re-plan by itself; `hxtrain launch --elastic` "
-        "does (a site continues on the survivors with --sites, --partition and --continue-step)")
+    digests = re.findall(r"\[a\] site 'a': global params after outer step 4: sha256 (\w+)", text)
+    assert len(digests) == 1
+    for flags, message in ((["--elastic"], "--elastic: a pipeline site does not re-plan by itself; `hxtrain launch "
+                                          "--elastic` does (a site continues on the survivors with --sites, "
+                                          "--partition and --continue-step)"),
+                           (["--strategy", "diloco", "--rejoin"], "--rejoin: only a DiLoCo replica of an elastic run "
+                            "returns by itself (--strategy diloco --elastic); a pipeline site comes back through "
+                            "`hxtrain launch --elastic`")):
+        bad = subprocess.run([sys.executable, "-m", "hxtrain", "site", "--mesh", str(mesh), "--site", "a", *flags,
+                              "--insecure-plaintext"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "HXTRAIN_SECRET": "0123456789abcdef" * 2})
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == f"hxtrain site 'a': error: {message}"
+
+
+def test_a_killed_replica_is_started_again_and_takes_the_global_params(tmp_path):
+    """`hxtrain launch --strategy diloco --elastic` (rejoin is the default): b is killed, a goes on alone, the
+    launcher starts b again with --rejoin, and at a's next sync b takes the global params and outer state; both
+    finish every step and end with bit-identical global params."""
+    import json
+    import signal
+    import sys
+
+    from tests.test_multiprocess import _Run
+
+    mesh = tmp_path / "two.toml"
+    mesh.write_text(_TWO_SITES)
+    out = tmp_path / "out"
+    steps = 600  # a alone runs ~10 ms a step here: time enough for b to start again (~4 s)
+    run = _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco", "--elastic",
+                "--sync-every", "3", "--steps", str(steps), "--out", str(out), "--timeout", "5", "--grace", "30"])
+    pid = int(run.wait_for(r"\[launch\] site 'b': pid (\d+)", 60).split("pid ")[1].split(",")[0])
+    run.wait_for(r"\[a\] step 4 ", 240)
+    os.kill(pid, signal.SIGKILL)
+    assert run.finish(300) == 0, run.text()
+    text = run.text()
+    lost = int(re.search(r"\[a\] site 'a': lost replica 'b' at step (\d+)", text)[1])
+    assert re.search(r"\[launch\] elastic: site 'b' exited with code -9; starting it again to rejoin the run", text)
+    back = int(re.search(r"\[a\] site 'a': replica 'b' rejoined at step (\d+); it holds the global params of "
+                         r"outer step (\d+)", text)[1])
+    assert lost < back < steps and back % 3 == 0, text  # at one of a's syncs
+    assert re.search(rf"\[b\] site 'b': rejoined at step {back} with the global params of outer step {back // 3}",
+                     text)
+    digests = re.findall(rf"\[(\w)\] site '\w': global params after outer step {steps // 3}: sha256 (\w+)", text)
+    assert sorted(s for s, _ in digests) == ["a", "b"] and digests[0][1] == digests[1][1], digests
+    assert "[launch] all 2 sites finished" in text
+    rows = [json.loads(line) for line in (out / "metrics-b.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-(steps - back):] == list(range(back + 1, steps + 1))  # b's steps after it
+    assert all(np.isfinite(r["loss"]) for r in rows)

@@ -115,6 +115,14 @@ class SiteOptimizer:
     def learning_rate(self, step: int) -> float:
         return float(self.config.schedule()(step))
 
+    def restart_at(self, step: int) -> None:
+        """Fresh optimizer state whose step counters (optax's `count` fields) read `step`: a replica that returns
+        mid-run has lost its moments, but its learning-rate schedule goes on from where the run is."""
+        def at(path, leaf):
+            return leaf * 0 + step if getattr(path[-1], "name", None) == "count" else leaf  # keeps its placement
+
+        self.states = [jax.tree_util.tree_map_with_path(at, s) for s in self.states]
+
 
 def clipped_update(tx, clip_norm, params, opt_state, grads, total_sq):
     """One stage's optax update with its gradients scaled by min(1, clip_norm / global norm), where `total_sq` is

@@ -70,6 +70,7 @@ class Kind(enum.IntEnum):
     ERROR = 5
     BYE = 6
     PSEUDO_GRADIENT = 7  # DiLoCo: a replica's pseudo-gradient of one parameter (stage = fragment, microbatch = key)
+    STATE = 8  # DiLoCo: the outer state a returning replica takes from the other (microbatch = which array)
 
 
 # Code 0 is reserved for opaque bytes (control messages, handshake). Codes are append-only: never renumber.

@@ -74,7 +74,8 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       tls_ca=getattr(args, "tls_ca", None), insecure_plaintext=args.insecure_plaintext,
                       strategy=args.strategy, diloco=diloco_overrides(args), elastic=args.elastic,
                       sites=() if args.sites is None else args.sites, stop_at=args.stop_at,
-                      continue_step=args.continue_step, eval_every=args.eval_every,
+                      continue_step=args.continue_step, rejoin=getattr(args, "rejoin", False),
+                      eval_every=args.eval_every,
                       eval_batches=args.eval_batches)
 
 
@@ -151,6 +152,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("site", help="run one site of a topology as this process (links over TCP)")
     add_run_arguments(p)
     p.add_argument("--site", required=True, help="the site of the topology this process runs")
+    p.add_argument("--rejoin", action="store_true",
+                   help="with --strategy diloco --elastic: return to a run under way, taking the global params "
+                        "and outer state from the other replica at its next sync")
     p.add_argument("--addresses", help="site=host:port,... where sites listen (default: the topology's address)")
     p.add_argument("--connect", help="site=host:port,... to dial instead of a site's address (a proxy or tunnel)")
     p.add_argument("--tls-cert", help="this site's certificate (PEM), naming the site; with --tls-key and --tls-ca")

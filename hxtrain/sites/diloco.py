@@ -7,12 +7,16 @@ PSEUDO_GRADIENT frame per parameter through the codec, plus the tokens each proc
 `hxtrain.training.outer.OuterSync` on the same inputs in replica order, so both hold bit-identical global params, as
 in one process (`hxtrain.training.diloco`). Every received delta is checked against the parameter's shape and dtype.
 
+Elastic (`--elastic`): a replica that loses the other goes on alone, and a `Relink` thread waits for it to come
+back; a returning replica (`--rejoin`) takes the outer state at the survivor's next sync (`ReplicaSteps.take_state`).
+
 For now: two replicas of one site each, no checkpoints (said so, naming the setting, before anything starts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 
 import jax
@@ -43,20 +47,32 @@ def check(topology, cfg, error) -> object:
     return d
 
 
-def run(topology, index: int, cfg, d, endpoints: dict, log) -> list[dict]:
-    """This site as a DiLoCo replica to the last step, through the site process's training loop."""
+def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list[dict]:
+    """This site as a DiLoCo replica to the last step, through the site process's training loop. `relink(timeout)`
+    (elastic): a new Endpoint to the other replica when it is back, else None. With `cfg.rejoin` this replica
+    returns to a run under way: it takes the outer state from the other replica and goes on from that step."""
     from hxtrain.sites.steps import run_loop
 
     local = build(topology, index, cfg, d)
     log(local.describe())
     transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
-    steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log)
+    steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log,
+                         relink=relink)
     log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows[0]}.."
         f"{local.batches.rows[-1]} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
-    steps.barrier(cfg.connect_timeout)
-    log(f"site {local.site.name!r}: compiled; both replicas ready")
-    return run_loop(local, transport, cfg, log, steps=steps)
+    start = 0
+    if cfg.rejoin:
+        start = steps.take_state(cfg.connect_timeout)
+        log(f"site {local.site.name!r}: rejoined at step {start} with the global params of outer step "
+            f"{steps.outer.outer_steps} (inner optimizer state fresh)")
+    else:
+        steps.barrier(cfg.connect_timeout)
+        log(f"site {local.site.name!r}: compiled; both replicas ready")
+    rows = run_loop(local, transport, cfg, log, start, steps=steps)
+    log(f"site {local.site.name!r}: global params after outer step {steps.outer.outer_steps}: sha256 "
+        f"{steps.outer.digest()}")
+    return rows
 
 
 def build(topology, index: int, cfg, d):
@@ -76,12 +92,59 @@ def build(topology, index: int, cfg, d):
     return local
 
 
+class Relink:
+    """While a replica is alone (elastic), a thread links to the other replica again, the way they first linked
+    (replica 0 dials, replica 1 listens at its address; mutual TLS and the run's secret as before), so that a
+    returning replica can take the outer state at the next sync (`ReplicaSteps._welcome_back`)."""
+
+    def __init__(self, topology, index: int, cfg, secret: bytes, tls, log):
+        self.topology, self.index, self.cfg, self.secret, self.tls, self.log = topology, index, cfg, secret, tls, log
+        self._ep = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self._link, name="hxtrain-diloco-relink", daemon=True).start()
+
+    def linked(self):
+        """The new Endpoint once the other replica is back (handed out once), else None."""
+        with self._lock:
+            ep, self._ep = self._ep, None
+        return ep
+
+    def _link(self) -> None:
+        from hxtrain.network.listener import Listener
+        from hxtrain.network.tcp import Endpoint
+        from hxtrain.sites.process import site_address
+
+        names = [s.name for s in self.topology.sites]
+        me, peer, cfg = names[self.index], names[1 - self.index], self.cfg
+        kw = dict(secret=self.secret, tls=self.tls, timeout=cfg.connect_timeout, max_bytes=1 << 16)
+        try:
+            listener = None if self.index == 0 else Listener(*site_address(self.topology, me, cfg.addresses))
+            while True:  # until it is back; a stranger or a timeout only starts another wait
+                try:
+                    ep = listener.accept(me, peer, **kw) if listener is not None else Endpoint.connect(
+                        me, peer, *site_address(self.topology, peer, cfg.addresses + cfg.connect), **kw)
+                    break
+                except PeerError:
+                    continue
+            if listener is not None:
+                listener.close()
+        except OSError as e:
+            self.log(f"site {me!r}: cannot wait for replica {peer!r} to come back ({e}); going on alone")
+            return
+        ep.timeout = cfg.timeout
+        with self._lock:
+            self._ep = ep
+
+
 class ReplicaSteps:
     """`training.loop.Steps` of a replica: its inner step, then the syncs due, exchanged with the other replica."""
 
-    def __init__(self, local, transport, endpoint, index: int, d, *, elastic: bool = False, log=print):
+    def __init__(self, local, transport, endpoint, index: int, d, *, elastic: bool = False, log=print,
+                 relink=None):
         self.local, self.transport, self.ep, self.me, self.d = local, transport, endpoint, index, d
-        self.elastic, self.log = elastic, log
+        self.elastic, self.log, self.relink = elastic, log, relink
         self.alone = False  # elastic: the other replica was lost, this one goes on by itself
         self.tokens_per_step = local.batch_size * local.seq
         self.learning_rate = local.optimizer.learning_rate
@@ -127,10 +190,65 @@ class ReplicaSteps:
                 outer.apply(mine, ready)
                 self.local.set_params(_logical.to_stages(self.view, nested(mine),
                                                          [s.params for s in self.view.stages]))
+        if self.alone and due and not outer.pending and self.relink is not None:
+            self._welcome_back(step)
         other = self.ep.peer
         return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "outer_step": outer.outer_steps,
                 "sync_bytes": sent, "bytes_per_link": {f"{self.local.site.name}->{other}": sent},
                 "payload_bytes_per_link": {}, "control_bytes": 0}
+
+    # ---- a replica that returns (elastic) ------------------------------------------------------------------
+
+    def _welcome_back(self, step: int) -> None:
+        """Alone after a sync with nothing in flight: if the other replica is back, hand it the outer state at
+        `step` (global params, momentum, tokens since each fragment's sync, outer steps) and wait until it is
+        ready; both then go on from step + 1 together."""
+        ep = self.relink.linked()
+        if ep is None:
+            return
+        outer = self.outer
+        ep.max_bytes = self.ep.max_bytes  # pseudo-gradients again, from the next sync on
+        for since in outer.since:  # it counts its tokens from here
+            since[1 - self.me] = 0
+        try:
+            for j, k in enumerate(outer.global_params):
+                ep.send(Kind.STATE, outer.global_params[k], step=step, microbatch=2 * j)
+                ep.send(Kind.STATE, outer.momentum[k], step=step, microbatch=2 * j + 1)
+            head = [step, outer.outer_steps, *(t for since in outer.since for t in since)]
+            ep.send(Kind.STATE, np.array(head, np.int64), step=step, microbatch=_TOKENS)
+            ep.recv(kind=Kind.STATE, microbatch=_TOKENS + 1, timeout=max(ep.timeout, 120.0))  # it compiled
+        except PeerError as e:
+            ep.close()
+            self.log(f"site {self.local.site.name!r}: replica {ep.peer!r} came back at step {step} but did not "
+                     f"take the state ({e}); still the only replica")
+            self.relink.start()
+            return
+        self.ep.close()  # the lost link
+        self.ep, self.alone = ep, False
+        self.log(f"site {self.local.site.name!r}: replica {ep.peer!r} rejoined at step {step}; it holds the "
+                 f"global params of outer step {outer.outer_steps}, and the average is over both again")
+
+    def take_state(self, timeout: float) -> int:
+        """The returning side of `_welcome_back`: this replica's params become the global ones, its optimizer
+        starts afresh at the run's step, its data goes on from there. Returns the step."""
+        outer, ep = self.outer, self.ep
+        _, head = ep.recv(kind=Kind.STATE, microbatch=_TOKENS, timeout=timeout)  # sent after the arrays
+        step, outer.outer_steps, since = int(head[0]), int(head[1]), [int(t) for t in head[2:]]
+        n = len(outer.since[0])
+        outer.since = [since[i:i + n] for i in range(0, len(since), n)]
+        for j, k in enumerate(outer.global_params):
+            for m, into in ((2 * j, outer.global_params), (2 * j + 1, outer.momentum)):
+                _, x = ep.recv(kind=Kind.STATE, step=step, microbatch=m, timeout=timeout)
+                if x.shape != into[k].shape or x.dtype != into[k].dtype:
+                    raise PeerError(f"site {ep.peer!r} sent the outer state of {k} as {x.shape} {x.dtype}, "
+                                    f"expected {into[k].shape} {into[k].dtype}")
+                into[k] = x
+        self.local.set_params(_logical.to_stages(self.view, nested(outer.global_params),
+                                                 [s.params for s in self.view.stages]))
+        self.local.optimizer.restart_at(step)
+        self.local.batches.set_state({"next_index": step})
+        ep.send(Kind.STATE, np.zeros(1, np.int64), step=step, microbatch=_TOKENS + 1)
+        return step
 
     def _exchange(self, f: int, mine: dict, step: int) -> int:
         outer = self.outer
@@ -144,6 +262,8 @@ class ReplicaSteps:
                 self.alone = True
                 self.log(f"site {self.local.site.name!r}: lost replica {self.ep.peer!r} at step {step} ({e}); "
                          "continuing as the only replica (--elastic): the average is over this replica alone")
+                if self.relink is not None:  # it may come back (`hxtrain site --rejoin`, or launch restarts it)
+                    self.relink.start()
         outer.combine(f, [my_delta], step, [outer.since[f][self.me]])
         return 0
 

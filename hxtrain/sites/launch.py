@@ -30,6 +30,7 @@ import time
 from hxtrain.sites import cli as _site_cli
 from hxtrain.sites import process as _site
 
+MAX_REJOINS = 3  # an elastic DiLoCo replica is started again at most this many times
 LOST_PEER = 3  # the exit code of `hxtrain site` when it stopped because a peer site or a process of its site was lost
 
 
@@ -82,7 +83,7 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
            addresses: dict[str, str] | None = None, prefix: dict[str, list[str]] | None = None,
            env: dict[str, str] | None = None, out=None, secret_env: str = "HXTRAIN_SECRET",
            extra: dict[str, list[str]] | None = None, plaintext: bool = False,
-           elastic: bool = False, only: tuple[str, ...] | None = None) -> list[SiteExit]:
+           elastic: bool = False, only: tuple[str, ...] | None = None, rejoin: int = 0) -> list[SiteExit]:
     """Run every site of topology `mesh` as a subprocess and wait for all of them.
 
     site_args: extra `hxtrain site` arguments (--model, --steps, ...). addresses: {site: "host:port"} overrides.
@@ -93,6 +94,8 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
     finished, the rest get `grace` seconds, then are killed.
     grace: seconds the other sites get to stop by themselves after one fails (default: timeout + 5).
     only: start these sites of the topology only (`site_args` then say `--sites` too: an elastic segment).
+    rejoin (elastic DiLoCo): a replica that failed by itself while the others run is started again with --rejoin,
+    at most `rejoin` times per site.
     A site with processes > 1 is started as that many processes around a coordinator on a free loopback port.
     Returns one SiteExit per process, the first failure first (all codes 0 when the run succeeded).
     """
@@ -120,35 +123,49 @@ def launch(mesh: str, site_args: list[str] = (), *, timeout: float = 30.0, grace
 
             tls_flags = {name: ["--tls-cert", c.cert, "--tls-key", c.key, "--tls-ca", c.ca]
                          for name, c in mint_run_certs(cert_dir, [s.name for s in topo.sites]).items()}
+        def start(s, k: int, coordinator, more=()):
+            child = dict(base)
+            if s.backend == "cpu":
+                _site.set_cpu_device_count(s.devices_per_process, child)
+            cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args), timeout)
+            cmd += ["--secret-env", secret_env, *tls_flags.get(s.name, ["--insecure-plaintext"]),
+                    *(extra or {}).get(s.name, []), *more]
+            multi = coordinator is not None
+            if multi:
+                cmd += ["--process-id", str(k), "--coordinator", coordinator]
+            proc = procs[(s.name, k if multi else None)] = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child, start_new_session=True)
+            what = f"site {s.name!r}" + (f" process {k} of {s.processes}" if multi else "")
+            role = f"listens on {addresses[s.name]}" if k == 0 else "follower"
+            role += f", coordinator {coordinator}" if multi else ""
+            with lock:
+                out.write(f"[launch] {what}: pid {proc.pid}, {role}{' (rejoins)' if more else ''}\n")
+                out.flush()
+            t = threading.Thread(target=_pump, args=(proc, f"[{s.name + (f'/{k}' if multi else '')}] ", out, lock),
+                                 daemon=True)
+            t.start()
+            pumps.append(t)
+            return proc
+
         for s in topo.sites:
             if only is not None and s.name not in only:
                 continue
-            multi = s.processes > 1
-            coordinator = f"127.0.0.1:{free_port()}" if multi else None
+            coordinator = f"127.0.0.1:{free_port()}" if s.processes > 1 else None
             for k in range(s.processes):
-                child = dict(base)
-                if s.backend == "cpu":
-                    _site.set_cpu_device_count(s.devices_per_process, child)
-                cmd = (prefix or {}).get(s.name, []) + site_command(mesh, s.name, addresses, list(site_args),
-                                                                    timeout)
-                cmd += ["--secret-env", secret_env, *tls_flags.get(s.name, ["--insecure-plaintext"]),
-                        *(extra or {}).get(s.name, [])]
-                if multi:
-                    cmd += ["--process-id", str(k), "--coordinator", coordinator]
-                key = (s.name, k if multi else None)
-                proc = procs[key] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                     text=True, env=child, start_new_session=True)
-                what = f"site {s.name!r}" + (f" process {k} of {s.processes}" if multi else "")
-                role = f"listens on {addresses[s.name]}" if k == 0 else "follower"
-                role += f", coordinator {coordinator}" if multi else ""
+                start(s, k, coordinator)
+        again = None
+        if rejoin:
+            left = {s.name: rejoin for s in topo.sites}
+
+            def again(site: str, code: int):
+                if left[site] == 0:
+                    return None
+                left[site] -= 1
                 with lock:
-                    out.write(f"[launch] {what}: pid {proc.pid}, {role}\n")
-                    out.flush()
-                label = s.name + (f"/{k}" if multi else "")
-                t = threading.Thread(target=_pump, args=(proc, f"[{label}] ", out, lock), daemon=True)
-                t.start()
-                pumps.append(t)
-        exits = _wait(procs, grace, elastic)
+                    out.write(f"[launch] elastic: site {site!r} exited with code {code}; starting it again to "
+                              "rejoin the run\n")
+                return start(topo.site(site), 0, None, ["--rejoin"])
+        exits = _wait(procs, grace, elastic, again)
     finally:
         for p in procs.values():  # nothing outlives the launcher, whatever happened
             if p.poll() is None:
@@ -167,15 +184,19 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _wait(procs: dict, grace: float, elastic: bool = False) -> list[SiteExit]:
+def _wait(procs: dict, grace: float, elastic: bool = False, again=None) -> list[SiteExit]:
     """Poll until every process exits; after the first failure (elastic: the first success), give the rest
-    `grace` s, then kill them. `procs` maps (site, process rank or None) to its Popen."""
+    `grace` s, then kill them. `procs` maps (site, process rank or None) to its Popen. `again(site, code)`: a
+    new Popen for a site that failed by itself while no other has finished (elastic rejoin), or None."""
     done: dict[tuple, SiteExit] = {}
     failed_at = None
     order = []
     while len(done) < len(procs):
-        for key, p in procs.items():
+        for key, p in list(procs.items()):
             if key not in done and p.poll() is not None:
+                if again is not None and p.returncode not in (0, LOST_PEER) and failed_at is None and \
+                        again(key[0], p.returncode) is not None:
+                    continue  # started again (it replaced itself in `procs`)
                 done[key] = SiteExit(key[0], p.returncode, process=key[1])
                 order.append(key)
                 if (p.returncode == 0 if elastic else p.returncode != 0) and failed_at is None:
@@ -219,7 +240,8 @@ def _cmd_launch(args) -> int:
             site_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag)) if flag != "sites"
                           else ",".join(args.sites)]
     exits = launch(args.mesh, site_args, timeout=args.timeout, grace=args.grace, secret_env=args.secret_env,
-                   plaintext=args.insecure_plaintext, elastic=args.elastic, only=args.sites)
+                   plaintext=args.insecure_plaintext, elastic=args.elastic, only=args.sites,
+                   rejoin=MAX_REJOINS if args.elastic and not args.no_rejoin else 0)
     failed = [e for e in exits if e.returncode != 0]
     finished = sorted({e.site for e in exits if e.returncode == 0})
     if args.elastic and failed and finished:

@@ -76,6 +76,7 @@ class SiteConfig:
     sites: tuple[str, ...] = ()  # run the topology restricted to these sites (an elastic re-plan); () = all
     stop_at: int | None = None  # end after this step; the learning-rate schedule still spans `steps`
     continue_step: int | None = None  # restore this step of checkpoint_dir, whichever topology saved it
+    rejoin: bool = False  # diloco: return to a run under way, taking the outer state from the other replica
     eval_every: int = 0  # the held-out loss every N steps and at the end (0: none; the run trains on all the data)
     eval_batches: int = 4  # batches of held-out documents per evaluation (with eval_every)
 
@@ -276,6 +277,9 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     if cfg.elastic and cfg.strategy != "diloco":
         raise SiteError("--elastic: a pipeline site does not re-plan by itself; `hxtrain launch --elastic` does "
                         "(a site continues on the survivors with --sites, --partition and --continue-step)")
+    if cfg.rejoin and not (cfg.elastic and cfg.strategy == "diloco"):
+        raise SiteError("--rejoin: only a DiLoCo replica of an elastic run returns by itself (--strategy diloco "
+                        "--elastic); a pipeline site comes back through `hxtrain launch --elastic`")
     if cfg.strategy == "diloco":
         from hxtrain.sites import diloco as _replica
 
@@ -315,7 +319,8 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             how = "mutual TLS 1.3" if tls is not None else "plaintext"
             log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())} ({how})")
         if diloco is not None:
-            return _replica.run(topo, index, cfg, diloco, endpoints, log)
+            relink = _replica.Relink(topo, index, cfg, secret, tls, log) if cfg.elastic else None
+            return _replica.run(topo, index, cfg, diloco, endpoints, log, relink)
         local = _prog.LocalSite.build(topo, index, cfg)
         log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
         log(local.describe())

@@ -10,6 +10,8 @@ inputs, it gives every replica bit-identical global params whatever device it tr
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from hxtrain.links import codecs as _codecs
@@ -73,6 +75,14 @@ class OuterSync:
         self.since = [[0] * n_replicas for _ in self.fragments]  # tokens per replica since the fragment's sync
         self.pending: list[tuple[int, dict]] = []  # (apply at step, new global params of a fragment)
         self.outer_steps = 0
+
+    def digest(self) -> str:
+        """A short hash of the global params (keys, shapes, dtypes and bytes): replicas that agree print the same."""
+        h = hashlib.sha256()
+        for k, v in self.global_params.items():
+            h.update(f"{k}:{v.shape}:{v.dtype};".encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+        return h.hexdigest()[:16]
 
     def add_tokens(self, replica: int, n: int) -> None:
         for since in self.since:
