@@ -211,6 +211,24 @@ def test_the_held_out_loss_is_the_global_params_and_leaves_replica_0_as_it_was()
         _run(uniform(2), Diloco(sync_every=2)).fit(1, progress=False, eval_every=1)
 
 
+def test_planned_shares_follow_the_tokens_per_s_the_planner_predicts_for_each_replica():
+    import math
+
+    from hxtrain.planning.planner import plan
+
+    base = uniform(2)  # s0 has two devices (data 2), s1 one: the planner expects s0 to be about twice as fast
+    topo = dataclasses.replace(base, sites=(dataclasses.replace(base.sites[0], devices=2, data=2), base.sites[1]))
+    run = _run(topo, Diloco(sync_every=2, shares="planned"), batch_size=12)
+    rates = [plan(topo.only([s.name], "replicas"), gpt.TINY, global_batch=12, time_budget_s=math.inf)
+             .predicted.tokens_per_s for s in topo.sites]
+    rows = [r.rows.stop - r.rows.start for r in run.replicas]
+    assert rows == dl.replica_batches(12, rates) == [8, 4]
+    assert re.search(r"shares planned \(s0 [\d,]+ tokens/s, s1 [\d,]+ tokens/s\)", run.describe())
+    assert np.isfinite(run.train_step(batch(12))["loss"])
+    given = _run(topo, Diloco(sync_every=2, shares=(1, 2)), batch_size=12)  # explicit shares are kept
+    assert [r.rows.stop - r.rows.start for r in given.replicas] == [4, 8] and "shares given" in given.describe()
+
+
 def test_bad_diloco_settings_are_refused_naming_the_field(tmp_path):
     topo = hxtrain.load_topology("local-4site")
     cases = [
@@ -223,6 +241,7 @@ def test_bad_diloco_settings_are_refused_naming_the_field(tmp_path):
         (Diloco(replicas=(("s0", "s1", "s2", "s3"),)), "diloco.replicas: expected at least 2 replicas"),
         (Diloco(fragments=5, sync_every=4), "diloco.fragments: expected a whole number in 1..sync_every \\(4\\)"),
         (Diloco(shares=(1, 2)), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\)"),
+        (Diloco(shares="fast"), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\) or \"planned\", got "),
         (Diloco(outer_momentum=1.0), "diloco.outer_momentum: expected a number in \\[0, 1\\)"),
     ]
     for cfg, message in cases:
@@ -245,6 +264,10 @@ def test_the_command_line_names_the_flag(capsys):
         capsys.readouterr().err
     assert cli.main(["train", "--strategy", "diloco", "--replicas", "s0+s1,s2", "--mesh", "local-4site"]) == 2
     assert "error: --replicas: the groups must cover every site exactly once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: the usage line, then the error
+        cli.main(["train", "--strategy", "diloco", "--shares", "fast"])
+    assert "argument --shares: expected one number per replica like 2,1, or planned, got 'fast'" in \
+        capsys.readouterr().err
     assert cli.main(["train", "--strategy", "diloco", "--executor", "spmd"]) == 2
     assert "error: --strategy diloco: --executor spmd is not supported with diloco yet" in capsys.readouterr().err
 
@@ -302,7 +325,7 @@ def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):
     finally:
         run.kill()
     assert run.returncode == 0, stdout[-6000:]
-    assert "diloco replica 0 of 2, rows 0..5 of each batch, sync every 1 steps, codec int8" in stdout
+    assert "diloco replica 0 of 2, rows 0..5 of each batch (shares given), sync every 1 steps, codec int8" in stdout
     want = [r["replica_loss"] for r in ref_rows]
     for s in ("a", "b"):
         rows = [json.loads(line) for line in (out / f"metrics-{s}.jsonl").read_text().splitlines()]

@@ -44,7 +44,20 @@ def check(topology, cfg, error) -> object:
     if len(groups) != 2 or any(len(g) != 1 for g in groups):
         raise error(f"--strategy diloco in site processes: two replicas of one site each for now, got "
                     f"{['+'.join(g) for g in groups]}; run it in one process (hxtrain train --strategy diloco)")
+    try:
+        _sizes(topology, d, cfg)  # before anything starts: shares that leave a replica no rows, a plan that fails
+    except ValueError as e:
+        raise error(str(e)) from None
     return d
+
+
+def _sizes(topology, d, cfg) -> tuple[list[int], str]:
+    """(rows of each replica, how its shares were chosen): the same on both replicas."""
+    from hxtrain.core import model_registry
+    from hxtrain.training.diloco import replica_batches, replica_shares
+
+    shares, how = replica_shares(topology, d, model_registry.preset(cfg.model), cfg.batch_size)
+    return replica_batches(cfg.batch_size, shares), how
 
 
 def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list[dict]:
@@ -53,13 +66,13 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
     returns to a run under way: it takes the outer state from the other replica and goes on from that step."""
     from hxtrain.sites.steps import run_loop
 
-    local = build(topology, index, cfg, d)
+    local, how = build(topology, index, cfg, d)
     log(local.describe())
     transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
     steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log,
                          relink=relink)
     log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows[0]}.."
-        f"{local.batches.rows[-1]} of each batch, sync every {d.sync_every} steps, codec {d.codec}")
+        f"{local.batches.rows[-1]} of each batch (shares {how}), sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
     start = 0
     if cfg.rejoin:
@@ -76,11 +89,11 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
 
 
 def build(topology, index: int, cfg, d):
-    """(LocalSite of this replica over a one-site topology, its rows): JAX is imported here."""
+    """(LocalSite of this replica over a one-site topology reading its rows, how the shares were chosen): JAX is
+    imported here."""
     from hxtrain.sites import program as _prog
-    from hxtrain.training.diloco import replica_batches
 
-    sizes = replica_batches(cfg.batch_size, [1, 1] if d.shares is None else d.shares)
+    sizes, how = _sizes(topology, d, cfg)
     site = topology.sites[index]
     alone = dataclasses.replace(topology, name=f"{topology.name}[{site.name}]", sites=(site,), links=(), diloco=None)
     local = _prog.LocalSite.build(alone, 0, dataclasses.replace(cfg, batch_size=sizes[index]))
@@ -89,7 +102,7 @@ def build(topology, index: int, cfg, d):
                                  model_vocab=local.model_config.vocab_size)
     local.batches = _data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed,
                                   rows=[first + r for r in local.rows])
-    return local
+    return local, how
 
 
 class Relink:

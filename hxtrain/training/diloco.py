@@ -26,6 +26,7 @@ Not yet here (said so where asked for): site processes (`hxtrain launch`), check
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 
@@ -41,6 +42,29 @@ from hxtrain.data import loader as _data
 from hxtrain.training.outer import OuterSync, flat, nested
 
 __all__ = ["DilocoTrainer", "Replica", "replica_batches"]
+
+
+def replica_shares(topology, d, model_cfg, batch_size: int) -> tuple[list[float], str]:
+    """(each replica's share of the global batch, how it was chosen): `d.shares` as given, equal when None, or,
+    for "planned", each replica's tokens/s as the planner predicts it for the whole batch on that replica's sites
+    alone (its cost model and the sites' capabilities), so that a faster replica reads more rows and the replicas
+    reach each sync together. Deterministic (no time budget): every replica process computes the same shares."""
+    groups = d.groups(topology)
+    if d.shares is None:
+        return [1.0] * len(groups), "equal"
+    if d.shares != "planned":
+        return [float(x) for x in d.shares], "given"
+    from hxtrain.planning.planner import PlanError, plan
+
+    rates = []
+    for g in groups:
+        try:
+            p = plan(topology.only(g, "replicas"), model_cfg, global_batch=batch_size, time_budget_s=math.inf)
+        except PlanError as e:
+            raise ValueError(f"--shares planned: replica {'+'.join(g)}: {e}") from None
+        rates.append(p.predicted.tokens_per_s)
+    how = ", ".join(f"{'+'.join(g)} {r:,.0f} tokens/s" for g, r in zip(groups, rates))
+    return rates, f"planned ({how})"
 
 
 def replica_batches(batch_size: int, shares) -> list[int]:
@@ -108,7 +132,8 @@ class DilocoTrainer:
 
         check_diloco(topo.source, cfg, [s.name for s in topo.sites])
         groups = cfg.groups(topo)
-        sizes = replica_batches(batch_size, [1] * len(groups) if cfg.shares is None else cfg.shares)
+        shares, self.shares_from = replica_shares(topo, cfg, model.cfg, batch_size)
+        sizes = replica_batches(batch_size, shares)
         self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
             raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")
@@ -232,7 +257,8 @@ class DilocoTrainer:
         cfg = self.diloco
         lines = [f"diloco: {len(self.replicas)} replicas, sync every {cfg.sync_every} steps, outer lr "
                  f"{cfg.outer_lr} momentum {cfg.outer_momentum} (Nesterov), {len(self.outer.fragments)} fragment(s), "
-                 f"overlap {cfg.overlap}, codec {cfg.codec}; not the same optimisation as synchronous training"]
+                 f"overlap {cfg.overlap}, codec {cfg.codec}, shares {self.shares_from}; not the same optimisation "
+                 "as synchronous training"]
         for rep in self.replicas:
             lines.append(f"  replica {rep.name}: rows {rep.rows.start}..{rep.rows.stop - 1} of each batch; "
                          + rep.pipeline.describe().replace("\n", "\n    "))

@@ -22,10 +22,13 @@ def _groups(text: str):
 def _shares(text: str):
     import argparse
 
+    if text == "planned":
+        return text
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one number per replica like 2,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected one number per replica like 2,1, or planned, got {text!r}") \
+            from None
 
 
 def add_diloco_arguments(p) -> None:
@@ -41,7 +44,8 @@ def add_diloco_arguments(p) -> None:
     p.add_argument("--overlap", type=int, help="diloco: inner steps a fragment's exchange overlaps (0)")
     p.add_argument("--mix", type=float, help="diloco: share of local params kept when a late result lands (0)")
     p.add_argument("--diloco-codec", help="diloco: pseudo-gradient codec: none, bf16, int8, fp8 (default none)")
-    p.add_argument("--shares", type=_shares, help="diloco: each replica's share of the batch, e.g. 2,1 (equal)")
+    p.add_argument("--shares", type=_shares, help="diloco: each replica's share of the batch, e.g. 2,1, or "
+                                                  "planned: in proportion to the planner's tokens/s (default equal)")
 
 
 def diloco_overrides(args) -> tuple[tuple[str, object], ...]:
