@@ -5,7 +5,8 @@ another optimisation, see benchmarks/diloco.py) on the shipped realistic topolog
 
 For every non-CPU topology in `meshes/` (and the same topology with 10x and 100x faster links, to separate what
 the links cost from what the placement costs), prints predicted tokens/s and the fraction of the ideal (the sum of
-the sites' capacities at the same efficiency) for the plan, an even split and cross-site data parallelism; then a
+what each site would do alone with the whole model at its own best configuration, memory aside: see
+`hxtrain.planning.planner`) for the plan, an even split and cross-site data parallelism; then a
 synthetic pair of sites that differ 2x in speed at three global batch sizes, and the planning wall time of the
 largest case (a synthetic 8-site, 100,000-device topology). Every figure is a *prediction* (cost model + simulator).
 """
@@ -85,7 +86,8 @@ def main() -> None:
     line, p = _row(_big(), "70b")
     print(line)
     print(f"\nplanning wall time, 8 sites / {p.topology.total_devices} devices / 70b: {time.perf_counter() - t0:.2f} s")
-    print("(* = does not fit in memory; fraction = predicted tokens/s / sum of site capacities)")
+    print("(* = does not fit in memory; fraction = predicted tokens/s / ideal: the sum of what each site would do "
+          "alone with the whole model at its own best data x tensor, memory aside)")
     print(f"link-bound (the planner warns that pipelining across the link cannot pay): {', '.join(link_bound)}")
 
 

@@ -91,8 +91,8 @@ def format_report(plan: planner.Plan, cfg=None) -> str:
         flag = "" if row.fits else "  (does not fit)"
         lines.append(f"  {row.label:<14} {row.step_s:>9.4g} {row.tokens_per_s:>10.4g} {row.fraction_of_ideal:>8.1%} "
                      f"{row.bubble:>7.1%}  {busy:<20} {mem:<18} {links}{flag}")
-    lines.append(f"  ideal (sum of site capacities at efficiency {plan.assumptions.efficiency:g}): "
-                 f"{plan.ideal_tokens_per_s:.4g} tokens/s")
+    lines.append(f"  ideal (the sum of what each site would do alone with the whole model, at its own best "
+                 f"data x tensor, memory aside): {plan.ideal_tokens_per_s:.4g} tokens/s")
     if plan.diloco is not None:
         lines.append("  (rows fastest first; diloco runs with `hxtrain train --strategy diloco`, and it is not the "
                      "same optimisation as synchronous training)")

@@ -308,12 +308,6 @@ def stage_costs(shape: ModelShape, hw: Hardware, *, microbatch: int, seq: int, d
     )
 
 
-def site_capacity_tokens_per_s(shape: ModelShape, hw: Hardware, devices: int, seq: int,
-                               efficiency: float) -> float:
-    """Tokens/s a site would train at alone, with no communication or bubble: its share of the 'ideal'."""
-    return devices * hw.peak_flops * efficiency / shape.train_flops_per_token(seq)
-
-
 def hardware_for(site, capability=None) -> Hardware:
     """What one device of `site` (a topology Site) offers; the site's own overrides win over the table.
 

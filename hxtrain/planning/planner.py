@@ -22,6 +22,12 @@ form is two files: a topology that `load_topology` reads as is (chosen data/tens
 and the plan itself (`[plan]`, `[predicted]`, ...), which names the topology file by a relative path
 (`hxtrain.planning.plan_file`).
 
+IDEAL, the yardstick of every `fraction_of_ideal`: the sum over sites of what each would do *alone* with the whole
+model at the same global batch, at its own best data x tensor, schedule and microbatches (its tensor-parallel and
+in-site gradient costs included, from the cost model or its measured profile), its memory aside (a site too small
+to hold the model still counts its compute). It leaves out only what is between sites: the pipeline bubble and the
+links. A one-site topology's ideal is its plan.
+
 Code: `problem` (inputs, options, per-site tables), `search` (steps 2-4),
 `predict` (simulating a candidate, the `Prediction` figures); this module: `plan` and `Plan`.
 """
@@ -35,7 +41,7 @@ from dataclasses import replace
 from hxtrain.planning import costmodel as cm
 from hxtrain.links.codecs import CODEC_NAMES
 from hxtrain.planning.plan_file import Plan  # re-exported: `planner.plan` returns one, callers import it from here
-from hxtrain.planning.predict import Prediction, cross_site_dp, diloco, ideal_tokens_per_s, prediction, simulated
+from hxtrain.planning.predict import Prediction, cross_site_dp, diloco, prediction, simulated
 from hxtrain.planning.problem import (DEFAULT_SCHEDULES, Cand, Ctx, PlanError, check_codecs,
                                      make_context, make_options, site_table)
 from hxtrain.planning.search import TIE, search
@@ -78,7 +84,12 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     from hxtrain.config.topology import Diloco
 
     low_comm = diloco(ctx, topology.diloco or Diloco()) if topology.n_sites > 1 else None
-    ideal = ideal_tokens_per_s(ctx)
+    ideal = planned.tokens_per_s if topology.n_sites == 1 else sum(
+        plan(topology.only([s.name], "sites"), model_cfg, global_batch=ctx.batch, seq=ctx.seq, schedules=schedules,
+             codecs=codecs, assumptions=a, profiles={s.name: pr} if pr else None, capability=capability,
+             hardware={s.name: replace(h, memory_bytes=math.inf)}, time_budget_s=time_budget_s / topology.n_sites,
+             model_name=model_name).predicted.tokens_per_s
+        for s, h, pr in zip(topology.sites, ctx.hw, ctx.profiles))  # IDEAL (module doc): each site alone
     warnings = _warnings(ctx, best, planned, dp, ideal)
     fix = lambda p: p and p.with_ideal(ideal)  # noqa: E731
     return Plan(topology=topology, model=model_name, global_batch=ctx.batch, seq=ctx.seq, predicted=fix(planned),

@@ -2,7 +2,7 @@
 
 `simulated` runs `hxtrain.schedules.simulate` on a `Cand`'s task orders with durations from the cost model; `prediction`
 turns a simulated candidate into per-site and per-link figures; `cross_site_dp` predicts the alternative of
-every site holding the whole model; `ideal_tokens_per_s` is the sum of the sites' capacities.
+every site holding the whole model.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Prediction:
     fits: bool  # False: shown for comparison, but some site runs out of memory (see notes)
     step_s: float
     tokens_per_s: float
-    fraction_of_ideal: float  # tokens_per_s / sum of the sites' capacities
+    fraction_of_ideal: float  # tokens_per_s / the plan's ideal (what the sites would do, each alone)
     bubble: float  # idle share of all sites over the step
     schedule: str
     microbatches: int
@@ -214,8 +214,3 @@ def _replicated(ctx: Ctx, label: str, *, every: int = 1, bytes_per_param: float 
                       schedule="data-parallel" if every == 1 else "diloco",
                       microbatches=1, recompute=False, sites=plans, links=links, notes=tuple(notes))
 
-
-def ideal_tokens_per_s(ctx: Ctx) -> float:
-    """Sum of the sites' capacities: tokens/s each would train at alone with no communication or bubble."""
-    return sum(cm.site_capacity_tokens_per_s(ctx.shape, h, s.devices, ctx.seq, ctx.a.efficiency)
-               for s, h in zip(ctx.topo.sites, ctx.hw))
