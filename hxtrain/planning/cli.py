@@ -51,6 +51,14 @@ def run(args, out=None) -> int:
         print(f"hxtrain plan: error: {e}", file=sys.stderr)
         return 2
     print(format_report(plan, cfg), file=out)
+    if any(ln.latency_ms > 0 for ln in topo.links) and topo.n_sites > 1:
+        plain = planner.plan(topo, cfg, global_batch=args.global_batch, seq=args.seq, model_name=args.model,
+                             exhaustive=args.exhaustive, efficiency=args.efficiency, profiles=profiles,
+                             latency_aware=False).predicted
+        p = plan.predicted
+        print(f"  latency-aware schedules (1f1b:k, more microbatches in flight per link): with them "
+              f"{p.step_s:.4g} s/step ({p.schedule}), without {plain.step_s:.4g} s/step ({plain.schedule}, "
+              f"M={plain.microbatches}): {plain.step_s / p.step_s:.3f}x", file=out)
     if profiles:
         print(f"  block times measured ({args.profile}) on sites {', '.join(profiles)}; the rest estimated",
               file=out)

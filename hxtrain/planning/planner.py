@@ -53,14 +53,15 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
          efficiency: float | None = None, assumptions: cm.Assumptions | None = None,
          profiles: dict | None = None, hardware: dict | None = None, exhaustive: bool = False,
          time_budget_s: float = 1.0, model_name: str | None = None, capability=None,
-         keep_shapes: bool = False) -> Plan:
+         keep_shapes: bool = False, latency_aware: bool = True) -> Plan:
     """Plan a run of `model_cfg` (GPTConfig-like) on `topology` (a hxtrain.config.topology.Topology).
 
     global_batch: sequences per step (default: the topology's run.batch_size); seq: tokens per sequence (default
     model_cfg.seq_len); microbatch_choices: microbatch counts to try (default: divisors of the batch);
     profiles: {site name: SiteProfile} measured block times; hardware: {site name: Hardware} overrides of the
     capability table; capability: device_kind -> Capability (default hxtrain.backends.capability_for);
-    keep_shapes: every site keeps its topology's data x tensor (only the partition and the rest are chosen).
+    keep_shapes: every site keeps its topology's data x tensor (only the partition and the rest are chosen);
+    latency_aware=False: the default schedule list without the latency-aware `1f1b:k` (to show what they bring).
     Raises PlanError when nothing fits or the inputs are inconsistent.
     """
     t0 = time.perf_counter()
@@ -70,7 +71,7 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     ctx = replace(make_context(topology, model_cfg, global_batch, seq, a, profiles or {}, hardware or {},
                                capability), keep_shapes=keep_shapes)
     codecs = check_codecs(codecs)
-    options = make_options(ctx, schedules, microbatch_choices)
+    options = make_options(ctx, schedules, microbatch_choices, latency_aware)
     # The budget bounds the optional refinements (hill climbing, codec relaxation), never the first answer.
     climb, relax = t0 + 0.5 * time_budget_s, t0 + 0.7 * time_budget_s
     best = search(ctx, options, codecs, exhaustive=exhaustive, climb_until=climb, relax_until=relax)

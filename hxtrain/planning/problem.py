@@ -155,7 +155,7 @@ def _shapes(ctx: Ctx, i: int, micro: int | None) -> list[tuple[int, int]]:
     return out
 
 
-def make_options(ctx: Ctx, schedules, microbatch_choices) -> list[Option]:
+def make_options(ctx: Ctx, schedules, microbatch_choices, latency_aware: bool = True) -> list[Option]:
     from hxtrain.schedules.tables import ScheduleError, get_schedule, live_activations
 
     if isinstance(schedules, str) or not schedules:
@@ -167,7 +167,7 @@ def make_options(ctx: Ctx, schedules, microbatch_choices) -> list[Option]:
             scheds.append(get_schedule(name))
         except ScheduleError as e:
             raise PlanError(f"schedules: {e}") from None
-    if tuple(schedules) == DEFAULT_SCHEDULES and any(ln.latency_ms > 0 for ln in ctx.links):
+    if latency_aware and tuple(schedules) == DEFAULT_SCHEDULES and any(ln.latency_ms > 0 for ln in ctx.links):
         # The planner's own list also tries 1F1B's latency-aware variants (more in flight per link); a list the
         # caller gives is taken as given.
         from hxtrain.schedules.tables import OneFOneB
