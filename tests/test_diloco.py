@@ -413,3 +413,24 @@ def test_a_killed_replica_is_started_again_and_takes_the_global_params(tmp_path)
     rows = [json.loads(line) for line in (out / "metrics-b.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][-(steps - back):] == list(range(back + 1, steps + 1))  # b's steps after it
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_returning_replica_restarts_its_inner_optimizer_at_the_runs_step():
+    """Its moments are gone, but optax's step counters read the run's step, so its learning rate is the run's
+    (at step 0 the warm-up's would be 0 and the first update would not move the params)."""
+    import types
+
+    from hxtrain.core.optim import SiteOptimizer
+
+    def first_update_moves(restart_at):
+        stage = types.SimpleNamespace(params={"w": jnp.ones((2, 2))})
+        opt = SiteOptimizer(OptimizerConfig(warmup_steps=10, total_steps=100), [stage])
+        if restart_at is not None:
+            opt.restart_at(restart_at)
+            counts = [int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(opt.states[0])
+                      if jax.tree_util.keystr(path).endswith("count")]
+            assert counts and set(counts) == {restart_at}
+        new, _ = opt.apply({"w": jnp.ones((2, 2))}, opt.states[0], {"w": jnp.full((2, 2), 0.5)}, jnp.float32(1.0))
+        return not np.array_equal(np.asarray(new["w"]), np.ones((2, 2)))
+
+    assert not first_update_moves(None) and first_update_moves(37)
