@@ -79,7 +79,7 @@ def _sh(*cmd):
         raise OSError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
 
 
-def netns_up() -> None:
+def netns_up(delay: float = DELAY_S) -> None:
     """Two namespaces joined by a veth pair, netem on both ends; OSError saying which step failed."""
     netns_down()
     for ns in NS:
@@ -91,7 +91,7 @@ def netns_up() -> None:
         _sh("ip", "-n", ns, "link", "set", dev, "up")
         _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay",
-            f"{DELAY_S * 1e3:g}ms", "rate", f"{RATE_BPS / 1e9:g}gbit")
+            f"{delay * 1e3:g}ms", "rate", f"{RATE_BPS / 1e9:g}gbit")
 
 
 def netns_down() -> None:
@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--codecs", default="none,bf16,int8")
     p.add_argument("--schedules", default="1f1b,1f1b:2",
                    help="schedules to run (default 1F1B and the latency-aware 1f1b:2, two more microbatches in flight)")
+    p.add_argument("--delay-ms", type=float, default=DELAY_S * 1e3, help="the WAN's one-way latency (default 10)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--overlap-ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: loopback runs with overlapped vs synchronous sends, ROUNDS of each, alternating")
@@ -194,12 +195,12 @@ def main(argv=None) -> int:
 
     wan, why = "netem", ""
     try:
-        netns_up()
+        netns_up(args.delay_ms / 1e3)
     except OSError as e:
         netns_down()
         wan, why = "relay", str(e)
         print(f"tc netem WAN skipped: {why}\n-> using a user-space relay on loopback "
-              f"({DELAY_S * 1e3:g} ms one way, {RATE_BPS / 1e9:g} Gbit/s) instead", flush=True)
+              f"({args.delay_ms:g} ms one way, {RATE_BPS / 1e9:g} Gbit/s) instead", flush=True)
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
                                     prefix={n: ["ip", "netns", "exec", ns] for n, ns in zip("ab", NS)})
                     else:
                         b_port = free_port()
-                        relay = Relay(("127.0.0.1", b_port))
+                        relay = Relay(("127.0.0.1", b_port), delay=args.delay_ms / 1e3)
                         try:
                             wide = _run(mesh, args, tmp / f"{name}-wan", schedule=schedule,
                                         addresses={"b": f"127.0.0.1:{b_port}"},
@@ -276,7 +277,7 @@ def overlap_ab(args) -> int:
 def _print(results, args, wan):
     mb = args.batch_size // args.microbatches
     print(f"\nmodel {args.model}, batch {args.batch_size} = {args.microbatches} x {mb}, 2 sites x 1 CPU "
-          f"device, {args.steps} steps; WAN = {wan} ({DELAY_S * 1e3:g} ms, {RATE_BPS / 1e9:g} Gbit/s)")
+          f"device, {args.steps} steps; WAN = {wan} ({args.delay_ms:g} ms, {RATE_BPS / 1e9:g} Gbit/s)")
     base = next((r for r in results if r["codec"] == "none"), results[0])
     head = ("schedule", "codec", "a->b B/step", "b->a B/step", "payload vs none", "loopback ms/step", "WAN ms/step",
             "WAN/loop")

@@ -145,3 +145,27 @@ def test_byte_counts_after_flush_equal_the_synchronous_mode():
     for mb, x in enumerate(xs):
         ip.send(jax.device_put(x, jax.devices()[0]), 0, 1, ("act", 1, mb))
     assert ip.bytes_per_link() == {"0->1": counts[True][0][1]["a->b"]} and ip.total_bytes() == 4 * (n + 64)
+
+
+def test_norm_partial_sums_travel_the_way_the_backward_runs():
+    """The last site sends its squared norms before it receives anything (its backward ends first), so the first
+    site, whose backward ends the step, has the total as soon as it adds its own: it sends only the total, up."""
+    import threading
+
+    with _linked() as (ta, tb, ea, eb):
+        out = {}
+        th = threading.Thread(target=lambda: out.setdefault("b", tb.exchange_norms({1: 2.5}, 2)))
+        th.start()
+        # b's partial vector arrives at a with nothing sent by a yet
+        _, partial = ea.recv(kind=Kind.CONTROL, step=0, microbatch=0, timeout=TIMEOUT)
+        np.testing.assert_array_equal(partial, [0.0, 2.5])
+        assert th.is_alive()  # b now waits for the total
+        ea.send(Kind.CONTROL, np.array([1.5, 2.5], np.float32), step=0, microbatch=1)
+        th.join(TIMEOUT)
+        np.testing.assert_array_equal(out["b"], [1.5, 2.5])
+        # and the first site completes the exchange from the partial alone, sending the total back up
+        th = threading.Thread(target=lambda: out.update(b2=tb.exchange_norms({1: 4.0}, 2)))
+        th.start()
+        np.testing.assert_array_equal(ta.exchange_norms({0: 3.0}, 2), [3.0, 4.0])
+        th.join(TIMEOUT)
+        np.testing.assert_array_equal(out["b2"], [3.0, 4.0])

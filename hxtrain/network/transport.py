@@ -48,7 +48,9 @@ from hxtrain.engine.transport import LinkStats, data_total, per_link
 from hxtrain.links.wire import Kind
 
 _KINDS = {"act": Kind.ACTIVATION, "cot": Kind.COTANGENT}
-_UP, _DOWN = 0, 1  # `microbatch` field of CONTROL frames: partial sums go up the chain, the total comes down
+# `microbatch` field of CONTROL frames: partial sums go down the chain (from the last site, the way the backward pass
+# runs), the total comes back up
+_PARTIAL, _TOTAL = 0, 1
 
 
 SEND_DEPTH = 4  # pending sends per link (queued or being staged): bounds the device memory held by sends in flight
@@ -261,23 +263,32 @@ class NetTransport:
     def exchange_norms(self, local: dict[int, float], n_stages: int) -> np.ndarray:
         """Every stage's squared gradient norm, float32 [n_stages], on every site.
 
-        Along the chain of sites: each adds its own stages' values to the vector from its predecessor and passes
-        it on; the last site sends the complete vector back down. 2 (n_sites - 1) CONTROL frames per step, counted
-        in `control_bytes`. Each site then sums the vector in stage order, as the in-process optimizer does.
-        Pending sends are flushed first, so every data frame of the step precedes the CONTROL frames on its link.
+        Along the chain of sites, in the direction the backward pass runs: the last site, whose backward ends
+        first, sends its values to its predecessor; each site adds its own stages' values to what its successor
+        sent and passes the vector on; the first site, whose backward ends the step, completes it and sends the
+        total back up the chain. So the partial sums travel right behind each site's last cotangent, and the first
+        site has the total as soon as its own last backward is done: the step's critical path (the first site's
+        last backward, its update, the next step's first forward) crosses no link for the norm. The total reaches
+        site i after i one-way crossings, ahead of the next step's first activation, which makes the same
+        crossings after a forward on every site before it. (The chain ran the other way until December 2026: the
+        first site then waited a round trip to the last site at the end of every step, `benchmarks/README.md`.)
+
+        2 (n_sites - 1) CONTROL frames per step, counted in `control_bytes`. Each site then sums the vector in
+        stage order, as the in-process optimizer does. Pending sends are flushed first, so every data frame of the
+        step precedes the CONTROL frames on its link.
         """
         self.flush()
         vec = np.zeros(n_stages, np.float32)
         prev, nxt = self.site - 1, self.site + 1
-        if prev >= 0:
-            vec = np.array(self._control_recv(prev, _UP, n_stages), np.float32)
+        if nxt < self.n_sites:
+            vec = np.array(self._control_recv(nxt, _PARTIAL, n_stages), np.float32)
         for stage, value in local.items():
             vec[stage] = np.float32(value)
-        if nxt < self.n_sites:
-            self._control_send(nxt, vec, _UP)
-            vec = np.array(self._control_recv(nxt, _DOWN, n_stages), np.float32)
         if prev >= 0:
-            self._control_send(prev, vec, _DOWN)
+            self._control_send(prev, vec, _PARTIAL)
+            vec = np.array(self._control_recv(prev, _TOTAL, n_stages), np.float32)
+        if nxt < self.n_sites:
+            self._control_send(nxt, vec, _TOTAL)
         return vec
 
     def _control_send(self, peer: int, vec: np.ndarray, direction: int) -> None:
