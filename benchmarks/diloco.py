@@ -62,6 +62,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--max-bytes", type=int, default=8_000_000)
     p.add_argument("--plot", help="write the training-loss curves here (PNG)")
+    p.add_argument("--runs", default="sync,diloco,int8,streaming",
+                   help="which runs, comma-separated (sync DP is always run: it is the yardstick)")
     args = p.parse_args(argv)
     if args.steps % args.sync_every:
         p.error("--steps must be a multiple of --sync-every (the last step is then a sync)")
@@ -70,10 +72,14 @@ def main(argv=None) -> None:
     opt = OptimizerConfig.for_steps(args.steps, args.lr)
     H = args.sync_every
     outer = dict(outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
-    runs = {"sync DP": None, f"DiLoCo H={H}": Diloco(sync_every=H, **outer),
-            f"DiLoCo H={H} int8": Diloco(sync_every=H, codec="int8", **outer),
-            f"streaming H={H} F={args.fragments} int8": Diloco(sync_every=H, fragments=args.fragments,
-                                                              codec="int8", **outer)}
+    every = {"sync": ("sync DP", None), "diloco": (f"DiLoCo H={H}", Diloco(sync_every=H, **outer)),
+             "int8": (f"DiLoCo H={H} int8", Diloco(sync_every=H, codec="int8", **outer)),
+             "streaming": (f"streaming H={H} F={args.fragments} int8",
+                           Diloco(sync_every=H, fragments=args.fragments, codec="int8", **outer))}
+    wanted = {"sync", *args.runs.split(",")}
+    if wanted - set(every):
+        p.error(f"--runs: expected some of {sorted(every)}, got {args.runs!r}")
+    runs = dict(every[k] for k in every if k in wanted)
     results, curves = {}, {}
     for name, cfg in runs.items():
         model = model_registry.build(args.model, seed=0)
