@@ -22,7 +22,8 @@ from hxtrain.checkpoints import manifest, steps as ckpt_steps
 from hxtrain.sites import elastic
 from hxtrain.sites.launch import LOST_PEER, SiteExit
 from tests.helpers import rel_err
-from tests.test_multiprocess import _launch, _pid, _reference, _topology
+from tests.test_multihost_site import _topology as _multihost
+from tests.test_multiprocess import _launch, _pid, _reference
 
 STEPS = 8
 
@@ -81,11 +82,14 @@ def _elastic_run(mesh, tmp_path, kill: str, *extra):
 
 
 def test_two_sites_lose_one_go_on_alone_and_take_it_back(tmp_path):
-    mesh = _topology(tmp_path, steps=STEPS)
+    # Site a runs as 2 processes (data 2, one device each): alone, it restores b's blocks too, each process its
+    # own shards; b, back, restores its blocks from a's folder.
+    mesh = _multihost(tmp_path, steps=STEPS)
     ref = _reference(mesh, steps=STEPS)
     got = _elastic_run(mesh, tmp_path, "b")
     assert got.survivors == ["a"] and got.partition == "8"  # the whole model on a, as the planner chose
-    assert f"[a] site 'a': continued from step {got.start}, saved by sites ['a', 'b']" in got.text
+    for k in (0, 1):
+        assert f"[a/{k}] site 'a': continued from step {got.start}, saved by sites ['a', 'b']" in got.text
     back = got.start + 2  # the next checkpoint boundary
     assert f"[launch] elastic: sites ['b'] rejoin at step {back}: the run goes on on ['a', 'b']" in got.text
     assert f"[b] site 'b': continued from step {back}, saved by sites ['a']" in got.text

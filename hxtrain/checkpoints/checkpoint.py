@@ -332,20 +332,29 @@ class Checkpoints:
         return params, _logical.to_stages(pipeline, got["opt"], fresh), got["data"]
 
     def set_aside(self, steps: list[int]) -> None:
-        """Move `steps` to `<directory>/rejected/` (kept for inspection; the run may save those steps again)."""
-        if not steps:
-            return
+        """Move `steps` to `<directory>/rejected/` (kept for inspection; the run may save those steps again).
+
+        Under jax.distributed (a site of several processes) every process calls it, with the steps it listed
+        (`all_steps`) just before. They first wait for each other, so that no process lists the folder after
+        process 0 has moved steps out of it: such a process found none, skipped the barrier below and left
+        process 0 waiting in it for ever (the hang of an elastic restore on a site of two processes,
+        tests/test_checkpoint_processes.py)."""
         import jax
 
-        if jax.process_index() == 0:  # under jax.distributed, one process moves the folders for all
+        multi = jax.process_count() > 1
+        if multi:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"hxtrain: listed {self.directory}")
+        if not steps:
+            return
+        if jax.process_index() == 0:  # one process moves the folders for all
             dest = self.directory / "rejected"
             dest.mkdir(exist_ok=True)
             for s in steps:
                 target = dest / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
                 shutil.move(str(self.directory / str(s)), str(target))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
+        if multi:
             multihost_utils.sync_global_devices(f"hxtrain: set aside {self.directory} {steps}")
         self._mngr.reload()
 

@@ -19,7 +19,8 @@ the run went back to and how many steps were lost). The sites' metrics files get
 appended again: the last row of a step is the one that counted.
 
 Every site must read the whole checkpoint folder: on one machine it is one folder; across machines it must be
-storage that all sites share. Sites of several processes are refused (their restore would need every process).
+storage that all sites share. A site of several processes restores on every one of them, each process its own
+shards.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from hxtrain.sites.launch import LOST_PEER, launch
 
 # JAX's persistent cache skips programs that compiled in under a second; a restarted site has many of those
 CACHE_EVERYTHING = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-_STEP = re.compile(r"^\[([^\]/]+)\] step (\d+) ")
+_STEP = re.compile(r"^\[([^\]/]+)(?:/\d+)?\] step (\d+) ")  # [a] or [a/1]: a process of site a
 
 
 class ElasticError(RuntimeError):
@@ -87,10 +88,6 @@ def check(topology, run: Run, strategy: str) -> None:
     if not run.checkpoint_dir or not run.save_every:
         raise ElasticError("--elastic: needs --checkpoint-dir DIR and --save-every N > 0: a run goes on from the "
                            "newest step every site sealed")
-    multi = [s.name for s in topology.sites if s.processes > 1]
-    if multi:
-        raise ElasticError(f"--elastic: sites {multi} run as several processes; an elastic restore needs every "
-                           "process of a site, which is not built: use sites of one process")
 
 
 def check_segment(cfg) -> None:
