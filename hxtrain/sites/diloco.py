@@ -10,7 +10,13 @@ in one process (`hxtrain.training.diloco`). Every received delta is checked agai
 Elastic (`--elastic`): a replica that loses the other goes on alone, and a `Relink` thread waits for it to come
 back; a returning replica (`--rejoin`) takes the outer state at the survivor's next sync (`ReplicaSteps.take_state`).
 
-For now: two replicas of one site each, no checkpoints (said so, naming the setting, before anything starts).
+Checkpoints (`--checkpoint-dir DIR --save-every N`): each replica saves, under DIR/<site>, what the in-process
+DiLoCo run saves (`hxtrain.training.diloco_checkpoint`): the global params and the outer state, which both replicas
+hold bit for bit, and its own params, inner optimizer state and data position. At start-up the two replicas send
+each other the steps complete in their folders and both restore the newest one they share (`--resume`).
+
+For now: two replicas of one site each; checkpoints not with --elastic (said so, naming the setting, before
+anything starts).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -40,6 +47,9 @@ def check(topology, cfg, error) -> object:
         d = resolve_diloco(topology, cfg)
     except ValueError as e:
         raise error(str(e)) from None
+    if cfg.checkpoint_dir and cfg.elastic:
+        raise error("--strategy diloco --elastic: --checkpoint-dir is not built for elastic replicas yet (a "
+                    "survivor's steps and a returning replica's would need reconciling); leave one of them out")
     groups = d.groups(topology)
     if len(groups) != 2 or any(len(g) != 1 for g in groups):
         raise error(f"--strategy diloco in site processes: two replicas of one site each for now, got "
@@ -74,7 +84,15 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
     log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows[0]}.."
         f"{local.batches.rows[-1]} of each batch (shares {how}), sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
-    start = 0
+    start, ckpt = 0, None
+    if cfg.checkpoint_dir:
+        from hxtrain.training.diloco_checkpoint import DilocoCheckpoints
+
+        ckpt = DilocoCheckpoints(_ProcessRun(local, steps, topology, d, cfg),
+                                 Path(cfg.checkpoint_dir) / local.site.name, save_every=cfg.save_every, keep=cfg.keep)
+        if cfg.resume == "never":
+            ckpt.refuse_existing()
+        complete = ckpt.complete()  # before the barrier: verifying the sha256s may take a while
     if cfg.rejoin:
         start = steps.take_state(cfg.connect_timeout)
         log(f"site {local.site.name!r}: rejoined at step {start} with the global params of outer step "
@@ -82,7 +100,19 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
     else:
         steps.barrier(cfg.connect_timeout)
         log(f"site {local.site.name!r}: compiled; both replicas ready")
-    rows = run_loop(local, transport, cfg, log, start, steps=steps)
+    if ckpt is not None:
+        step = steps.agree_step(complete, cfg.connect_timeout)
+        if step is None and cfg.resume == "must":
+            from hxtrain.checkpoints.checkpoint import CheckpointError
+
+            raise CheckpointError(f"site {local.site.name!r}: --resume must, but no step is complete in both "
+                                  f"replicas' folders under {cfg.checkpoint_dir} (this one: {complete})")
+        if step is not None:
+            ckpt.restore(step)
+            start = step
+            log(f"site {local.site.name!r}: resumed from step {step} ({ckpt.root / str(step)}), outer step "
+                f"{steps.outer.outer_steps}")
+    rows = run_loop(local, transport, cfg, log, start, ckpt, steps=steps)
     log(f"site {local.site.name!r}: global params after outer step {steps.outer.outer_steps}: sha256 "
         f"{steps.outer.digest()}")
     return rows
@@ -103,6 +133,44 @@ def build(topology, index: int, cfg, d):
     local.batches = _data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed,
                                   rows=[first + r for r in local.rows])
     return local, how
+
+
+class _ReplicaView:
+    """This replica's stages as a pipeline for `hxtrain.checkpoints.logical` (a one-site topology: stages 0..)."""
+
+    def __init__(self, local):
+        self.local = local
+        self.schedule = types.SimpleNamespace(name=local.schedule_name)
+        self.microbatches = local.microbatches
+
+    @property
+    def stages(self) -> list:
+        return list(self.local.stages.values())
+
+    @property
+    def ranges(self) -> list:
+        return [self.local.ranges[i] for i in self.local.stages]
+
+    def set_params(self, params: list) -> None:
+        self.local.set_params(params)
+
+
+class _ProcessRun:
+    """What `DilocoCheckpoints` reads and restores of a run, as one replica process sees it: its own replica, the
+    outer state it shares with the other, its data stream."""
+
+    def __init__(self, local, steps, topology, d, cfg):
+        first = local.batches.rows[0]
+        self.replicas = [types.SimpleNamespace(name=local.site.name, pipeline=_ReplicaView(local),
+                                               optimizer=local.optimizer,
+                                               rows=slice(first, first + local.batch_size))]
+        self.diloco, self.seed, self.topology, self.batch_size = d, cfg.seed, topology, cfg.batch_size
+        self.seq, self.model_id, self.outer = local.seq, (local.model_name, local.model_config), steps.outer
+        self.batches = local.batches
+        self.step, self.tokens = 0, [0]
+
+    def restart_data(self, state: dict) -> None:
+        self.batches.set_state(state)
 
 
 class Relink:
@@ -175,6 +243,13 @@ class ReplicaSteps:
         """Both replicas compiled and ready (one frame each way)."""
         self.ep.send(Kind.PSEUDO_GRADIENT, np.zeros(1, np.int64), step=0, microbatch=_TOKENS + 1)
         self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=0, microbatch=_TOKENS + 1, timeout=timeout)
+
+    def agree_step(self, mine: list[int], timeout: float) -> int | None:
+        """The newest step complete in both replicas' checkpoint folders (each sends its list), or None."""
+        self.ep.send(Kind.PSEUDO_GRADIENT, np.array([-1, *mine], np.int64), step=0, microbatch=_TOKENS + 2)
+        _, theirs = self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=0, microbatch=_TOKENS + 2, timeout=timeout)
+        both = set(mine) & {int(s) for s in theirs[1:]}
+        return max(both) if both else None
 
     def next_batch(self):
         return self.local.next_batch()

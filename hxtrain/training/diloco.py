@@ -151,6 +151,7 @@ class DilocoTrainer:
                                          slice(start, start + b)))
             start += b
         self.topology, self.batch_size, self.seed, self.out = topo, batch_size, seed, out
+        self.model_id = (type(model).__name__, model.cfg)  # what a checkpoint's meta records
         self.outer = OuterSync(cfg, self.replicas[0].params(), len(self.replicas))  # all start from one model
         self.tokens = [0] * len(self.replicas)  # tokens each replica processed, in all
         self.step = 0

@@ -11,6 +11,16 @@
 A step is restored only when the global folder and every replica folder hold it sealed and intact; a resume takes
 the newest such step. A checkpoint of other DiLoCo settings, replicas, model, batch or seed is refused naming the
 field.
+
+The same class saves a replica that is its own site process (`hxtrain.sites.diloco`): there `run` is that process's
+view of the run (its one replica, the outer state it shares bit for bit with the other replica), the root is
+`--checkpoint-dir/<site>`, and the two processes agree on a step from their `complete()` lists before each
+`restore`s it. So `hxtrain export --checkpoint DIR/<site>` exports the global model of either replica.
+
+`run` provides: replicas (each with name, pipeline: stages, ranges, schedule.name, microbatches, set_params;
+optimizer: states, load_states; rows: a slice of the global batch), diloco, seed, topology, batch_size, seq,
+model_id ((class name, config)), outer (`OuterSync`), batches (get_state) and restart_data(state); `restore` sets
+its step and tokens.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ class DilocoCheckpoints:
                     "outer_lr": d.outer_lr, "outer_momentum": d.outer_momentum, "fragments": d.fragments,
                     "overlap": d.overlap, "mix": d.mix, "codec": d.codec,
                     "rows": [[rep.rows.start, rep.rows.stop] for rep in run.replicas]}
-        return run_meta(step, run.seed, pipe._model, pipe.ranges, run.topology, pipe.schedule.name,
+        return run_meta(step, run.seed, run.model_id, pipe.ranges, run.topology, pipe.schedule.name,
                         pipe.microbatches, run.batch_size, run.seq, _logical.shapes(pipe), diloco=settings,
                         pending=[[at, f] for at, f, _ in self._pending()])
 
@@ -74,26 +84,34 @@ class DilocoCheckpoints:
 
     # ---- resume ----------------------------------------------------------------------------------------------
 
+    def complete(self) -> list[int]:
+        """The steps sealed and intact in every folder, oldest first."""
+        return [step for step in self.glob.steps() if self._intact(step)]
+
+    def _intact(self, step: int) -> bool:
+        try:
+            return all(ck.newest_intact(step, warn=False) == step for ck in (self.glob, *self.reps))
+        except CheckpointError:
+            return False
+
     def newest(self) -> int | None:
         """The newest step sealed and intact in every folder, or None."""
-        for step in reversed(self.glob.steps()):
-            try:
-                if all(ck.newest_intact(step, warn=False) == step for ck in (self.glob, *self.reps)):
-                    return step
-            except CheckpointError:
-                continue
-        return None
+        return next((step for step in reversed(self.glob.steps()) if self._intact(step)), None)
+
+    def refuse_existing(self) -> None:
+        """resume=never: CheckpointError when the folder already holds checkpoints."""
+        found = self.glob.all_steps()
+        if found:
+            raise CheckpointError(f"resume=never but {self.root} already holds checkpoints (steps {found}); use "
+                                  "another checkpoint folder, delete them, or resume with --resume auto")
 
     def resume(self, mode: str = "auto") -> int | None:
         """Restore the newest complete step into the run (`auto`: if any; `must`: or raise; `never`: refuse a
         folder that holds one); returns the step restored or None."""
         if mode not in RESUME_MODES:
             raise ValueError(f"resume: expected one of {RESUME_MODES}, got {mode!r}")
-        found = self.glob.all_steps()
         if mode == "never":
-            if found:
-                raise CheckpointError(f"resume=never but {self.root} already holds checkpoints (steps {found}); use "
-                                      "another --out, delete them, or resume with --resume auto")
+            self.refuse_existing()
             return None
         step = self.newest()
         if step is None:
@@ -101,10 +119,15 @@ class DilocoCheckpoints:
                 raise CheckpointError(f"resume=must but {self.root} holds no step that the global folder and every "
                                       "replica folder have sealed")
             return None
-        self._restore(step)
+        self.restore(step)
         return step
 
-    def _restore(self, step: int) -> None:
+    def restore(self, step: int) -> None:
+        """Restore `step` (sealed and intact in every folder, else CheckpointError) into the run; steps after it
+        are set aside."""
+        if not self._intact(step):
+            raise CheckpointError(f"checkpoint step {step} is not sealed and intact in {self.root} and every replica "
+                                  f"folder under it (complete there: {self.complete()})")
         run, outer = self.run, self.run.outer
         saved, now = self.glob.read_meta(step), self.meta(step)
         for field in ("diloco", "model", "config", "batch_size", "seed", "seq", "schedule", "microbatches"):

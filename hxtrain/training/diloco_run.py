@@ -73,8 +73,7 @@ def resolve_diloco(topology, config):
 
     get = lambda f: getattr(config, f, None)  # noqa: E731 (RunConfig and the site's SiteConfig)
     for what, bad in (("--executor spmd", get("executor") not in (None, "mpmd")), ("--init-from", get("init_from")),
-                      ("--timeline", get("timeline")), ("--plan", get("plan")),
-                      ("--checkpoint-dir (checkpoints of diloco site processes)", get("checkpoint_dir"))):
+                      ("--timeline", get("timeline")), ("--plan", get("plan"))):
         if bad:
             raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet; leave it out")
     d = dataclasses.replace(topology.diloco or Diloco(), **dict(config.diloco))
