@@ -286,3 +286,20 @@ def test_cli_bad_topologies(tmp_path, capsys, edit, match):
 def test_cli_unknown_model(capsys):
     assert run(_args(model="9000b")) == 2
     assert "unknown model '9000b'" in capsys.readouterr().err
+
+
+def test_replicated_rows_compute_what_each_site_would_alone():
+    """Cross-site DP's and DiLoCo's replicas compute what the planner plans for each site holding the whole model
+    by itself, memory counted: the same data x tensor, and DiLoCo's tokens/s is the sum of those plans' less its
+    exchange every 500 steps. A model that fits no site alone is said not to fit."""
+    topo = load_topology("two-dc-nvidia-ascend")
+    p = P.plan(topo, PRESETS["7b"], model_name="7b")
+    alone = [P.plan(topo.only([s.name], "sites"), PRESETS["7b"], model_name="7b",
+                    global_batch=p.global_batch).predicted for s in topo.sites]
+    for row in (p.diloco, p.cross_site_dp):
+        assert [(s.data, s.tensor) for s in row.sites] == [(a.sites[0].data, a.sites[0].tensor) for a in alone]
+    total = sum(a.tokens_per_s for a in alone)
+    assert 0.99 * total < p.diloco.tokens_per_s < total
+    assert p.cross_site_dp.tokens_per_s < p.diloco.tokens_per_s
+    big = P.plan(load_topology("two-dc-nvidia-amd"), PRESETS["70b"], model_name="70b")  # pipelined, it fits
+    assert big.predicted.fits and not big.diloco.fits and "does not fit in memory" in big.diloco.notes[-1]

@@ -81,16 +81,27 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     if even_best is not None and even_best.step < best.step:  # the search's estimate missed it: never worse
         best = even_best
     planned = prediction("planned", ctx, best)
-    dp = cross_site_dp(ctx)
     from hxtrain.config.topology import Diloco
 
-    low_comm = diloco(ctx, topology.diloco or Diloco()) if topology.n_sites > 1 else None
-    ideal = planned.tokens_per_s if topology.n_sites == 1 else sum(
-        plan(topology.only([s.name], "sites"), model_cfg, global_batch=ctx.batch, seq=ctx.seq, schedules=schedules,
-             codecs=codecs, assumptions=a, profiles={s.name: pr} if pr else None, capability=capability,
-             hardware={s.name: replace(h, memory_bytes=math.inf)}, time_budget_s=time_budget_s / topology.n_sites,
-             model_name=model_name).predicted.tokens_per_s
-        for s, h, pr in zip(topology.sites, ctx.hw, ctx.profiles))  # IDEAL (module doc): each site alone
+    def alone(i: int, memory: bool) -> Prediction | None:
+        """Site i's own plan for the whole model at this batch (memory aside unless `memory`); None: no fit."""
+        s, h, pr = topology.sites[i], ctx.hw[i], ctx.profiles[i]
+        try:
+            return plan(topology.only([s.name], "sites"), model_cfg, global_batch=ctx.batch, seq=ctx.seq,
+                        schedules=schedules, codecs=codecs, assumptions=a, profiles={s.name: pr} if pr else None,
+                        capability=capability, hardware={s.name: h if memory else replace(h, memory_bytes=math.inf)},
+                        time_budget_s=time_budget_s / (2 * topology.n_sites), model_name=model_name).predicted
+        except PlanError:
+            if not memory:
+                raise
+            return None
+
+    fitting = [alone(i, True) for i in range(topology.n_sites)] if topology.n_sites > 1 else []
+    replicas = fitting if fitting and all(fitting) else None  # else the estimate that says what does not fit
+    dp = cross_site_dp(ctx, replicas)
+    low_comm = diloco(ctx, topology.diloco or Diloco(), replicas) if topology.n_sites > 1 else None
+    ideal = planned.tokens_per_s if topology.n_sites == 1 else sum(  # IDEAL (module doc): each site alone
+        alone(i, False).tokens_per_s for i in range(topology.n_sites))
     warnings = _warnings(ctx, best, planned, dp, ideal)
     fix = lambda p: p and p.with_ideal(ideal)  # noqa: E731
     return Plan(topology=topology, model=model_name, global_batch=ctx.batch, seq=ctx.seq, predicted=fix(planned),

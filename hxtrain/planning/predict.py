@@ -133,30 +133,43 @@ def prediction(label: str, ctx: Ctx, c: Cand, fits: bool = True, notes=()) -> Pr
 CODEC_BYTES = {"none": 4.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}
 
 
-def cross_site_dp(ctx: Ctx) -> Prediction | None:
+def cross_site_dp(ctx: Ctx, alone: list | None = None) -> Prediction | None:
     """Every site holds the whole model; the batch splits over sites in proportion to their speed; gradients are
     all-reduced across sites once per step (a ring: 2 (n-1)/n x params x 4 bytes each way per link), not
-    overlapped with compute."""
-    return _replicated(ctx, "cross-site DP")
+    overlapped with compute. `alone`: each site's own plan for the whole model (see `_replicated`)."""
+    return _replicated(ctx, "cross-site DP", alone=alone)
 
 
-def diloco(ctx: Ctx, d) -> Prediction | None:
+def diloco(ctx: Ctx, d, alone: list | None = None) -> Prediction | None:
     """DiLoCo with one replica per site (`d`: a `hxtrain.config.topology.Diloco`): the same per-site compute as
     cross-site DP, but the replicas exchange pseudo-gradients (through `d.codec`) once every `d.sync_every` steps;
     with fragments, each fragment's exchange may hide behind `d.overlap` inner steps. Not the same optimisation as
     synchronous training."""
     return _replicated(ctx, f"diloco H={d.sync_every}", every=d.sync_every, bytes_per_param=CODEC_BYTES[d.codec],
-                       fragments=d.fragments, overlap=d.overlap)
+                       fragments=d.fragments, overlap=d.overlap, alone=alone)
 
 
 def _replicated(ctx: Ctx, label: str, *, every: int = 1, bytes_per_param: float | None = None, fragments: int = 1,
-                overlap: int = 0) -> Prediction | None:
+                overlap: int = 0, alone: list | None = None) -> Prediction | None:
     """A replica of the whole model on every site, the batch split by speed, an exchange of `bytes_per_param`
     (default: the gradient's) per parameter over a ring every `every` steps, in `fragments` parts that each may
-    overlap `overlap` steps of compute; the exposed part is spread over the steps between exchanges."""
+    overlap `overlap` steps of compute; the exposed part is spread over the steps between exchanges.
+
+    A site's replica computes what that site would alone: `alone[i]` is the planner's own prediction for site i
+    holding the whole model at the same global batch, memory counted (its data x tensor, schedule, microbatches
+    and in-site gradient all-reduce), the plan `planner.plan` makes for every site anyway (its IDEAL is the same
+    plans with memory aside). Without it (a site the model does not fit alone, or a caller that has none) each
+    site's best data x tensor is estimated here with one sequence per device and the in-site gradient all-reduce
+    hidden behind the last two thirds of the backward."""
     sh, a, S = ctx.shape, ctx.a, ctx.S
     rates, fits, over, sites, exposed = [], True, [], [], []
     for i, s in enumerate(ctx.topo.sites):
+        if alone is not None:
+            one = alone[i].sites[0]  # the site's own plan: sequences per second at the run's global batch
+            rates.append(alone[i].tokens_per_s / ctx.seq)
+            exposed.append(0.0)  # inside its step already
+            sites.append((s, one.data, one.tensor, one.data / rates[-1], one.memory_gib * 2**30))
+            continue
         best = None
         for rec in (False, True):
             for t in range(1, min(MAX_TENSOR, s.devices) + 1):
