@@ -229,6 +229,32 @@ def test_planned_shares_follow_the_tokens_per_s_the_planner_predicts_for_each_re
     assert [r.rows.stop - r.rows.start for r in given.replicas] == [4, 8] and "shares given" in given.describe()
 
 
+def test_shares_planned_from_a_measured_profile_follow_the_measured_speeds(tmp_path):
+    """`shares = "planned:FILE"`: the planner's tokens/s per replica from the block times `hxtrain profile`
+    measured (here site s1's blocks take 3x as long as s0's, on equal devices), so the faster replica reads more
+    rows; a profile that cannot be read is refused naming the setting."""
+    import math
+
+    from hxtrain.planning.planner import plan
+    from hxtrain.planning.profile import StageTimes, load_site_profiles, write_profile
+
+    topo = uniform(2)
+    seq = gpt.TINY.seq_len
+    times = [StageTimes(site=name, backend="cpu", data=1, tensor=1, microbatch=6, seq=seq, fwd_block=f,
+                        bwd_block=2 * f, fwd_fixed=0.0, bwd_fixed=0.0, embed_fwd=1e-4, embed_bwd=1e-4, head=1e-3,
+                        repeats=5) for name, f in (("s0", 1e-3), ("s1", 3e-3))]
+    path = write_profile(tmp_path / "prof.toml", times, model="tiny", topology=topo.name)
+    run = _run(topo, Diloco(sync_every=2, shares=f"planned:{path}"), batch_size=16)
+    profiles = load_site_profiles(path, topo)
+    rates = [plan(topo.only([s.name], "replicas"), gpt.TINY, global_batch=16, time_budget_s=math.inf,
+                  profiles={s.name: profiles[s.name]}).predicted.tokens_per_s for s in topo.sites]
+    rows = [r.rows.stop - r.rows.start for r in run.replicas]
+    assert rows == dl.replica_batches(16, rates) and rows[0] > rows[1], (rows, rates)
+    assert f"shares planned from the block times measured in {path} (s0 " in run.describe()
+    with pytest.raises(ValueError, match=r"--shares planned:/nonexistent.toml: cannot read the profile"):
+        _run(topo, Diloco(sync_every=2, shares="planned:/nonexistent.toml"), batch_size=16)
+
+
 def test_bad_diloco_settings_are_refused_naming_the_field(tmp_path):
     topo = hxtrain.load_topology("local-4site")
     cases = [
@@ -241,7 +267,8 @@ def test_bad_diloco_settings_are_refused_naming_the_field(tmp_path):
         (Diloco(replicas=(("s0", "s1", "s2", "s3"),)), "diloco.replicas: expected at least 2 replicas"),
         (Diloco(fragments=5, sync_every=4), "diloco.fragments: expected a whole number in 1..sync_every \\(4\\)"),
         (Diloco(shares=(1, 2)), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\)"),
-        (Diloco(shares="fast"), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\) or \"planned\", got "),
+        (Diloco(shares="fast"), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\), \"planned\" or "
+                                 "\"planned:FILE\", got "),
         (Diloco(outer_momentum=1.0), "diloco.outer_momentum: expected a number in \\[0, 1\\)"),
     ]
     for cfg, message in cases:
@@ -266,7 +293,7 @@ def test_the_command_line_names_the_flag(capsys):
     assert "error: --replicas: the groups must cover every site exactly once" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: the usage line, then the error
         cli.main(["train", "--strategy", "diloco", "--shares", "fast"])
-    assert "argument --shares: expected one number per replica like 2,1, or planned, got 'fast'" in \
+    assert "argument --shares: expected one number per replica like 2,1, planned, or planned:FILE, got 'fast'" in \
         capsys.readouterr().err
     assert cli.main(["train", "--strategy", "diloco", "--executor", "spmd"]) == 2
     assert "error: --strategy diloco: --executor spmd is not supported with diloco yet" in capsys.readouterr().err

@@ -108,11 +108,15 @@ def check_diloco(src: str, d, site_names, flags: dict[str, str] | None = None) -
             if order != sorted(order):
                 fail("replicas", f"replica {list(g)} lists its sites out of pipeline order; list them as in "
                                  f"[[sites]]: {sorted(g, key=site_names.index)}")
-    if d.shares is not None and d.shares != "planned":
+    if isinstance(d.shares, str) and d.shares.startswith("planned:"):
+        if not d.shares[len("planned:"):]:
+            fail("shares", f"expected \"planned:FILE\" naming a profile of `hxtrain profile --out FILE`, got "
+                           f"{show(d.shares)}")
+    elif d.shares is not None and d.shares != "planned":
         if (not isinstance(d.shares, tuple) or len(d.shares) != len(groups)
                 or not all(_is_num(x) and x > 0 for x in d.shares)):
-            fail("shares", f"expected {len(groups)} numbers > 0 (one per replica) or \"planned\", got "
-                           f"{show(d.shares)}")
+            fail("shares", f"expected {len(groups)} numbers > 0 (one per replica), \"planned\" or "
+                           f"\"planned:FILE\", got {show(d.shares)}")
 
 
 def _check_site(src: str, w: str, s) -> None:

@@ -123,7 +123,8 @@ class Diloco:
     mix: float = 0.0  # alpha: share of the local params kept when a late result is applied (0: take the global)
     codec: str = "none"  # pseudo-gradients on the link: none, bf16, int8 or fp8 (hxtrain.links.codecs)
     shares: tuple[float, ...] | str | None = None  # each replica's share of the global batch; None = equal;
-    # "planned": in proportion to the tokens/s the planner predicts for each replica (`training.diloco.replica_shares`)
+    # "planned": in proportion to the tokens/s the planner predicts for each replica (`training.diloco.replica_shares`);
+    # "planned:FILE": the same from the block times measured by `hxtrain profile --out FILE`
 
     def __post_init__(self):
         if isinstance(self.replicas, list):

@@ -48,23 +48,36 @@ def replica_shares(topology, d, model_cfg, batch_size: int) -> tuple[list[float]
     """(each replica's share of the global batch, how it was chosen): `d.shares` as given, equal when None, or,
     for "planned", each replica's tokens/s as the planner predicts it for the whole batch on that replica's sites
     alone (its cost model and the sites' capabilities), so that a faster replica reads more rows and the replicas
-    reach each sync together. Deterministic (no time budget): every replica process computes the same shares."""
+    reach each sync together; "planned:FILE" does the same with the block times that `hxtrain profile --out FILE`
+    measured on the sites it profiled (the others estimated). Deterministic (no time budget; the profile is read,
+    not measured): every replica process computes the same shares."""
     groups = d.groups(topology)
     if d.shares is None:
         return [1.0] * len(groups), "equal"
-    if d.shares != "planned":
+    if not isinstance(d.shares, str):
         return [float(x) for x in d.shares], "given"
     from hxtrain.planning.planner import PlanError, plan
 
+    profiles, source = {}, ""
+    if d.shares != "planned":
+        from hxtrain.planning.profile import ProfileError, load_site_profiles
+
+        path = d.shares[len("planned:"):]
+        try:
+            profiles = load_site_profiles(path, topology)
+        except (OSError, ValueError, ProfileError) as e:
+            raise ValueError(f"--shares {d.shares}: cannot read the profile: {e}") from None
+        source = f" from the block times measured in {path}"
     rates = []
     for g in groups:
         try:
-            p = plan(topology.only(g, "replicas"), model_cfg, global_batch=batch_size, time_budget_s=math.inf)
+            p = plan(topology.only(g, "replicas"), model_cfg, global_batch=batch_size, time_budget_s=math.inf,
+                     profiles={n: profiles[n] for n in g if n in profiles} or None)
         except PlanError as e:
-            raise ValueError(f"--shares planned: replica {'+'.join(g)}: {e}") from None
+            raise ValueError(f"--shares {d.shares}: replica {'+'.join(g)}: {e}") from None
         rates.append(p.predicted.tokens_per_s)
     how = ", ".join(f"{'+'.join(g)} {r:,.0f} tokens/s" for g, r in zip(groups, rates))
-    return rates, f"planned ({how})"
+    return rates, f"planned{source} ({how})"
 
 
 def replica_batches(batch_size: int, shares) -> list[int]:

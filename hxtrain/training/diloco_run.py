@@ -22,13 +22,13 @@ def _groups(text: str):
 def _shares(text: str):
     import argparse
 
-    if text == "planned":
+    if text == "planned" or text.startswith("planned:"):
         return text
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one number per replica like 2,1, or planned, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"expected one number per replica like 2,1, planned, or planned:FILE, got "
+                                         f"{text!r}") from None
 
 
 def add_diloco_arguments(p) -> None:
@@ -45,7 +45,9 @@ def add_diloco_arguments(p) -> None:
     p.add_argument("--mix", type=float, help="diloco: share of local params kept when a late result lands (0)")
     p.add_argument("--diloco-codec", help="diloco: pseudo-gradient codec: none, bf16, int8, fp8 (default none)")
     p.add_argument("--shares", type=_shares, help="diloco: each replica's share of the batch, e.g. 2,1, or "
-                                                  "planned: in proportion to the planner's tokens/s (default equal)")
+                                                  "planned: in proportion to the planner's tokens/s, or "
+                                                  "planned:FILE: the same from the block times `hxtrain profile "
+                                                  "--out FILE` measured (default equal)")
 
 
 def diloco_overrides(args) -> tuple[tuple[str, object], ...]:
