@@ -64,6 +64,8 @@ def main(argv=None) -> None:
     p.add_argument("--plot", help="write the training-loss curves here (PNG)")
     p.add_argument("--runs", default="sync,diloco,int8,streaming",
                    help="which runs, comma-separated (sync DP is always run: it is the yardstick)")
+    p.add_argument("--sweep-outer", default="", metavar="LR/MU,...",
+                   help="also run DiLoCo (codec none) with each of these outer lr / Nesterov momentum pairs")
     args = p.parse_args(argv)
     if args.steps % args.sync_every:
         p.error("--steps must be a multiple of --sync-every (the last step is then a sync)")
@@ -80,6 +82,9 @@ def main(argv=None) -> None:
     if wanted - set(every):
         p.error(f"--runs: expected some of {sorted(every)}, got {args.runs!r}")
     runs = dict(every[k] for k in every if k in wanted)
+    for pair in filter(None, args.sweep_outer.split(",")):
+        lr, mu = (float(x) for x in pair.split("/"))
+        runs[f"DiLoCo H={H} outer {lr:g}/{mu:g}"] = Diloco(sync_every=H, outer_lr=lr, outer_momentum=mu)
     results, curves = {}, {}
     for name, cfg in runs.items():
         model = model_registry.build(args.model, seed=0)
