@@ -161,7 +161,7 @@ class _ProcessRun:
 
     def __init__(self, local, steps, topology, d, cfg):
         first = local.batches.rows[0]
-        self.replicas = [types.SimpleNamespace(name=local.site.name, pipeline=_ReplicaView(local),
+        self.replicas = [types.SimpleNamespace(name=local.site.name, pipeline=steps.view,
                                                optimizer=local.optimizer,
                                                rows=slice(first, first + local.batch_size))]
         self.diloco, self.seed, self.topology, self.batch_size = d, cfg.seed, topology, cfg.batch_size
@@ -229,14 +229,12 @@ class ReplicaSteps:
         self.alone = False  # elastic: the other replica was lost, this one goes on by itself
         self.tokens_per_step = local.batch_size * local.seq
         self.learning_rate = local.optimizer.learning_rate
-        self.view = types.SimpleNamespace(stages=list(local.stages.values()),
-                                          ranges=[local.ranges[i] for i in local.stages])
+        self.view = _ReplicaView(local)  # the replica's current stages, for `checkpoints.logical`
         self.outer = OuterSync(d, self.params(), 2)
         biggest = max(v.nbytes for v in self.outer.global_params.values())
         endpoint.max_bytes = max(endpoint.max_bytes, 2 * biggest + (1 << 16))
 
     def params(self) -> dict:
-        self.view.stages = list(self.local.stages.values())
         return flat(jax.device_get(_logical.to_logical(self.view)["params"]))
 
     def barrier(self, timeout: float) -> None:
