@@ -75,11 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", choices=("never", "auto", "must"), default="auto",
                    help="continue from the newest intact checkpoint in OUT: auto (if any, the default), must, never")
     t.add_argument("--init-from", help="start from the parameters of an `hxtrain export` folder (or a run folder)")
-    t.add_argument("--timeline", metavar="FILE",
-                   help="write one step's per-site tasks and transfers as a Chrome trace (Perfetto) and print each "
-                        "site's busy/idle %% next to the analytic bubble; recording waits on every task's outputs "
-                        "(in watcher threads), so that step runs somewhat slower")
-    t.add_argument("--timeline-step", type=int, metavar="N", help="which step --timeline records (default: the last)")
     t.add_argument("--plan", metavar="FILE", help="run a plan written by `hxtrain plan` (its topology, model, "
                                                   "schedule, microbatches and global batch)")
     t.add_argument("--sample-tokens", type=int, metavar="N",

@@ -38,7 +38,7 @@ from hxtrain.core import programs as _stage
 from hxtrain.core.placement import DATA
 from hxtrain.core.stages import StageState
 from hxtrain.engine.recorder import Recorder
-from hxtrain.schedules.simulate import Event
+from hxtrain.schedules.simulate import Event, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +253,18 @@ def _walk(stages: dict[int, StageState], tasks, batch: _Batch, transport, rec, a
         if rec is not None:
             rec.transfer(st.site, dst, key, task, t0, x, delivered)
 
+    def recv(st: StageState, kind: str, task, inputs: list):
+        # The task's input from the previous stage (an activation) or the next (a cotangent). When the recorder
+        # does not know it (it came from another process), the host's wait for it is recorded as its transfer.
+        inputs.append((st.site, (kind, task.stage, task.microbatch)))
+        t0 = time.perf_counter()
+        x = transport.recv(*inputs[-1])
+        if rec is not None:
+            src = task.stage - 1 if kind == "act" else task.stage + 1
+            producer = Task(src, task.microbatch, "F" if kind == "act" else "B")
+            rec.received(src % n_sites, st.site, inputs[-1][1], producer, t0, time.perf_counter(), x)
+        return x
+
     try:
         for t in tasks:
             st, key = stages[t.stage], (t.stage, t.microbatch)
@@ -263,8 +275,7 @@ def _walk(stages: dict[int, StageState], tasks, batch: _Batch, transport, rec, a
                 if t.stage == 0:
                     x = batch.inputs(st, t.microbatch)
                 else:
-                    inputs.append((st.site, ("act", t.stage, t.microbatch)))
-                    x = transport.recv(*inputs[-1])
+                    x = recv(st, "act", t, inputs)
                 if forward_only:  # nothing is held: the last stage computes its loss now, the others send on
                     if st.role.last:
                         acc.loss(st, x, batch.targets(st, t.microbatch), scales[t.stage])
@@ -286,8 +297,7 @@ def _walk(stages: dict[int, StageState], tasks, batch: _Batch, transport, rec, a
                 if st.role.last:  # the targets, on the last stage
                     c = batch.targets(st, t.microbatch)
                 else:
-                    inputs.append((st.site, ("cot", t.stage, t.microbatch)))
-                    c = transport.recv(*inputs[-1])
+                    c = recv(st, "cot", t, inputs)
                 if split:  # W recomputes from the same input and cotangent
                     cots[key] = c
                 else:

@@ -41,6 +41,7 @@ class Recorder:
         self._compute: list[tuple] = []  # (site, name, task, dispatch time, Future | None, input keys)
         self._transfers: list[tuple] = []  # (src, dst, name, task, dispatch time, Future, nbytes, mailbox key)
         self._ready: dict[tuple, Future | Task] = {}  # mailbox key -> when it is filled (a Future or a task's end)
+        self._received: list[tuple] = []  # (src, dst, name, task, waited, arrived, nbytes): from another process
 
     def _watch(self, stream: tuple, arrays) -> Future | None:
         arrays = [a for a in jax.tree.leaves(arrays) if a is not None]
@@ -76,6 +77,19 @@ class Recorder:
         name = f"{task.token(self.n_sites)} {src}->{dst}"
         self._transfers.append((src, dst, name, task, dispatched, fut, int(x.size * x.dtype.itemsize), key))
 
+    def received(self, src: int, dst: int, key: tuple, task: Task, waited: float, arrived: float, x) -> None:
+        """The input under mailbox `key` arrived on site dst from another process (a network transport): the host
+        waited for it from `waited` (when it asked) until `arrived` (when the transport handed it over). That wait
+        becomes a transfer event from src to dst, so a slow link shows in the timeline as transfer, not compute.
+        An input this process sent itself (in-process) is already known from `transfer` and is left alone."""
+        if (dst, key) in self._ready:
+            return
+        done: Future = Future()
+        done.set_result(arrived)
+        self._ready[(dst, key)] = done
+        name = f"{task.token(self.n_sites)} {src}->{dst} (received)"
+        self._received.append((src, dst, name, task, waited, arrived, int(x.size * x.dtype.itemsize)))
+
     def finish(self) -> list[Event]:
         """Wait for every watcher; the step's events, seconds from the step start, compute then transfers."""
         try:
@@ -90,6 +104,9 @@ class Recorder:
                 end = min(fut.result(), consumer_end.get((dst, key), float("inf")))
                 events.append(Event(src, name, t - self.t0, max(end, t) - self.t0, task.stage, task.microbatch,
                                     task.kind, "transfer", dst, nbytes))
+            for src, dst, name, task, waited, arrived, nbytes in self._received:
+                events.append(Event(src, name, waited - self.t0, max(arrived, waited) - self.t0, task.stage,
+                                    task.microbatch, task.kind, "transfer", dst, nbytes))
             return events
         finally:
             self.close()

@@ -240,6 +240,10 @@ class StageCosts:
     dp_sync_per_block: float  # seconds of the once-per-step gradient all-reduce, per block
     dp_sync_head: float
     dp_sync_embed: float
+    # What a split backward (ZB-H1's W) adds per block / on the head: the forward it recomputes from the held
+    # input, as the engine's B does (`core.programs`); 0 when activations are held (no recompute modelled).
+    block_split_extra: float = 0.0
+    head_split_extra: float = 0.0
 
 
 def wire_bytes(codec: str, rows: int, width: int) -> float:
@@ -284,6 +288,8 @@ def stage_costs(shape: ModelShape, hw: Hardware, *, microbatch: int, seq: int, d
         fwd = b_rep * (mm + att) / speed + 2 * tp_one
         bwd_in = b_rep * (mm + 2 * att) / speed + 2 * tp_one
         bwd_w = b_rep * mm / speed
+    # A measured backward is the engine's, which recomputes the stage forward; a split one does so in B and W.
+    redo = profile is not None or recompute
     if recompute:
         bwd_in += fwd
     hf = b_rep * shape.head_flops(seq) / speed
@@ -296,7 +302,8 @@ def stage_costs(shape: ModelShape, hw: Hardware, *, microbatch: int, seq: int, d
     dp = lambda params: _ring_allreduce(params * grad, data, assumptions.dp_bandwidth_GBps)  # noqa: E731
     return StageCosts(
         data=data, tensor=tensor, block_fwd=fwd, block_bwd_in=bwd_in, block_bwd_w=bwd_w,
-        head_fwd=hf, head_bwd_in=hf, head_bwd_w=hf,
+        head_fwd=hf, head_bwd_in=hf, head_bwd_w=hf, block_split_extra=fwd if redo else 0.0,
+        head_split_extra=hf if redo else 0.0,
         block_param_bytes=shape.block_params * opt / tensor,
         block_act_bytes=tokens * act,
         block_work_bytes=tokens * sharded_act if recompute else 0.0,

@@ -82,7 +82,7 @@ def simulated(ctx: Ctx, c: Cand, free_links: bool = False) -> Cand:
         if task.kind == "F":
             return n * s.block_fwd + head * s.head_fwd + ov
         if task.kind == "W":
-            return n * s.block_bwd_w + head * s.head_bwd_w + ov
+            return n * (s.block_bwd_w + s.block_split_extra) + head * (s.head_bwd_w + s.head_split_extra) + ov
         extra = 0.0 if opt.split else n * s.block_bwd_w + head * s.head_bwd_w
         return n * s.block_bwd_in + head * s.head_bwd_in + extra + ov
 

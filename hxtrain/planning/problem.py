@@ -230,6 +230,8 @@ def site_table(ctx: Ctx, opt: Option, i: int, enforce_memory: bool = True) -> Ta
     bwd = L * col(lambda c: c.block_bwd_in) + last * col(lambda c: c.head_bwd_in)
     if not opt.split:
         bwd, wgt = bwd + wgt, 0.0 * wgt
+    else:  # W recomputes what B did
+        wgt = wgt + L * col(lambda c: c.block_split_extra) + last * col(lambda c: c.head_split_extra)
     mem = (L * col(lambda c: c.block_param_bytes) + opt.live[i] * (L / opt.v) * col(lambda c: c.block_act_bytes)
            + col(lambda c: c.block_work_bytes) + first * col(lambda c: c.embed_param_bytes)
            + last * col(lambda c: c.head_param_bytes + c.head_work_bytes))

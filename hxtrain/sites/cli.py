@@ -76,7 +76,7 @@ def config_from_args(args, site: str, addresses=()) -> SiteConfig:
                       sites=() if args.sites is None else args.sites, stop_at=args.stop_at,
                       continue_step=args.continue_step, rejoin=getattr(args, "rejoin", False),
                       eval_every=args.eval_every,
-                      eval_batches=args.eval_batches)
+                      eval_batches=args.eval_batches, timeline=args.timeline, timeline_step=args.timeline_step)
 
 
 def _cmd_site(args) -> int:

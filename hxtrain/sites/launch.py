@@ -224,7 +224,8 @@ def _cmd_launch(args) -> int:
                         ("--seed", args.seed), ("--data", args.data), ("--out", args.out),
                         ("--partition", args.partition), ("--checkpoint-dir", args.checkpoint_dir),
                         ("--save-every", args.save_every), ("--keep", args.keep), ("--resume", args.resume),
-                        ("--eval-every", args.eval_every), ("--eval-batches", args.eval_batches)):
+                        ("--eval-every", args.eval_every), ("--eval-batches", args.eval_batches),
+                        ("--timeline", args.timeline), ("--timeline-step", args.timeline_step)):
         if value is not None:
             site_args += [flag, ",".join(map(str, value)) if flag == "--partition" else str(value)]
     site_args += ["--sync-sends"] if args.sync_sends else []

@@ -79,6 +79,8 @@ class SiteConfig:
     rejoin: bool = False  # diloco: return to a run under way, taking the outer state from the other replica
     eval_every: int = 0  # the held-out loss every N steps and at the end (0: none; the run trains on all the data)
     eval_batches: int = 4  # batches of held-out documents per evaluation (with eval_every)
+    timeline: str | None = None  # Chrome trace of one step, written by each site to PATH with -<site> before its suffix
+    timeline_step: int | None = None  # which step (default: the last this process runs)
 
 
 class SiteError(RuntimeError):

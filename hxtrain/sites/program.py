@@ -285,12 +285,13 @@ class LocalSite:
         tokens[list(self.rows)] = next(self.batches)
         return tokens.reshape(self.microbatches, self.batch_size // self.microbatches, self.seq + 1)
 
-    def train_step(self, tokens: np.ndarray, transport: NetTransport):
-        """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm)."""
+    def train_step(self, tokens: np.ndarray, transport: NetTransport, record=None):
+        """One step of this site's part of the schedule, then the optimizer. Returns (loss or None, grad norm).
+        `record`: called with each of the step's `Event`s (its tasks and transfers, timed) once it is done."""
         n_sites = self.topology.n_sites
         zeros, self._zeros = self._zeros, None  # donated by the step: gone if it fails
         out = run_step(self.stages, self.order, tokens, transport, n_sites=n_sites, n_stages=self.n_stages,
-                       last_data=self._last_data(), put=self.put, zeros=zeros)
+                       last_data=self._last_data(), put=self.put, zeros=zeros, record=record)
         stages = list(self.stages.values())
         loss, grads, sqs, self._zeros = _executor.finish_step(stages, out)
         params, norm = self.optimizer.step(stages, grads, sqs)

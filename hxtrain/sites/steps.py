@@ -24,7 +24,10 @@ def run_loop(local, transport, cfg, log, start: int = 0, ckpt=None, steps=None) 
             f"sent {sent or '-'} control {row['control_bytes']} B")
 
     last = cfg.steps if cfg.stop_at is None else cfg.stop_at
-    steps = SiteSteps(local, transport) if steps is None else steps
+    if steps is None:
+        steps = SiteSteps(local, transport)
+        if cfg.timeline is not None and cfg.process_id in (None, 0):  # the site's leader writes it
+            steps.timeline = (site_timeline_path(cfg.timeline, name), cfg.timeline_step or last)
     rows = run_steps(steps, first=start + 1, last=last, metrics=metrics, report=report, where=f"site {name!r}: ",
                      saver=None if ckpt is None else SiteSaver(ckpt, local), evaluate=steps.evaluate,
                      eval_every=cfg.eval_every)
@@ -32,13 +35,24 @@ def run_loop(local, transport, cfg, log, start: int = 0, ckpt=None, steps=None) 
     return rows
 
 
+def site_timeline_path(path: str, site: str) -> str:
+    """Where site `site` writes `--timeline PATH`: the site's name before the suffix (run.json -> run-a.json)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{site}{p.suffix or '.json'}"))
+
+
 class SiteSteps:
-    """`training.loop.Steps` of a site process: its share of each step over the network transport."""
+    """`training.loop.Steps` of a site process: its share of each step over the network transport. `timeline`
+    (path, step): record that step's tasks and transfers (`executor.run_step(record=...)`: inputs from the other
+    sites show as transfers until they arrived) and write them there as a Chrome trace."""
 
     def __init__(self, local, transport):
         self.local, self.transport = local, transport
         self.tokens_per_step = local.batch_size * local.seq
         self.learning_rate = local.optimizer.learning_rate
+        self.timeline: tuple[str, int] | None = None
 
     def next_batch(self):
         return self.local.next_batch()
@@ -50,9 +64,24 @@ class SiteSteps:
         t = self.transport
         t.reset_stats()
         t.step = step
-        loss, norm = self.local.train_step(batch, t)
+        # The step before the one written is recorded too and dropped: recording adds a small program per task
+        # (`recorder._marker`), compiled on first use, and that compile time is not the step's.
+        recorded = self.timeline is not None and step in (self.timeline[1] - 1, self.timeline[1])
+        events = [] if recorded else None
+        loss, norm = self.local.train_step(batch, t, record=None if events is None else events.append)
+        if recorded and step == self.timeline[1]:
+            self._write_timeline(events, step)
         return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "bytes_per_link": t.bytes_per_link(),
                 "payload_bytes_per_link": t.payload_bytes_per_link(), "control_bytes": t.control_bytes}
+
+    def _write_timeline(self, events, step: int) -> None:
+        from hxtrain.schedules.timeline import to_chrome_trace
+
+        local = self.local
+        names = [s.name for s in local.topology.sites]
+        meta = {"site": local.site.name, "step": step, "schedule": local.schedule_name,
+                "microbatches": local.microbatches, "topology": local.topology.name}
+        to_chrome_trace(events, self.timeline[0], site_names=names, metadata=meta)
 
 
 class SiteSaver:

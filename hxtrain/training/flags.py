@@ -45,3 +45,9 @@ def add_run_arguments(p, *, out_help: str) -> None:
                         "(default 0: none, and every document trains; N >= 1 holds documents out)")
     p.add_argument("--eval-batches", type=int, default=4, metavar="K",
                    help="held-out batches per evaluation (default 4)")
+    p.add_argument("--timeline", metavar="FILE",
+                   help="write one step's per-site tasks and transfers as a Chrome trace (Perfetto) and print each "
+                        "site's busy/idle %% next to the analytic bubble; recording waits on every task's outputs "
+                        "(in watcher threads), so that step runs somewhat slower. A site process writes FILE with "
+                        "-<site> before its suffix; what it waited for from another site shows as transfer")
+    p.add_argument("--timeline-step", type=int, metavar="N", help="which step --timeline records (default: the last)")

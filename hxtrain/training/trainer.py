@@ -280,6 +280,9 @@ def run_folders(config) -> list[tuple[str, str, Path]]:
             folders.append(("--checkpoint-dir", "checkpoint folder", Path(config.checkpoint_dir) / config.site))
     elif out is not None:  # Trainer(out=...) keeps its checkpoints in out/checkpoints
         folders.append(("--out", "checkpoint folder", Path(out) / "checkpoints"))
+    timeline = getattr(config, "timeline", None)
+    if timeline is not None and getattr(config, "process_id", None) in (None, 0):
+        folders.append(("--timeline", "timeline folder", Path(timeline).parent))
     return folders
 
 
@@ -298,6 +301,9 @@ def resolve_run(topology, config, **defaults):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{flag}: expected a whole number >= {least}, got {value!r}")
     resolved = topology.run.fill(config, **defaults)
+    step = getattr(resolved, "timeline_step", None)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= resolved.steps):
+        raise ValueError(f"--timeline-step: expected a step in 1..{resolved.steps} (--steps), got {step!r}")
     try:
         get_schedule(resolved.schedule)
     except ScheduleError as e:
