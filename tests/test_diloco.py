@@ -129,6 +129,13 @@ def test_streaming_fragments_sync_every_parameter_once_per_h_steps():
                 for d in offsets:
                     assert sum((t - d) % H == 0 and t >= d for t in range(start, start + H)) == (start + H - 1 >= d)
     assert dl.replica_batches(32, (2, 1)) == [21, 11] and dl.replica_batches(8, (1, 1)) == [4, 4]
+    # planned shares (speeds) are dealt in whole units of a replica's microbatches x data, largest remainder first
+    assert dl.replica_batches(24, (0.76, 0.24), [4, 4]) == [20, 4]
+    assert dl.replica_batches(24, (0.55, 0.45), [4, 4]) == [12, 12]
+    assert dl.replica_batches(10, (0.5, 0.5), [4, 2]) == [4, 6]
+    with pytest.raises(ValueError, match=r"^--batch-size 6: replicas read rows in multiples of \[4, 4\] "
+                                         r"\(microbatches x data\), which cannot add up to 6"):
+        dl.replica_batches(6, (1, 1), [4, 4])
 
 
 def test_streaming_run_peaks_at_a_fragment_and_lands_late_results():

@@ -77,6 +77,54 @@ def test_backward_is_twice_forward_and_recompute_adds_one():
     assert r.block_act_bytes < c.block_act_bytes
 
 
+def test_a_split_backward_costs_the_forward_its_w_recomputes():
+    """The engine's B and W each recompute the stage forward from the held input (`core.programs`), so a measured
+    profile's split backward costs one forward more than the unsplit one; so does recompute. Held activations
+    (the estimate without recompute) cost nothing extra."""
+    hw = cm.Hardware(peak_flops=1e12, memory_bytes=1e12, compute_dtype="float32")
+    kw = dict(microbatch=4, seq=32, data=1, tensor=1, assumptions=cm.Assumptions(task_overhead_s=0.0))
+    measured = cm.SiteProfile(fwd_s=0.002, bwd_s=0.006, tokens=4 * 32)
+    m = cm.stage_costs(cm.ModelShape.of(SMALL), hw, profile=measured, **kw)
+    assert m.block_bwd_in + m.block_bwd_w == pytest.approx(0.006)  # unsplit B: what was measured
+    assert m.block_split_extra == pytest.approx(0.002) and m.head_split_extra == pytest.approx(m.head_fwd)
+    assert cm.stage_costs(cm.ModelShape.of(SMALL), hw, **kw).block_split_extra == 0.0
+    r = cm.stage_costs(cm.ModelShape.of(SMALL), hw, recompute=True, **kw)
+    assert r.block_split_extra == pytest.approx(r.block_fwd)
+    # ... and the simulated ZB-H1 step carries it: every W task one forward of its stage's blocks longer
+    topo = _topo(2, batch=8, latency=0.0)
+    prof = {"s0": measured, "s1": measured}
+    none = cm.Assumptions(task_overhead_s=0.0)  # ZB-H1 has M more tasks per site: no dispatch cost, to compare
+    kw2 = dict(microbatch_choices=[4], profiles=prof, assumptions=none, hardware=_hw(1e12, 1e12))
+    z = P.plan(topo, SMALL, schedules=("zb-h1",), **kw2).predicted
+    f = P.plan(topo, SMALL, schedules=("1f1b",), **kw2).predicted
+    busy = lambda pr: sum(s.busy_s for s in pr.sites)  # noqa: E731
+    # M = 4 W tasks per site, each its blocks' forward (microbatches of 8 / 4 = 2 sequences), the head's on the last
+    m2 = cm.stage_costs(cm.ModelShape.of(SMALL), hw, profile=measured, **{**kw, "microbatch": 2})
+    extra = 4 * (SMALL.n_layers * m2.block_split_extra + m2.head_split_extra)
+    assert m2.block_split_extra == pytest.approx(0.001)  # the profile's forward, scaled to 64 of its 128 tokens
+    assert busy(z) - busy(f) == pytest.approx(extra, rel=1e-6)
+
+
+def test_a_tie_goes_to_the_most_slack_then_to_fewer_stage_inputs():
+    """When schedules predict the same step (all hide the link), the plan takes 1F1B's latency-aware variant with
+    the most microbatches in flight, then the one holding fewer stage inputs over the sites."""
+    from hxtrain.planning.search import _better
+    from hxtrain.planning.problem import Cand, Option
+    from hxtrain.schedules.tables import get_schedule
+
+    def cand(name, rank, step=1.0):
+        sched = get_schedule(name)
+        live = tuple(live_activations(o) for o in sched.site_orders(2, 4))
+        return Cand(Option(name, rank, sched, 4, False, (), live), (), (2, 2), ("none",), step, ())
+
+    from hxtrain.schedules.tables import live_activations
+
+    gpipe, zb, k1, k4 = cand("gpipe", 3), cand("zb-h1", 1), cand("1f1b:1", 4), cand("1f1b:4", 6)
+    assert _better(k4, k1) and _better(k1, gpipe) and not _better(gpipe, k1)
+    assert _better(zb, gpipe)  # no 1f1b:k among them: fewer inputs held (ZB-H1's min(S, M) vs GPipe's M)
+    assert _better(gpipe, cand("1f1b:4", 6, step=1.01))  # a tie only within the margin
+
+
 # --- planner ---------------------------------------------------------------------------------------------------
 
 

@@ -161,6 +161,45 @@ def test_cli_train_runs_a_plan_from_plan_local_tiny(tmp_path, capsys, corpus):
     assert "done: 2 steps" in text
 
 
+def test_cli_train_runs_the_plans_diloco_row(tmp_path, capsys, corpus):
+    """`hxtrain train --plan FILE --strategy diloco`: every site a replica at the data x tensor the plan's DiLoCo
+    row chose, the batch split by the row's shares (each site's predicted speed), the plan's model and batch; an
+    explicit --shares is honoured; a plan without a DiLoCo row is refused in one line."""
+    topo = load_topology("local")  # two sites of 4 CPU devices; a 4x as fast on paper, so it reads more rows
+    mesh = tmp_path / "mesh.toml"
+    mesh.write_text(plan_file.topology_toml(topo.replace_site("a", peak_tflops=0.2).replace_site(
+        "b", peak_tflops=0.05).replace_sites(data=2, tensor=2), "a 4x as fast as b, each 2 x 2 to begin with"))
+    path = tmp_path / "plan.toml"
+    assert cli.main(["plan", "--mesh", str(mesh), "--model", "tiny", "--global-batch", "24", "--out", str(path)]) == 0
+    plan = planner.Plan.load(path)
+    row = plan.diloco
+    assert row.shares[0] > row.shares[1] and sum(row.shares) == pytest.approx(1.0), row.shares  # by speed
+    from hxtrain.training.diloco import replica_batches
+
+    rows = replica_batches(24, row.shares, [s.data for s in row.sites])  # whole rows of 1 microbatch x data
+    assert rows[0] > rows[1], rows
+    capsys.readouterr()
+    assert cli.main(["train", "--plan", str(path), "--strategy", "diloco", "--sync-every", "2", "--steps", "2",
+                     "--data", str(corpus), "--no-progress", "--sample-tokens", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "strategy=diloco model=tiny" in text and "microbatches=1 batch=24 steps=2" in text
+    assert f"replica a: rows 0..{rows[0] - 1} of each batch" in text
+    assert f"replica b: rows {rows[0]}..23 of each batch" in text
+    assert "shares given" in text
+    assert [(s.data, s.tensor) for s in row.sites] == [(4, 1), (4, 1)]  # the row's choice, not the mesh's 2 x 2
+    for s in row.sites:  # each replica at the row's data x tensor
+        assert f"site '{s.name}' (cpu, client 'cpu', data {s.data} x tensor {s.tensor}," in text, text
+    assert "done: 2 inner steps, 1 outer steps" in text
+    assert cli.main(["train", "--plan", str(path), "--strategy", "diloco", "--shares", "1,1", "--steps", "1",
+                     "--data", str(corpus), "--no-progress", "--sample-tokens", "0"]) == 0
+    assert "replica a: rows 0..11 of each batch" in capsys.readouterr().out  # the user's shares win
+    one = tmp_path / "one.toml"  # a plan without the row (as one written before DiLoCo was planned)
+    dataclasses.replace(plan, diloco=None).to_toml(one)
+    assert cli.main(["train", "--plan", str(one), "--strategy", "diloco", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hxtrain train: error: --plan: this plan of ") and "has no DiLoCo row" in err[-1]
+
+
 def test_cli_train_plan_refuses_overrides(tmp_path, capsys):
     plan_file = tmp_path / "plan.toml"
     assert cli.main(["plan", "--mesh", "local", "--model", "tiny", "--global-batch", "8",

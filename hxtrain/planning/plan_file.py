@@ -77,6 +77,30 @@ class Plan:
                       microbatches=self.microbatches, batch_size=self.global_batch)
         return dataclasses.replace(topo, sites=sites, links=links, run=run)
 
+    def diloco_topology(self):
+        """The topology `hxtrain train --plan FILE --strategy diloco` runs: every site a replica of the whole model
+        at the data x tensor the plan's DiLoCo row chose for it, and the [diloco] table (kept from the planned
+        topology, else DiLoCo's defaults) with the row's shares (each site's predicted speed) unless it has its
+        own. PlanError when the plan has no DiLoCo row or the table groups the sites otherwise."""
+        from hxtrain.config.topology import Diloco
+
+        topo = self.topology
+        if self.diloco is None:
+            raise PlanError(f"--plan: this plan of {topo.name!r} has no DiLoCo row (a topology of one site, or a "
+                            "plan written before DiLoCo was planned); run `hxtrain plan` again")
+        d = topo.diloco or Diloco()
+        if d.replicas is not None and d.groups(topo) != tuple((s.name,) for s in topo.sites):
+            raise PlanError(f"--plan: the plan's DiLoCo row has one replica per site, but the topology's [diloco] "
+                            f"replicas are {['+'.join(g) for g in d.replicas]}; plan without them or run without "
+                            "--plan")
+        by_site = {s.name: s for s in self.diloco.sites}
+        sites = tuple(dataclasses.replace(s, data=by_site[s.name].data, tensor=by_site[s.name].tensor,
+                                          layers=None) for s in topo.sites)
+        shares = d.shares if d.shares is not None else tuple(self.diloco.shares) or None
+        run = dataclasses.replace(topo.run, model=self.model or topo.run.model,
+                                  microbatches=self.diloco.microbatches, batch_size=self.global_batch)
+        return dataclasses.replace(topo, sites=sites, run=run, diloco=dataclasses.replace(d, shares=shares))
+
     def to_toml(self, path) -> tuple[Path, Path]:
         """Write the plan to `path` and its topology next to it (`<stem>.topology.toml`); returns both paths."""
         return write_plan(self, path)
@@ -170,6 +194,8 @@ def topology_toml(topo, comment: str) -> str:
                                               if f.name != "sites"}}
         out += toml_table("links", vals, array=True)
     out += toml_table("run", dataclasses.asdict(topo.run))
+    if topo.diloco is not None:
+        out += toml_table("diloco", dataclasses.asdict(topo.diloco))
     return "\n".join(out)
 
 
@@ -187,4 +213,5 @@ def _prediction_load(t: dict) -> Prediction:
     sites = tuple(SitePlan(**s) for s in t.get("sites", ()))
     links = tuple(LinkPlan(**{**ln, "sites": tuple(ln["sites"])}) for ln in t.get("links", ()))
     rest = {k: v for k, v in t.items() if k not in ("sites", "links")}
-    return Prediction(**{**rest, "notes": tuple(rest.get("notes", ()))}, sites=sites, links=links)
+    return Prediction(**{**rest, "notes": tuple(rest.get("notes", ())), "shares": tuple(rest.get("shares", ()))},
+                      sites=sites, links=links)

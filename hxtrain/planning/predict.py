@@ -58,6 +58,7 @@ class Prediction:
     sites: tuple[SitePlan, ...]
     links: tuple[LinkPlan, ...]
     notes: tuple[str, ...] = ()
+    shares: tuple[float, ...] = ()  # replicated rows (cross-site DP, DiLoCo): each site's share of the batch
 
     def with_ideal(self, ideal: float) -> Prediction:
         return replace(self, fraction_of_ideal=self.tokens_per_s / ideal)
@@ -225,5 +226,6 @@ def _replicated(ctx: Ctx, label: str, *, every: int = 1, bytes_per_param: float 
     return Prediction(label=label, fits=fits, step_s=step, tokens_per_s=ctx.batch * ctx.seq / step,
                       fraction_of_ideal=math.nan, bubble=1.0 - compute / step,
                       schedule="data-parallel" if every == 1 else "diloco",
-                      microbatches=1, recompute=False, sites=plans, links=links, notes=tuple(notes))
+                      microbatches=1, recompute=False, sites=plans, links=links, notes=tuple(notes),
+                      shares=tuple(r / sum(rates) for r in rates))
 

@@ -64,10 +64,9 @@ def check(topology, cfg, error) -> object:
 def _sizes(topology, d, cfg) -> tuple[list[int], str]:
     """(rows of each replica, how its shares were chosen): the same on both replicas."""
     from hxtrain.core import model_registry
-    from hxtrain.training.diloco import replica_batches, replica_shares
+    from hxtrain.training.diloco import replica_rows
 
-    shares, how = replica_shares(topology, d, model_registry.preset(cfg.model), cfg.batch_size)
-    return replica_batches(cfg.batch_size, shares), how
+    return replica_rows(topology, d, model_registry.preset(cfg.model), cfg.batch_size, cfg.microbatches)
 
 
 def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list[dict]:

@@ -20,7 +20,6 @@ would compute bit-identical global params; it is DiLoCo's own rule (momentum m <
 lr (delta + mu m)), optax.sgd(nesterov=True)'s arithmetic. DiLoCo is not the same optimisation as synchronous
 training: with H = 1, outer SGD at lr 1 and inner SGD it is (tests/test_diloco.py), otherwise it is its own method.
 
-Not yet here (said so where asked for): site processes (`hxtrain launch`), checkpoints, and the planner's model.
 """
 
 from __future__ import annotations
@@ -80,18 +79,41 @@ def replica_shares(topology, d, model_cfg, batch_size: int) -> tuple[list[float]
     return rates, f"planned{source} ({how})"
 
 
-def replica_batches(batch_size: int, shares) -> list[int]:
+def replica_batches(batch_size: int, shares, units=None) -> list[int]:
     """Rows of a global batch per replica, proportional to `shares` (largest remainders first), summing to
-    `batch_size`; ValueError when a replica would get none."""
+    `batch_size`; `units[r]`: replica r's rows must be a multiple of it (its microbatches x data), default 1.
+    ValueError when a replica would get none, or the units cannot add up to the batch."""
+    units = [1] * len(shares) if units is None else [int(u) for u in units]
     w = np.asarray(shares, np.float64) / float(np.sum(shares))
     raw = w * batch_size
-    out = np.floor(raw).astype(int)
-    for i in np.argsort(-(raw - out), kind="stable")[: batch_size - int(out.sum())]:
-        out[i] += 1
-    if (out < 1).any():
-        raise ValueError(f"--batch-size {batch_size}: shares {list(shares)} leave replica {int(np.argmin(out))} "
+    out = [int(x) for x in np.floor(raw / units)]  # whole units, then one more unit at a time
+    left = batch_size - sum(u * n for u, n in zip(units, out))
+    while left > 0:
+        fits = [r for r in range(len(units)) if units[r] <= left]
+        if not fits:
+            raise ValueError(f"--batch-size {batch_size}: replicas read rows in multiples of {units} (microbatches "
+                             f"x data), which cannot add up to {batch_size}; use a batch that is a sum of them")
+        r = max(fits, key=lambda r: (raw[r] - units[r] * out[r], -r))
+        out[r] += 1
+        left -= units[r]
+    rows = [u * n for u, n in zip(units, out)]
+    if min(rows) < 1:
+        raise ValueError(f"--batch-size {batch_size}: shares {list(shares)} leave replica {rows.index(min(rows))} "
                          "no rows; raise the batch or its share")
-    return [int(x) for x in out]
+    return rows
+
+
+def replica_rows(topology, d, model_cfg, batch_size: int, microbatches: int) -> tuple[list[int], str]:
+    """(rows of every global batch each replica reads, how its shares were chosen), in process and in every
+    replica process alike. Planned shares (speeds, real numbers) are dealt in whole units of each replica's
+    microbatches x data (the lcm of its sites' data), so every replica's rows split over its devices; shares given
+    as numbers (or equal) are honoured row for row, and rows a replica cannot split are refused naming it."""
+    shares, how = replica_shares(topology, d, model_cfg, batch_size)
+    units = None
+    if isinstance(d.shares, str):
+        by_name = {s.name: s for s in topology.sites}
+        units = [microbatches * math.lcm(*(by_name[n].data for n in g)) for g in d.groups(topology)]
+    return replica_batches(batch_size, shares, units), how
 
 
 @dataclasses.dataclass
@@ -145,8 +167,7 @@ class DilocoTrainer:
 
         check_diloco(topo.source, cfg, [s.name for s in topo.sites])
         groups = cfg.groups(topo)
-        shares, self.shares_from = replica_shares(topo, cfg, model.cfg, batch_size)
-        sizes = replica_batches(batch_size, shares)
+        sizes, self.shares_from = replica_rows(topo, cfg, model.cfg, batch_size, microbatches)
         self.seq = seq or getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
             raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")

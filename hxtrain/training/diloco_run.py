@@ -75,13 +75,36 @@ def resolve_diloco(topology, config):
 
     get = lambda f: getattr(config, f, None)  # noqa: E731 (RunConfig and the site's SiteConfig)
     for what, bad in (("--executor spmd", get("executor") not in (None, "mpmd")), ("--init-from", get("init_from")),
-                      ("--timeline", get("timeline")), ("--plan", get("plan"))):
+                      ("--timeline", get("timeline"))):
         if bad:
             raise ValueError(f"--strategy diloco: {what} is not supported with diloco yet; leave it out")
     d = dataclasses.replace(topology.diloco or Diloco(), **dict(config.diloco))
     check_diloco(topology.source, d, [s.name for s in topology.sites],
                  flags={f: _DILOCO_FLAGS[f] for f, _ in config.diloco})
     return d
+
+
+def from_plan(config):
+    """(topology, config) of `hxtrain train --plan FILE --strategy diloco`: the plan's DiLoCo row (each site a
+    replica at the data x tensor it chose, the batch split by the sites' predicted speed unless --shares or the
+    topology's [diloco] says otherwise), its model, global batch and microbatches."""
+    from hxtrain.planning.planner import Plan
+
+    taken = [f for f in ("model", "microbatches", "batch_size", "partition") if getattr(config, f)]
+    if taken:
+        raise ValueError(f"--plan {config.plan}: the plan fixes {', '.join(taken)}; drop those options (or edit "
+                         "the plan's topology file)")
+    plan = Plan.load(config.plan)
+    topo = plan.diloco_topology()
+    d = topo.diloco
+    if d.shares == tuple(plan.diloco.shares):  # the row's speeds: in whole rows each replica's devices split
+        from hxtrain.training.diloco import replica_batches
+
+        units = [topo.run.microbatches * s.data for s in topo.sites]
+        rows = replica_batches(topo.run.batch_size, d.shares, units)
+        topo = dataclasses.replace(topo, diloco=dataclasses.replace(d, shares=tuple(float(r) for r in rows)))
+    return topo, dataclasses.replace(config, mesh=topo.source, model=topo.run.model,
+                                     microbatches=topo.run.microbatches, batch_size=topo.run.batch_size)
 
 
 def train_diloco(config, *, progress: bool = True):
@@ -92,7 +115,10 @@ def train_diloco(config, *, progress: bool = True):
     from hxtrain.training.diloco import DilocoTrainer
     from hxtrain.training.trainer import build_model, resolve_run
 
-    topo = load_topology(config.mesh)
+    if config.plan is not None:
+        topo, config = from_plan(config)
+    else:
+        topo = load_topology(config.mesh)
     register_plugins(topo)
     d = resolve_diloco(topo, config)
     resolved = resolve_run(topo, config)
