@@ -106,13 +106,21 @@ def test_latency_aware_1f1b_matches_single_device():
     assert pipe.last_step_stats.peak_held == (6, 5, 4, 1)
 
 
+def test_latency_aware_zb_h1_matches_single_device():
+    """zb-h1:2: the split backward with two more microbatches in flight on every site but the last: the same loss
+    and grads, and the executor holds what the table says (min(S+2, M) inputs, the last site ZB-H1's min(S, M))."""
+    pipe = pipeline("zb-h1:2", 4, 9)
+    check_against_reference(pipe, 9)
+    assert pipe.last_step_stats.peak_held == (6, 6, 6, 4)
+
+
 @pytest.mark.parametrize("name,m,net", [("zb-h1", 2, "gpt"), ("interleaved", 3, "toy")])
 def test_data_and_tensor_parallel_sites(name, m, net):
     """2 sites x (data 2 x tensor 2): the split backward and virtual stages under GSPMD + manual data axis."""
     check_against_reference(pipeline(name, 2, m, data=2, tensor=2, net=net), m)
 
 
-@pytest.mark.parametrize("name", ["zb-h1", "interleaved"])
+@pytest.mark.parametrize("name", ["zb-h1", "interleaved", "zb-h1:2"])
 def test_poisoned_slots_leave_results_unchanged(name):
     """Every mailbox slot a task reads is pre-filled with NaN; only real transfers may overwrite them."""
     pipe = pipeline(name, 4, 5)

@@ -118,8 +118,11 @@ def _assert_accumulators(stages, got, want):
             assert lacc is None and want_lacc is None
 
 
-def test_per_site_fused_backward_matches_the_executor():
-    pipe = _pipe("1f1b")
+@pytest.mark.parametrize("name", ["1f1b", "1f1b:2", "zb-h1:2"])
+def test_per_site_fused_backward_matches_the_executor(name):
+    """Each site walking its own order (as a site process does) accumulates what the fused backward does, also
+    for the latency-aware tables (more in flight; zb-h1:2 with W tasks)."""
+    pipe = _pipe(name)
     got = _site_threads(pipe, _tokens(), pipe.schedule.site_orders(2, M))
     _assert_accumulators(pipe.stages, got, _fused())
 

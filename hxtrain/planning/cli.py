@@ -56,7 +56,7 @@ def run(args, out=None) -> int:
                              exhaustive=args.exhaustive, efficiency=args.efficiency, profiles=profiles,
                              latency_aware=False).predicted
         p = plan.predicted
-        print(f"  latency-aware schedules (1f1b:k, more microbatches in flight per link): with them "
+        print(f"  latency-aware schedules (1f1b:k and zb-h1:k, more microbatches in flight per link): with them "
               f"{p.step_s:.4g} s/step ({p.schedule}), without {plain.step_s:.4g} s/step ({plain.schedule}, "
               f"M={plain.microbatches}): {plain.step_s / p.step_s:.3f}x", file=out)
     if profiles:

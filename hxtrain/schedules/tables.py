@@ -170,19 +170,32 @@ class ZBH1(Schedule):
     whenever a site's next F/B cannot start at this time step (input not there yet, or an F would exceed
     min(S, M) microbatches whose W has not run) it runs its oldest pending W instead; leftover W's go last.
     Peak live activations (F done, W not yet) <= min(S, M) on every site: 1F1B's peak (site 0's).
+
+    `extra` = k > 0 is the latency-aware variant "zb-h1:k", built the same way on 1f1b:k's F/B sequence (k more
+    warm-up forwards on every site but the last) with the cap raised to min(S + k, M) on those sites (the last
+    keeps min(S, M)): microbatches in flight cover a slow link's round trip as in 1f1b:k, and the W's still fill
+    what is left of the bubbles.
     """
 
-    name: str = "zb-h1"
+    name: str = ""
     split_backward: bool = True
+    extra: int = 0
 
     def __post_init__(self):
         if self.virtual != 1 or not self.split_backward:
             raise ScheduleError(f"ZBH1: virtual must be 1 and split_backward True, got {self.virtual}, "
                                 f"{self.split_backward}")
+        if not isinstance(self.extra, int) or isinstance(self.extra, bool) or self.extra < 0:
+            raise ScheduleError(f"ZBH1: extra must be an int >= 0 (microbatches in flight beyond ZB-H1's), got "
+                                f"{self.extra!r}")
+        if not self.name:
+            object.__setattr__(self, "name", "zb-h1" if self.extra == 0 else f"zb-h1:{self.extra}")
 
     def _orders(self, sites, microbatches):
-        fb = [_one_f_one_b(d, sites, microbatches) for d in range(sites)]
-        cap = min(sites, microbatches)
+        fb = [_one_f_one_b(d, sites, microbatches, self.extra) for d in range(sites)]
+        # at most this many F's without their W per site: ZB-H1's min(S, M); k more where a link's round trip
+        # must be covered (every site but the last, as in 1f1b:k)
+        cap = [min(sites + (self.extra if d < sites - 1 else 0), microbatches) for d in range(sites)]
         end: dict[Task, int] = {}  # task -> unit time step at which it finished
         nxt, inflight = [0] * sites, [0] * sites
         pending: list[list[Task]] = [[] for _ in range(sites)]
@@ -193,7 +206,7 @@ class ZBH1(Schedule):
             for d in range(sites):
                 task = fb[d][nxt[d]] if nxt[d] < len(fb[d]) else None
                 ready = task is not None and all(end.get(x, t + 1) <= t for x in dependencies(task, sites))
-                if ready and (task.kind != "F" or inflight[d] < cap):
+                if ready and (task.kind != "F" or inflight[d] < cap[d]):
                     nxt[d] += 1
                     inflight[d] += task.kind == "F"
                     if task.kind == "B":
@@ -284,7 +297,7 @@ class UserTable(Schedule):
         return cls(sites, virtual=virtual, split_backward=split, name=str(name))
 
 
-_NAMES = ("gpipe", "1f1b", "1f1b:<k>", "interleaved", "interleaved:<v>", "zb-h1", "zbh1", "<path>.toml")
+_NAMES = ("gpipe", "1f1b", "1f1b:<k>", "interleaved", "interleaved:<v>", "zb-h1", "zb-h1:<k>", "zbh1", "<path>.toml")
 
 
 def get_schedule(name: str | Schedule) -> Schedule:
@@ -300,11 +313,13 @@ def get_schedule(name: str | Schedule) -> Schedule:
     simple = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved": Interleaved, "zb-h1": ZBH1, "zbh1": ZBH1}
     if key in simple:
         return simple[key]()
-    if key.startswith("1f1b:"):
-        k = key.split(":", 1)[1]
-        if not k.isdigit():
-            raise ScheduleError(f"schedule {name!r}: expected '1f1b:<extra microbatches in flight>', e.g. '1f1b:2'")
-        return OneFOneB(extra=int(k))
+    for prefix, cls in (("1f1b:", OneFOneB), ("zb-h1:", ZBH1), ("zbh1:", ZBH1)):
+        if key.startswith(prefix):
+            k = key.split(":", 1)[1]
+            if not k.isdigit():
+                raise ScheduleError(f"schedule {name!r}: expected '{prefix}<extra microbatches in flight>', e.g. "
+                                    f"'{prefix}2'")
+            return cls(extra=int(k))
     if key.startswith("interleaved:"):
         v = key.split(":", 1)[1]
         if not v.isdigit():
@@ -370,7 +385,7 @@ def analytic_bubble(name: str | Schedule, sites: int, microbatches: int, virtual
     if isinstance(sched, Interleaved):
         v = virtual if virtual > 1 else sched.virtual
         return (s - 1) / (v * m + s - 1)
-    if isinstance(sched, ZBH1):
+    if isinstance(sched, ZBH1) and sched.extra == 0:
         return (s - 1) / (3 * m + s - 1)
     raise ScheduleError(f"analytic_bubble: no formula for schedule {sched.name!r}; simulate it instead "
                         "(bubble_fraction(simulate(...)))")
