@@ -13,6 +13,8 @@ This is a real slowdown of b's process, not a number handed to the planner.
    the measured block times.
 4. The run with shares measured in run 2: each replica's rows per second of inner step there, given as explicit
    `--shares` (the user's override).
+5. The run with `--shares measured`: equal for the first round, then at every outer step hxtrain deals the rows
+   again from the rows per second each replica's inner steps ran at in that round (no profile, no override).
 
 A replica takes its inner steps with no communication, so its idle time is what its sync steps take beyond its
 median inner step (waiting for the other replica, the exchange itself included). The share is that over the
@@ -83,22 +85,24 @@ def _run(mesh: Path, args, folder: Path, name: str, shares: str | None) -> dict:
     if any(e.returncode for e in exits):
         raise RuntimeError(f"{name}: {exits[0].describe()}\n{text[-3000:]}")
     result = {"rows": {}}
+    metrics = {n: [json.loads(x) for x in (out / f"metrics-{n}.jsonl").read_text().splitlines()] for n in "ab"}
+    # the rows settle once the round in which they last changed is over (measured shares compile the new shapes
+    # in that round); with fixed shares that is the first round
+    changed = max((r["step"] for r in metrics["a"][1:] if r["replica_rows"] != metrics["a"][r["step"] - 2]["replica_rows"]),
+                  default=1)
+    settled = -(-changed // args.sync_every) * args.sync_every
     for n in "ab":
-        rows = [json.loads(x) for x in (out / f"metrics-{n}.jsonl").read_text().splitlines()]
-        steady = [r for r in rows if r["step"] > args.sync_every]  # after the first round
-        inner = statistics.median(r["step_s"] for r in steady if r["step"] % args.sync_every)
-        idle = sum(max(0.0, r["step_s"] - inner) for r in steady if r["step"] % args.sync_every == 0)
-        wall = sum(r["step_s"] for r in steady)
-        result[n] = {"idle_share": idle / wall, "inner_step_s": inner, "wall_s": wall}
-        line = next((x for x in text.splitlines() if f"site '{n}': diloco replica" in x), "")
-        result["rows"][n] = line.split("rows ")[1].split(" of each")[0] if "rows " in line else "?"
+        rows = metrics[n]
+        result[n] = {}
+        for key, after in (("", args.sync_every), ("settled_", max(settled, args.sync_every))):
+            steady = [r for r in rows if r["step"] > after]
+            inner = statistics.median(r["step_s"] for r in steady if r["step"] % args.sync_every)
+            idle = sum(max(0.0, r["step_s"] - inner) for r in steady if r["step"] % args.sync_every == 0)
+            wall = sum(r["step_s"] for r in steady)
+            result[n].update({f"{key}idle_share": idle / wall, f"{key}inner_step_s": inner, f"{key}wall_s": wall})
+        result[n]["settled_after"] = max(settled, args.sync_every)
+        result["rows"][n] = rows[-1]["replica_rows"]  # of the last step (measured shares: as dealt last)
     return result
-
-
-def _count(rows: str) -> int:
-    """'0..15' -> 16"""
-    lo, hi = rows.split("..")
-    return int(hi) - int(lo) + 1
 
 
 def main(argv=None) -> int:
@@ -120,11 +124,11 @@ def main(argv=None) -> int:
             mesh, alone = _topologies(tmp, args.sync_every)
             profile = _profile(alone, args, tmp)
             results = {}
-            for name in ("equal", "profiled", "measured"):
-                shares = {"equal": None, "profiled": f"planned:{profile}"}.get(name)
-                if name == "measured":  # rows per second of inner step in the lockstep run
+            for name in ("equal", "profiled", "override", "measured"):
+                shares = {"equal": None, "profiled": f"planned:{profile}", "measured": "measured"}.get(name)
+                if name == "override":  # rows per second of inner step in the lockstep run, given as --shares
                     eq = results["equal"]
-                    shares = ",".join(f"{_count(eq['rows'][n]) / eq[n]['inner_step_s']:.3f}" for n in "ab")
+                    shares = ",".join(f"{eq['rows'][n] / eq[n]['inner_step_s']:.3f}" for n in "ab")
                 results[name] = _run(mesh, args, tmp, name, shares)
                 r = results[name]
                 print(f"{name}: rows a {r['rows']['a']}, b {r['rows']['b']}; idle share a "
@@ -135,10 +139,13 @@ def main(argv=None) -> int:
     eq = results["equal"]
     print(f"\nmodel {args.model}, {args.steps} steps, batch {args.batch_size}, sync every {args.sync_every}; site b "
           f"shares its core with a busy loop")
-    print("shares | rows a | rows b | fast replica idle | slow replica idle | wall after round 1 | vs equal")
+    print("shares | rows a | rows b | fast replica idle | slow replica idle | wall after round 1 | vs equal | "
+          "rows settled after step | fast replica idle from then | wall per step from then vs equal")
     for name, r in results.items():
-        print(f"{name} | {r['rows']['a']} | {r['rows']['b']} | {r['a']['idle_share']:.1%} | {r['b']['idle_share']:.1%}"
-              f" | {r['a']['wall_s']:.2f} s | {r['a']['wall_s'] / eq['a']['wall_s']:.2f}x")
+        a, per = r["a"], lambda x: x["settled_wall_s"] / (args.steps - x["settled_after"])  # noqa: E731
+        print(f"{name} | {r['rows']['a']} | {r['rows']['b']} | {a['idle_share']:.1%} | {r['b']['idle_share']:.1%}"
+              f" | {a['wall_s']:.2f} s | {a['wall_s'] / eq['a']['wall_s']:.2f}x | {a['settled_after']} | "
+              f"{a['settled_idle_share']:.1%} | {per(a) / per(eq['a']):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

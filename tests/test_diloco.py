@@ -198,6 +198,55 @@ def test_resume_mid_round_is_bit_identical_and_the_checkpoint_exports(tmp_path):
         _run(uniform(2), dataclasses.replace(cfg, sync_every=6), out=tmp_path / "run", **kw)
 
 
+class _SlowSecondReplica:
+    """A clock for `DilocoTrainer.clock` under which replica 1's inner step takes `ratio` times as long per row as
+    replica 0's: it is read before and after each replica's step, in replica order."""
+
+    def __init__(self, run, ratio: float):
+        self.run, self.ratio, self.calls, self.now = run, ratio, 0, 0.0
+
+    def __call__(self) -> float:
+        r, end = divmod(self.calls % 4, 2)
+        self.calls += 1
+        if end:
+            rep = self.run.replicas[r]
+            self.now += (rep.rows.stop - rep.rows.start) * 1e-3 * (self.ratio if r else 1.0)
+        return self.now
+
+
+def test_measured_shares_deal_the_rows_by_each_replicas_rows_per_second(tmp_path):
+    """shares = "measured": equal until the first outer step, then the global batch is dealt in proportion to the
+    rows per second each replica's inner steps ran at (in whole units of microbatches x data); the rows of each
+    step are in its metrics, the token-weighted average follows them, and a resume takes the dealt rows from the
+    checkpoint (they came from timings, so they are not recomputed)."""
+    cfg = Diloco(sync_every=2, shares="measured")
+    kw = dict(optimizer=ADAMW, max_corpus_bytes=100_000, batch_size=16)
+    run = _run(uniform(2), cfg, out=tmp_path / "run", save_every=3, **kw)
+    run.clock = _SlowSecondReplica(run, 3.0)
+    assert "shares measured (equal until the first outer step" in run.describe()
+    rows = run.fit(5, progress=False)
+    assert [tuple(r["replica_rows"].values()) for r in rows] == [(8, 8), (8, 8), (12, 4), (12, 4), (12, 4)]
+    assert [r["replica_tokens"]["s1"] for r in rows][-1] == (8 + 8 + 4 + 4 + 4) * T
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # step 6 with replica 1 as fast per row as replica 0: since the deal at step 4 its median is 2 ms per row (3, 1),
+    # so 2:1 -> 10 / 6 rows; that would not shorten the slowest step (12 ms either way), so the rows stay
+    run.clock = _SlowSecondReplica(run, 1.0)
+    assert run.train_step(next(run.batches))["replica_rows"] == {"s0": 12, "s1": 4}
+    assert [r.rows for r in run.replicas] == [slice(0, 12), slice(12, 16)]
+    again = _run(uniform(2), cfg, out=tmp_path / "run", **kw)  # the end of fit saved step 5, with rows 12 / 4
+    assert again.resumed_from == 5 and [r.rows for r in again.replicas] == [slice(0, 12), slice(12, 16)]
+    assert again.tokens == [(8 + 8 + 12 * 3) * T, (8 + 8 + 4 * 3) * T]
+    meter = dl.ShareMeter(16, [2, 2], 2)
+    assert meter.deal([8, 8], [1e-3, 3e-3]) == [12, 4]  # by rows per second
+    assert meter.deal([12, 4], [1e-3, 2e-3]) == [12, 4]  # 10 / 6 would not shorten the slowest step by 5%
+    assert meter.deal([12, 4], [1e-3, 1e-3]) == [8, 8]  # 12 ms -> 8 ms
+    assert meter.deal([12, 4], [1e-3, 0.0]) == [12, 4]  # a replica that measured nothing keeps the rows
+    meter.add(0, 4, 4e-3), meter.add(0, 4, 40e-3), meter.add(0, 4, 5e-3)  # one step compiled: the median
+    assert meter.per_row(0) == pytest.approx(1.25e-3)
+    with pytest.raises(ValueError, match=r"^--batch-size 6: replicas read rows in multiples of \[4, 4\]"):
+        dl.ShareMeter(6, [4, 4], 2).deal([2, 4], [1.0, 1.0])
+
+
 def test_the_held_out_loss_is_the_global_params_and_leaves_replica_0_as_it_was():
     run = _run(uniform(2), Diloco(sync_every=2), optimizer=ADAMW, eval_batches=2, max_corpus_bytes=100_000)
     rows = run.fit(3, progress=False, eval_every=2)
@@ -274,8 +323,8 @@ def test_bad_diloco_settings_are_refused_naming_the_field(tmp_path):
         (Diloco(replicas=(("s0", "s1", "s2", "s3"),)), "diloco.replicas: expected at least 2 replicas"),
         (Diloco(fragments=5, sync_every=4), "diloco.fragments: expected a whole number in 1..sync_every \\(4\\)"),
         (Diloco(shares=(1, 2)), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\)"),
-        (Diloco(shares="fast"), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\), \"planned\" or "
-                                 "\"planned:FILE\", got "),
+        (Diloco(shares="fast"), "diloco.shares: expected 4 numbers > 0 \\(one per replica\\), \"planned\", "
+                                 "\"planned:FILE\" or \"measured\", got "),
         (Diloco(outer_momentum=1.0), "diloco.outer_momentum: expected a number in \\[0, 1\\)"),
     ]
     for cfg, message in cases:
@@ -300,7 +349,7 @@ def test_the_command_line_names_the_flag(capsys):
     assert "error: --replicas: the groups must cover every site exactly once" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: the usage line, then the error
         cli.main(["train", "--strategy", "diloco", "--shares", "fast"])
-    assert "argument --shares: expected one number per replica like 2,1, planned, or planned:FILE, got 'fast'" in \
+    assert "argument --shares: expected one number per replica like 2,1, planned, planned:FILE or measured, got 'fast'" in \
         capsys.readouterr().err
     assert cli.main(["train", "--strategy", "diloco", "--executor", "spmd"]) == 2
     assert "error: --strategy diloco: --executor spmd is not supported with diloco yet" in capsys.readouterr().err
@@ -371,6 +420,37 @@ def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):
         want_evals = [(r["step"], r["eval_loss"]) for r in ref_rows if "eval_loss" in r] if s == "a" else []
         assert [k for k, _ in evals] == [k for k, _ in want_evals], (s, evals)
         assert all(rel_err(g, w) <= 1e-5 for (_, g), (_, w) in zip(evals, want_evals)), (evals, want_evals)
+
+
+def test_replica_processes_deal_measured_shares_the_same(tmp_path):
+    """`--shares measured` as site processes: at every outer step the two replicas send each other their rows
+    and seconds of inner step and both deal the same rows (in whole units of microbatches x data) for the next
+    round, whatever the timings say."""
+    import json
+    import subprocess
+    import sys
+
+    mesh = tmp_path / "two.toml"
+    mesh.write_text(_TWO_SITES)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
+                          "--shares", "measured", "--sync-every", "2", "--steps", "5", "--out", str(out),
+                          "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert "rows 0..3 of each batch (shares measured (equal until the first outer step" in run.stdout
+    dealt = {}
+    for s in ("a", "b"):
+        found = re.findall(rf"\[{s}\] site '{s}': step (\d): rows per second of inner step \S+ \S+ -> rows "
+                           r"\[(\d+), (\d+)\] from step", run.stdout)
+        dealt[s] = [(int(k), int(x), int(y)) for k, x, y in found]
+    assert [k for k, _, _ in dealt["a"]] == [2, 4] and dealt["a"] == dealt["b"], dealt
+    assert all(x + y == 8 and x % 2 == 0 and y % 2 == 0 and x > 0 and y > 0 for _, x, y in dealt["a"])
+    rows = {s: [json.loads(line) for line in (out / f"metrics-{s}.jsonl").read_text().splitlines()]
+            for s in ("a", "b")}
+    for step in range(1, 6):  # the rows each replica read, step by step, add up to the global batch
+        a, b = rows["a"][step - 1]["replica_rows"], rows["b"][step - 1]["replica_rows"]
+        want = (4, 4) if step <= 2 else next(((x, y) for k, x, y in reversed(dealt["a"]) if k < step))
+        assert (a, b) == want, (step, a, b, dealt)
 
 
 def test_replica_processes_checkpoint_and_a_relaunch_resumes_exactly(tmp_path, capsys):

@@ -112,11 +112,11 @@ def check_diloco(src: str, d, site_names, flags: dict[str, str] | None = None) -
         if not d.shares[len("planned:"):]:
             fail("shares", f"expected \"planned:FILE\" naming a profile of `hxtrain profile --out FILE`, got "
                            f"{show(d.shares)}")
-    elif d.shares is not None and d.shares != "planned":
+    elif d.shares is not None and d.shares not in ("planned", "measured"):
         if (not isinstance(d.shares, tuple) or len(d.shares) != len(groups)
                 or not all(_is_num(x) and x > 0 for x in d.shares)):
-            fail("shares", f"expected {len(groups)} numbers > 0 (one per replica), \"planned\" or "
-                           f"\"planned:FILE\", got {show(d.shares)}")
+            fail("shares", f"expected {len(groups)} numbers > 0 (one per replica), \"planned\", "
+                           f"\"planned:FILE\" or \"measured\", got {show(d.shares)}")
 
 
 def _check_site(src: str, w: str, s) -> None:

@@ -124,7 +124,8 @@ class Diloco:
     codec: str = "none"  # pseudo-gradients on the link: none, bf16, int8 or fp8 (hxtrain.links.codecs)
     shares: tuple[float, ...] | str | None = None  # each replica's share of the global batch; None = equal;
     # "planned": in proportion to the tokens/s the planner predicts for each replica (`training.diloco.replica_shares`);
-    # "planned:FILE": the same from the block times measured by `hxtrain profile --out FILE`
+    # "planned:FILE": the same from the block times measured by `hxtrain profile --out FILE`; "measured": equal,
+    # then at every outer step (each H steps) in proportion to each replica's rows per second of inner step
 
     def __post_init__(self):
         if isinstance(self.replicas, list):

@@ -97,6 +97,14 @@ class Batches:
             out[i] = self.records[base + r]
         return out
 
+    def read_rows(self, rows) -> None:
+        """Read `rows` of every batch from the next one on (a DiLoCo replica whose share was dealt again); the
+        stream keeps its place."""
+        rows = tuple(rows)
+        if not all(isinstance(r, (int, np.integer)) and 0 <= r < self.batch_size for r in rows):
+            raise ValueError(f"rows: expected indices into a batch of {self.batch_size}, got {rows!r}")
+        self.rows = rows
+
     def get_state(self) -> dict:
         return {"next_index": self.next_index}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -78,8 +79,13 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
     local, how = build(topology, index, cfg, d)
     log(local.describe())
     transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
+    meter = None
+    if d.shares == "measured":
+        from hxtrain.training.diloco import ShareMeter, replica_units
+
+        meter = ShareMeter(cfg.batch_size, replica_units(topology, d, cfg.microbatches), d.sync_every)
     steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log,
-                         relink=relink)
+                         relink=relink, meter=meter)
     log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows[0]}.."
         f"{local.batches.rows[-1]} of each batch (shares {how}), sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
@@ -154,19 +160,33 @@ class _ReplicaView:
         self.local.set_params(params)
 
 
+class _ProcessReplica:
+    """The one replica of a replica process, as `DilocoCheckpoints` reads it: its name, stages, optimizer and
+    the rows of every global batch it reads now (measured shares deal them again)."""
+
+    def __init__(self, local, view):
+        self.local, self.name, self.pipeline, self.optimizer = local, local.site.name, view, local.optimizer
+
+    @property
+    def rows(self) -> slice:
+        first = self.local.batches.rows[0] - self.local.rows[0]  # the replica's first row of the global batch
+        return slice(first, first + self.local.batch_size)
+
+
 class _ProcessRun:
     """What `DilocoCheckpoints` reads and restores of a run, as one replica process sees it: its own replica, the
     outer state it shares with the other, its data stream."""
 
     def __init__(self, local, steps, topology, d, cfg):
-        first = local.batches.rows[0]
-        self.replicas = [types.SimpleNamespace(name=local.site.name, pipeline=steps.view,
-                                               optimizer=local.optimizer,
-                                               rows=slice(first, first + local.batch_size))]
+        self.local = local
+        self.replicas = [_ProcessReplica(local, steps.view)]
         self.diloco, self.seed, self.topology, self.batch_size = d, cfg.seed, topology, cfg.batch_size
         self.seq, self.model_id, self.outer = local.seq, (local.model_name, local.model_config), steps.outer
         self.batches = local.batches
         self.step, self.tokens = 0, [0]
+
+    def set_rows(self, sizes, first: int = 0) -> None:
+        self.local.read_rows(int(sizes[0]), first)
 
     def restart_data(self, state: dict) -> None:
         self.batches.set_state(state)
@@ -222,16 +242,20 @@ class ReplicaSteps:
     """`training.loop.Steps` of a replica: its inner step, then the syncs due, exchanged with the other replica."""
 
     def __init__(self, local, transport, endpoint, index: int, d, *, elastic: bool = False, log=print,
-                 relink=None):
+                 relink=None, meter=None):
         self.local, self.transport, self.ep, self.me, self.d = local, transport, endpoint, index, d
         self.elastic, self.log, self.relink = elastic, log, relink
+        self.meter = meter  # measured shares (`training.diloco.ShareMeter`): the rows are dealt again each round
         self.alone = False  # elastic: the other replica was lost, this one goes on by itself
-        self.tokens_per_step = local.batch_size * local.seq
         self.learning_rate = local.optimizer.learning_rate
         self.view = _ReplicaView(local)  # the replica's current stages, for `checkpoints.logical`
         self.outer = OuterSync(d, self.params(), 2)
         biggest = max(v.nbytes for v in self.outer.global_params.values())
         endpoint.max_bytes = max(endpoint.max_bytes, 2 * biggest + (1 << 16))
+
+    @property
+    def tokens_per_step(self) -> int:  # this replica's rows now (measured shares deal them again)
+        return self.local.batch_size * self.local.seq
 
     def params(self) -> dict:
         return flat(jax.device_get(_logical.to_logical(self.view)["params"]))
@@ -263,8 +287,13 @@ class ReplicaSteps:
         t, outer = self.transport, self.outer
         t.reset_stats()
         t.step = step
+        rows = self.local.batch_size
+        t0 = time.perf_counter()
         loss, norm = self.local.train_step(batch, t)
-        outer.add_tokens(self.me, self.local.batch_size * self.local.seq)
+        if self.meter is not None:  # the inner step, done on the device
+            jax.block_until_ready((loss, norm))
+            self.meter.add(self.me, rows, time.perf_counter() - t0)
+        outer.add_tokens(self.me, rows * self.local.seq)
         sent, due = 0, outer.due(step)
         if due or outer.pending:
             mine = self.params()
@@ -277,8 +306,11 @@ class ReplicaSteps:
                                                          [s.params for s in self.view.stages]))
         if self.alone and due and not outer.pending and self.relink is not None:
             self._welcome_back(step)
+        if self.meter is not None and self.meter.due(step) and not self.alone:
+            self._deal(step)
         other = self.ep.peer
         return {"site": self.local.site.name, "loss": loss, "grad_norm": norm, "outer_step": outer.outer_steps,
+                "replica_rows": rows,
                 "sync_bytes": sent, "bytes_per_link": {f"{self.local.site.name}->{other}": sent},
                 "payload_bytes_per_link": {}, "control_bytes": 0}
 
@@ -334,6 +366,37 @@ class ReplicaSteps:
         self.local.batches.set_state({"next_index": step})
         ep.send(Kind.STATE, np.zeros(1, np.int64), step=step, microbatch=_TOKENS + 1)
         return step
+
+    def _deal(self, step: int) -> None:
+        """Measured shares: both replicas send each other their median seconds per row of inner step since the
+        last deal and their rows now, deal the global batch again from the same figures (`ShareMeter.deal`: the
+        same rows on both), and this one reads its new rows from the next step on. A lost peer here is handled
+        like one lost in a sync."""
+        m, me = self.meter, self.me
+        mine = np.array([m.per_row(me), self.local.batch_size], np.float64)
+        try:
+            self.ep.send(Kind.PSEUDO_GRADIENT, mine, step=step, microbatch=_TOKENS + 3)
+            _, theirs = self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=step, microbatch=_TOKENS + 3)
+        except PeerError as e:
+            if not self.elastic:
+                raise
+            self.alone = True
+            self.log(f"site {self.local.site.name!r}: lost replica {self.ep.peer!r} at step {step} ({e}); "
+                     "continuing as the only replica (--elastic)")
+            if self.relink is not None:
+                self.relink.start()
+            return
+        if theirs.shape != (2,) or not np.isfinite(theirs).all() or (theirs < 0).any():
+            self.ep.abort(f"bad share figures from site {self.ep.peer!r}")
+            raise PeerError(f"site {self.ep.peer!r} sent its seconds per row and rows (step {step}) as {theirs!r}, "
+                            "expected two numbers >= 0")
+        both = [mine, theirs] if me == 0 else [theirs, mine]
+        sizes = m.deal([int(x[1]) for x in both], [float(x[0]) for x in both])
+        rates = " ".join(f"{1.0 / x[0]:.4g}" if x[0] > 0 else "-" for x in both)
+        self.log(f"site {self.local.site.name!r}: step {step}: rows per second of inner step {rates} -> rows "
+                 f"{sizes} from step {step + 1}")
+        if sizes[me] != self.local.batch_size:
+            self.local.read_rows(sizes[me], sum(sizes[:me]))
 
     def _exchange(self, f: int, mine: dict, step: int) -> int:
         outer = self.outer

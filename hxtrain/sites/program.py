@@ -298,6 +298,14 @@ class LocalSite:
         self.set_params(params)
         return loss, norm
 
+    def read_rows(self, batch_size: int, first: int) -> None:
+        """A DiLoCo replica whose share was dealt again: from the next step it trains on `batch_size` rows of every
+        global batch, from row `first` on (this process's shards of them); the data stream keeps its place."""
+        _stages.check_batch(batch_size, self.microbatches, (self.site,), field="--batch-size")
+        self.batch_size = batch_size
+        self.rows = rows_read(self.mesh, self.stages, self.microbatches, batch_size)
+        self.batches.read_rows([first + r for r in self.rows])
+
     def set_params(self, params: list[dict]) -> None:
         """Swap in new params for this site's stages, in stage order."""
         self.stages = dict(zip(self.stages, _stages.with_params(list(self.stages.values()), params)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import types
 
 import jax
@@ -53,6 +54,9 @@ def replica_shares(topology, d, model_cfg, batch_size: int) -> tuple[list[float]
     groups = d.groups(topology)
     if d.shares is None:
         return [1.0] * len(groups), "equal"
+    if d.shares == "measured":  # equal until the replicas have run a round (`ShareMeter`)
+        return [1.0] * len(groups), ("measured (equal until the first outer step, then each replica's rows per "
+                                     "second of inner step)")
     if not isinstance(d.shares, str):
         return [float(x) for x in d.shares], "given"
     from hxtrain.planning.planner import PlanError, plan
@@ -109,11 +113,50 @@ def replica_rows(topology, d, model_cfg, batch_size: int, microbatches: int) -> 
     microbatches x data (the lcm of its sites' data), so every replica's rows split over its devices; shares given
     as numbers (or equal) are honoured row for row, and rows a replica cannot split are refused naming it."""
     shares, how = replica_shares(topology, d, model_cfg, batch_size)
-    units = None
-    if isinstance(d.shares, str):
-        by_name = {s.name: s for s in topology.sites}
-        units = [microbatches * math.lcm(*(by_name[n].data for n in g)) for g in d.groups(topology)]
+    units = replica_units(topology, d, microbatches) if isinstance(d.shares, str) else None
     return replica_batches(batch_size, shares, units), how
+
+
+class ShareMeter:
+    """`shares = "measured"`: each replica's seconds per row of every inner step since the last deal; at every
+    outer step (each `every` inner steps) the global batch is dealt again in proportion to the replicas' rows per
+    second (the median step's, so a step that compiled for new rows does not count), in whole units
+    (`replica_batches`), unless that would shorten the slowest replica's predicted step by less than `keep` (5%):
+    rows that change cost a compile, so noise must not move them. The same arithmetic in one process and in every
+    replica process (which exchange their figures first), so all replicas deal the same rows."""
+
+    def __init__(self, batch_size: int, units, every: int, keep: float = 0.05):
+        self.batch_size, self.units, self.every, self.keep = batch_size, list(units), every, keep
+        self.samples: list[list[float]] = [[] for _ in self.units]
+
+    def add(self, r: int, rows: int, seconds: float) -> None:
+        self.samples[r].append(seconds / rows)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def per_row(self, r: int) -> float:
+        """Replica r's median seconds per row since the last deal (0.0: no step measured)."""
+        return float(np.median(self.samples[r])) if self.samples[r] else 0.0
+
+    def deal(self, current, per_row=None) -> list[int]:
+        """The rows of the next round per replica: `current` (the rows now) or, when it pays, the batch dealt by
+        the replicas' rows per second; `per_row`: every replica's seconds per row (gathered from the processes;
+        default this meter's own). Starts counting afresh."""
+        per_row = [self.per_row(r) for r in range(len(self.units))] if per_row is None else list(per_row)
+        self.samples = [[] for _ in self.units]
+        current = [int(x) for x in current]
+        if not all(t > 0 for t in per_row):
+            return current  # a replica measured nothing: keep its rows
+        new = replica_batches(self.batch_size, [1.0 / t for t in per_row], self.units)
+        slowest = lambda rows: max(n * t for n, t in zip(rows, per_row))  # noqa: E731
+        return new if slowest(new) < (1.0 - self.keep) * slowest(current) else current
+
+
+def replica_units(topology, d, microbatches: int) -> list[int]:
+    """Each replica's rows come in multiples of its microbatches x data (the lcm of its sites' data)."""
+    by_name = {s.name: s for s in topology.sites}
+    return [microbatches * math.lcm(*(by_name[n].data for n in g)) for g in d.groups(topology)]
 
 
 @dataclasses.dataclass
@@ -187,6 +230,9 @@ class DilocoTrainer:
         self.topology, self.batch_size, self.seed, self.out = topo, batch_size, seed, out
         self.model_id = (type(model).__name__, model.cfg)  # what a checkpoint's meta records
         self.outer = OuterSync(cfg, self.replicas[0].params(), len(self.replicas))  # all start from one model
+        self.meter = ShareMeter(batch_size, replica_units(topo, cfg, microbatches), cfg.sync_every) \
+            if cfg.shares == "measured" else None
+        self.clock = time.perf_counter  # what the meter times inner steps with
         self.tokens = [0] * len(self.replicas)  # tokens each replica processed, in all
         self.step = 0
         vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)  # prepared tokens must fit the model
@@ -214,26 +260,40 @@ class DilocoTrainer:
     def train_step(self, tokens) -> dict:
         """Every replica's inner step on its rows of `tokens`, then the fragment syncs due at this step. Returns
         loss (token-weighted over replicas) and each replica's, grad_norm (the largest replica's), sync_bytes
-        (pseudo-gradient bytes the replicas sent this step, in all: each its delta to every other), outer_step
-        and each replica's tokens so far."""
+        (pseudo-gradient bytes the replicas sent this step, in all: each its delta to every other), outer_step,
+        each replica's rows this step and tokens so far. With measured shares, the rows are dealt again after
+        every H-th step (`ShareMeter`)."""
         tokens = np.asarray(tokens)
         losses, norms = [], []
         for r, rep in enumerate(self.replicas):
             part = tokens[rep.rows]
+            t0 = self.clock()
             loss, grads, sqs = rep.pipeline.grads(part)
             params, norm = rep.optimizer.step(rep.pipeline.stages, grads, sqs)
             rep.pipeline.set_params(params)
             losses.append(float(loss))
             norms.append(float(norm))
+            if self.meter is not None:  # the replica's inner step, done (its loss and norm are on the host)
+                self.meter.add(r, part.shape[0], self.clock() - t0)
             self.tokens[r] += part.shape[0] * self.seq
             self.outer.add_tokens(r, part.shape[0] * self.seq)
         self.step += 1
         sent = self._sync(self.step)
-        weights = [rep.rows.stop - rep.rows.start for rep in self.replicas]
+        weights = [rep.rows.stop - rep.rows.start for rep in self.replicas]  # the rows this step read
+        if self.meter is not None and self.meter.due(self.step):
+            self.set_rows(self.meter.deal(weights))
         return {"loss": sum(w * x for w, x in zip(weights, losses)) / sum(weights), "grad_norm": max(norms),
+                "replica_rows": {rep.name: w for rep, w in zip(self.replicas, weights)},
                 "replica_loss": {rep.name: x for rep, x in zip(self.replicas, losses)}, "sync_bytes": sent,
                 "outer_step": self.outer.outer_steps,
                 "replica_tokens": {rep.name: t for rep, t in zip(self.replicas, self.tokens)}}
+
+    def set_rows(self, sizes, first: int = 0) -> None:
+        """Each replica reads `sizes[r]` rows of every global batch from the next step on (in replica order)."""
+        start = first
+        for rep, b in zip(self.replicas, sizes):
+            rep.rows = slice(start, start + int(b))
+            start += int(b)
 
     def _sync(self, step: int) -> int:
         """The syncs due at `step` (every replica is here, so the exchange is a list); the bytes sent."""

@@ -56,7 +56,7 @@ class DilocoCheckpoints:
                     "rows": [[rep.rows.start, rep.rows.stop] for rep in run.replicas]}
         return run_meta(step, run.seed, run.model_id, pipe.ranges, run.topology, pipe.schedule.name,
                         pipe.microbatches, run.batch_size, run.seq, _logical.shapes(pipe), diloco=settings,
-                        pending=[[at, f] for at, f, _ in self._pending()])
+                        pending=[[at, f] for at, f, _ in self._pending()], tokens=list(run.tokens))
 
     def _pending(self):
         keys = self.run.outer.fragments
@@ -130,6 +130,10 @@ class DilocoCheckpoints:
                                   f"folder under it (complete there: {self.complete()})")
         run, outer = self.run, self.run.outer
         saved, now = self.glob.read_meta(step), self.meta(step)
+        measured = run.diloco.shares == "measured"
+        if measured:  # the rows were dealt from timings: take the saved ones, compare the rest
+            run.set_rows([hi - lo for lo, hi in saved["diloco"]["rows"]], first=saved["diloco"]["rows"][0][0])
+            now = self.meta(step)
         for field in ("diloco", "model", "config", "batch_size", "seed", "seq", "schedule", "microbatches"):
             if saved.get(field) != _json(now.get(field)):
                 raise CheckpointMismatch(f"checkpoint step {step} in {self.root}: saved with {field} = "
@@ -156,7 +160,8 @@ class DilocoCheckpoints:
             rep.optimizer.load_states(states)
         run.restart_data(self.glob.read_item(step, "data", None))
         run.step = int(saved["step"])
-        run.tokens = [run.step * (rep.rows.stop - rep.rows.start) * run.seq for rep in run.replicas]
+        run.tokens = list(saved["tokens"]) if "tokens" in saved else \
+            [run.step * (rep.rows.stop - rep.rows.start) * run.seq for rep in run.replicas]
         for ck in (self.glob, *self.reps):
             ck.set_aside([s for s in ck.all_steps() if s > step])
 

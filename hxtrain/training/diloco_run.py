@@ -22,13 +22,13 @@ def _groups(text: str):
 def _shares(text: str):
     import argparse
 
-    if text == "planned" or text.startswith("planned:"):
+    if text in ("planned", "measured") or text.startswith("planned:"):
         return text
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one number per replica like 2,1, planned, or planned:FILE, got "
-                                         f"{text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected one number per replica like 2,1, planned, planned:FILE or "
+                                         f"measured, got {text!r}") from None
 
 
 def add_diloco_arguments(p) -> None:
@@ -47,7 +47,9 @@ def add_diloco_arguments(p) -> None:
     p.add_argument("--shares", type=_shares, help="diloco: each replica's share of the batch, e.g. 2,1, or "
                                                   "planned: in proportion to the planner's tokens/s, or "
                                                   "planned:FILE: the same from the block times `hxtrain profile "
-                                                  "--out FILE` measured (default equal)")
+                                                  "--out FILE` measured, or measured: equal, then at every outer "
+                                                  "step in proportion to each replica's rows per second of inner "
+                                                  "step (default equal)")
 
 
 def diloco_overrides(args) -> tuple[tuple[str, object], ...]:
@@ -61,7 +63,7 @@ def diloco_flag_args(args) -> list[str]:
     for field, value in diloco_overrides(args):
         if field == "replicas":
             value = ",".join("+".join(g) for g in value)
-        elif field == "shares":
+        elif field == "shares" and not isinstance(value, str):  # numbers; "planned", "measured" pass as they are
             value = ",".join(map(str, value))
         out += [_DILOCO_FLAGS[field], str(value)]
     return out
