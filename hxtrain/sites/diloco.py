@@ -378,13 +378,7 @@ class ReplicaSteps:
             self.ep.send(Kind.PSEUDO_GRADIENT, mine, step=step, microbatch=_TOKENS + 3)
             _, theirs = self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=step, microbatch=_TOKENS + 3)
         except PeerError as e:
-            if not self.elastic:
-                raise
-            self.alone = True
-            self.log(f"site {self.local.site.name!r}: lost replica {self.ep.peer!r} at step {step} ({e}); "
-                     "continuing as the only replica (--elastic)")
-            if self.relink is not None:
-                self.relink.start()
+            self._lost(step, e)
             return
         if theirs.shape != (2,) or not np.isfinite(theirs).all() or (theirs < 0).any():
             self.ep.abort(f"bad share figures from site {self.ep.peer!r}")
@@ -405,15 +399,19 @@ class ReplicaSteps:
             try:
                 return self._with_peer(f, mine, my_delta, step)
             except PeerError as e:
-                if not self.elastic:
-                    raise
-                self.alone = True
-                self.log(f"site {self.local.site.name!r}: lost replica {self.ep.peer!r} at step {step} ({e}); "
-                         "continuing as the only replica (--elastic): the average is over this replica alone")
-                if self.relink is not None:  # it may come back (`hxtrain site --rejoin`, or launch restarts it)
-                    self.relink.start()
+                self._lost(step, e)
         outer.combine(f, [my_delta], step, [outer.since[f][self.me]])
         return 0
+
+    def _lost(self, step: int, e: PeerError) -> None:
+        """The other replica is gone: raise it again, or (--elastic) go on as the only replica."""
+        if not self.elastic:
+            raise e
+        self.alone = True
+        self.log(f"site {self.local.site.name!r}: lost replica {self.ep.peer!r} at step {step} ({e}); "
+                 "continuing as the only replica (--elastic): the average is over this replica alone")
+        if self.relink is not None:  # it may come back (`hxtrain site --rejoin`, or launch restarts it)
+            self.relink.start()
 
     def _with_peer(self, f: int, mine: dict, my_delta: dict, step: int) -> int:
         outer, ep, codec = self.outer, self.ep, self.d.codec
