@@ -284,6 +284,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
                         "--elastic); a pipeline site comes back through `hxtrain launch --elastic`")
     if cfg.strategy == "diloco":
         from hxtrain.sites import diloco as _replica
+        from hxtrain.sites.relink import Relink
 
         diloco = _replica.check(topo, cfg, SiteError)
     site = topo.sites[index]
@@ -321,7 +322,7 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
             how = "mutual TLS 1.3" if tls is not None else "plaintext"
             log(f"site {site.name!r}: linked to {sorted(ep.peer for ep in endpoints.values())} ({how})")
         if diloco is not None:
-            relink = _replica.Relink(topo, index, cfg, secret, tls, log) if cfg.elastic else None
+            relink = Relink(topo, index, cfg, secret, tls, log) if cfg.elastic else None
             return _replica.run(topo, index, cfg, diloco, endpoints, log, relink)
         local = _prog.LocalSite.build(topo, index, cfg)
         log(f"site {site.name!r}: {client.describe()}: {local.describe_client()}")
