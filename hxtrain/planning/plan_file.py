@@ -96,7 +96,9 @@ class Plan:
         by_site = {s.name: s for s in self.diloco.sites}
         sites = tuple(dataclasses.replace(s, data=by_site[s.name].data, tensor=by_site[s.name].tensor,
                                           layers=None) for s in topo.sites)
-        shares = d.shares if d.shares is not None else tuple(self.diloco.shares) or None
+        shares = d.shares  # the table's own, else the row's speeds (none in a row without shares)
+        if shares is None and self.diloco.shares:
+            shares = tuple(self.diloco.shares)
         run = dataclasses.replace(topo.run, model=self.model or topo.run.model,
                                   microbatches=self.diloco.microbatches, batch_size=self.global_batch)
         return dataclasses.replace(topo, sites=sites, run=run, diloco=dataclasses.replace(d, shares=shares))

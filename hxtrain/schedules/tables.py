@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from hxtrain.schedules.simulate import KINDS, ScheduleError, Task, dependencies, simulate  # the first four re-exported here
+from hxtrain.schedules.latency import latency_extra, name_extra  # latency_extra re-exported here
 
 
 def _check_counts(sites, microbatches, who: str) -> None:
@@ -103,24 +104,10 @@ class OneFOneB(Schedule):
         if self.virtual != 1 or self.split_backward:
             raise ScheduleError(f"OneFOneB: virtual must be 1 and split_backward False, got {self.virtual}, "
                                 f"{self.split_backward}; use Interleaved or ZBH1 for those")
-        if not isinstance(self.extra, int) or isinstance(self.extra, bool) or self.extra < 0:
-            raise ScheduleError(f"OneFOneB: extra must be an int >= 0 (microbatches in flight beyond 1F1B's), got "
-                                f"{self.extra!r}")
-        if not self.name:
-            object.__setattr__(self, "name", "1f1b" if self.extra == 0 else f"1f1b:{self.extra}")
+        name_extra(self, "OneFOneB", "1f1b")
 
     def _orders(self, sites, microbatches):
         return [_one_f_one_b(d, sites, microbatches, self.extra) for d in range(sites)]
-
-
-def latency_extra(round_trip_s: float, microbatch_s: float) -> int:
-    """The extra warm-up of the latency-aware 1F1B: microbatches whose F + B (`microbatch_s`) cover a link's round
-    trip, ceil(round_trip / microbatch_s); 0 for a free link."""
-    if round_trip_s <= 0:
-        return 0
-    if not microbatch_s > 0:
-        raise ValueError(f"microbatch_s: expected a time > 0, got {microbatch_s!r}")
-    return int(-(-round_trip_s // microbatch_s))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,11 +172,7 @@ class ZBH1(Schedule):
         if self.virtual != 1 or not self.split_backward:
             raise ScheduleError(f"ZBH1: virtual must be 1 and split_backward True, got {self.virtual}, "
                                 f"{self.split_backward}")
-        if not isinstance(self.extra, int) or isinstance(self.extra, bool) or self.extra < 0:
-            raise ScheduleError(f"ZBH1: extra must be an int >= 0 (microbatches in flight beyond ZB-H1's), got "
-                                f"{self.extra!r}")
-        if not self.name:
-            object.__setattr__(self, "name", "zb-h1" if self.extra == 0 else f"zb-h1:{self.extra}")
+        name_extra(self, "ZBH1", "zb-h1")
 
     def _orders(self, sites, microbatches):
         fb = [_one_f_one_b(d, sites, microbatches, self.extra) for d in range(sites)]
