@@ -27,7 +27,8 @@ def run_loop(local, transport, cfg, log, start: int = 0, ckpt=None, steps=None) 
     if steps is None:
         steps = SiteSteps(local, transport)
         if cfg.timeline is not None and cfg.process_id in (None, 0):  # the site's leader writes it
-            steps.timeline = (site_timeline_path(cfg.timeline, name), last if cfg.timeline_step is None else cfg.timeline_step)
+            at = last if cfg.timeline_step is None else cfg.timeline_step
+            steps.timeline = (site_timeline_path(cfg.timeline, name), at)
     rows = run_steps(steps, first=start + 1, last=last, metrics=metrics, report=report, where=f"site {name!r}: ",
                      saver=None if ckpt is None else SiteSaver(ckpt, local), evaluate=steps.evaluate,
                      eval_every=cfg.eval_every)
