@@ -88,8 +88,8 @@ def _run(mesh: Path, args, folder: Path, name: str, shares: str | None) -> dict:
     metrics = {n: [json.loads(x) for x in (out / f"metrics-{n}.jsonl").read_text().splitlines()] for n in "ab"}
     # the rows settle once the round in which they last changed is over (measured shares compile the new shapes
     # in that round); with fixed shares that is the first round
-    changed = max((r["step"] for r in metrics["a"][1:] if r["replica_rows"] != metrics["a"][r["step"] - 2]["replica_rows"]),
-                  default=1)
+    a = metrics["a"]
+    changed = max((r["step"] for r in a[1:] if r["replica_rows"] != a[r["step"] - 2]["replica_rows"]), default=1)
     settled = -(-changed // args.sync_every) * args.sync_every
     for n in "ab":
         rows = metrics[n]
