@@ -5,8 +5,9 @@ another optimisation, see benchmarks/diloco.py) on the shipped realistic topolog
 
 For every non-CPU topology in `meshes/` (and the same topology with 10x and 100x faster links, to separate what
 the links cost from what the placement costs), prints predicted tokens/s and the fraction of the ideal (the sum of
-what each site would do alone with the whole model at its own best configuration, memory aside: see
-`hxtrain.planning.planner`) for the plan, an even split and cross-site data parallelism; then a
+what each site would do alone with the whole model at its own best configuration that fits its memory: see
+`hxtrain.planning.planner`) for the plan, an even split and cross-site data parallelism, and the plan's fraction of
+the compute bound (the same sum with memory set aside, which no row can pass); then a
 synthetic pair of sites that differ 2x in speed at three global batch sizes, and the planning wall time of the
 largest case (a synthetic 8-site, 100,000-device topology). Every figure is a *prediction* (cost model + simulator).
 """
@@ -51,8 +52,10 @@ def _row(topo: Topology, model: str, batch: int | None = None) -> tuple[str, pla
     for pred in (p.predicted, p.even, p.cross_site_dp, p.diloco):
         mark = "" if pred.fits else "*"
         cells.append(f"{pred.tokens_per_s / 1e6:>8.3f}M {pred.fraction_of_ideal:>6.1%}{mark:1}")
+    cells.append(f"{p.predicted.tokens_per_s / p.compute_bound_tokens_per_s:>6.1%}")
     cells.append(f"{p.predicted.tokens_per_s / p.even.tokens_per_s:>6.2f}x")
-    cells.append(f"{p.schedule:>11} M={p.microbatches:<3} {'/'.join(map(str, p.layers)):<10} "
+    order = "<" if p.reversed_order else " "  # the sites run last to first
+    cells.append(f"{p.schedule:>11} M={p.microbatches:<3} {order}{'/'.join(map(str, p.layers)):<10} "
                  f"{'/'.join(ln.activations for ln in p.predicted.links):<10} {p.planning_s:5.2f}s")
     return "  ".join(cells), p
 
@@ -60,8 +63,8 @@ def _row(topo: Topology, model: str, batch: int | None = None) -> tuple[str, pla
 def main() -> None:
     planner.plan(load_topology("local"), PRESETS["tiny"])  # warm imports before timing anything
     head = (f"{'topology':<36} {'model':>5}  {'planned':>16}  {'even split':>16}  {'cross-site DP':>16}  "
-            f"{'diloco H=500':>16}  "
-            f"{'vs even':>7}  {'schedule':>11} {'M':<5} {'layers':<10} {'codecs':<10} {'plan':>6}")
+            f"{'diloco H=500':>16}  {'bound':>6}  "
+            f"{'vs even':>7}  {'schedule':>11} {'M':<5} {'layers':<11} {'codecs':<10} {'plan':>6}")
     print(head)
     print("-" * len(head))
     link_bound = []
@@ -87,7 +90,8 @@ def main() -> None:
     print(line)
     print(f"\nplanning wall time, 8 sites / {p.topology.total_devices} devices / 70b: {time.perf_counter() - t0:.2f} s")
     print("(* = does not fit in memory; fraction = predicted tokens/s / ideal: the sum of what each site would do "
-          "alone with the whole model at its own best data x tensor, memory aside)")
+          "alone with the whole model at its own best configuration that fits its memory; bound = the plan / the "
+          "same sum with memory aside; < = the plan runs the sites last to first, layers in that order)")
     print(f"link-bound (the planner warns that pipelining across the link cannot pay): {', '.join(link_bound)}")
 
 

@@ -283,7 +283,7 @@ def _planned(mesh: Path, args, tmp: Path) -> dict:
     topo, cfg = load_topology(str(mesh)), model_registry.preset(args.model)
     profiles = load_site_profiles(str(prof), topo)
     kw = dict(global_batch=args.batch_size, microbatch_choices=[args.microbatches], profiles=profiles,
-              codecs=("none",))
+              codecs=("none",), reorder=False)  # the runs keep the sites in the mesh's order
     chosen = planner.plan(topo, cfg, **kw).predicted
     by_schedule = {}
     for name in ("gpipe", "1f1b", "1f1b:2", "1f1b:4", "zb-h1", chosen.schedule):

@@ -174,7 +174,8 @@ def test_simulated_step_matches_hand_formula_gpipe():
 def test_two_x_faster_site_gets_more_layers_and_beats_even_by_1_3x():
     cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=4, n_layers=24, d_ff=256)
     p = P.plan(_topo(2, bandwidth=1000.0, latency=0.01, batch=64), cfg, hardware=_hw(1e9, 2e9))
-    assert p.layers[1] > p.layers[0]
+    layers = {s.name: s.layers for s in p.predicted.sites}  # in the pipeline order the plan chose
+    assert layers["s1"] > layers["s0"]
     assert p.predicted.tokens_per_s >= 1.3 * p.even.tokens_per_s
     assert 0 < p.predicted.fraction_of_ideal <= 1
 
@@ -184,7 +185,7 @@ def test_measured_profile_overrides_the_estimate():
     slow = cm.SiteProfile(fwd_s=0.5, bwd_s=1.0, tokens=2 * 32)  # site 0 measured very slow
     p = P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), profiles={"s0": slow})
     q = P.plan(topo, SMALL, hardware=_hw(1e9, 1e9))
-    assert p.layers[0] < q.layers[0]
+    assert {s.name: s.layers for s in p.predicted.sites}["s0"] < {s.name: s.layers for s in q.predicted.sites}["s0"]
     with pytest.raises(PlanError, match=r"unknown sites \['nope'\]"):
         P.plan(topo, SMALL, hardware=_hw(1e9, 1e9), profiles={"nope": slow})
 
@@ -284,7 +285,7 @@ def test_plan_toml_round_trips(tmp_path):
     assert topo_path == tmp_path / "plan.topology.toml"
     q = P.Plan.load(plan_path)
     for f in ("model", "global_batch", "seq", "predicted", "even", "cross_site_dp", "diloco", "ideal_tokens_per_s",
-              "warnings", "assumptions", "planning_s"):
+              "warnings", "assumptions", "planning_s", "reversed_order", "compute_bound_tokens_per_s"):
         assert getattr(q, f) == getattr(p, f), f
     topo = load_topology(topo_path)  # the topology part is a plain topology file
     assert topo.sites == p.to_topology().sites and topo.links == p.to_topology().links
@@ -355,3 +356,70 @@ def test_replicated_rows_compute_what_each_site_would_alone():
     assert p.cross_site_dp.tokens_per_s < p.diloco.tokens_per_s
     big = P.plan(load_topology("two-dc-nvidia-amd"), PRESETS["70b"], model_name="70b")  # pipelined, it fits
     assert big.predicted.fits and not big.diloco.fits and "does not fit in memory" in big.diloco.notes[-1]
+
+
+def _two_x_7b() -> Topology:
+    """512 H100 + 512 devices at half the peak (benchmarks/planner.py's pair), the fast site listed first."""
+    sites = (Site("fast", "cuda", 512, 64, 8, device_kind="H100"),
+             Site("slow", "cuda", 512, 64, 8, device_kind="H100", peak_tflops=989 / 2))
+    return Topology("2x", sites, (Link(("fast", "slow"), 3200.0, 2.0),),
+                    RunDefaults(batch_size=1024, microbatches=16), "<code>")
+
+
+def test_the_plan_runs_the_sites_last_to_first_when_that_is_faster(tmp_path):
+    """The first stage's in-site gradient all-reduce ends the step; with the slow site first (fewer layers) it is
+    smaller, so the pair 2x apart runs faster reversed. The even split stays in the given order; reorder=False
+    keeps it; the written topology lists the sites in the chosen order, which is the order a run pipelines them."""
+    topo = _two_x_7b()
+    p = P.plan(topo, PRESETS["7b"], model_name="7b")
+    given = P.plan(topo, PRESETS["7b"], model_name="7b", reorder=False)
+    assert p.reversed_order and [s.name for s in p.topology.sites] == ["slow", "fast"]
+    assert [s.name for s in p.predicted.sites] == ["slow", "fast"] and p.layers[1] > p.layers[0]
+    assert not given.reversed_order and given.topology.sites == topo.sites
+    assert p.predicted.step_s < given.predicted.step_s * (1 - 1e-3)
+    assert [s.name for s in p.even.sites] == ["fast", "slow"]
+    assert p.even.step_s == pytest.approx(given.even.step_s, rel=1e-12)
+    assert "pipeline order: slow -> fast (the topology's sites last to first" in run_report(p)
+    plan_path, topo_path = p.to_toml(tmp_path / "plan.toml")
+    back = P.Plan.load(plan_path)
+    assert back.reversed_order and [s.name for s in back.topology.sites] == ["slow", "fast"]
+    assert [s.name for s in load_topology(topo_path).sites] == ["slow", "fast"]
+    assert back.compute_bound_tokens_per_s == pytest.approx(p.compute_bound_tokens_per_s)
+    # a symmetric pair: reversing gains nothing, so the given order stays
+    same = dataclasses.replace(topo, sites=(topo.sites[0], dataclasses.replace(topo.sites[1], peak_tflops=None)))
+    assert not P.plan(same, PRESETS["7b"]).reversed_order
+
+
+def test_ideal_is_each_site_alone_within_its_memory():
+    """IDEAL: each site's own plan for the whole model that fits its memory, summed; the compute bound sets memory
+    aside (more tensor parallelism is not forced on it), so it is higher; DiLoCo (every site alone, syncing
+    every 500 steps) sits just under the ideal."""
+    topo = _two_x_7b()
+    p = P.plan(topo, PRESETS["7b"], global_batch=4096)
+    alone = [P.plan(topo.only([s.name], "sites"), PRESETS["7b"], global_batch=4096).predicted.tokens_per_s
+             for s in topo.sites]
+    assert p.ideal_tokens_per_s == pytest.approx(sum(alone), rel=0.02)  # each alone plan's hill climb is timed
+    assert p.compute_bound_tokens_per_s > 1.05 * p.ideal_tokens_per_s
+    assert 0.99 < p.diloco.fraction_of_ideal <= 1.0
+
+
+def run_report(p) -> str:
+    from hxtrain.planning.cli import format_report
+
+    return format_report(p)
+
+
+def test_a_reversed_plan_keeps_the_diloco_shares_on_their_sites(tmp_path):
+    """[diloco] shares follow the replicas, one per site in the topology's order when not spelled out; a plan
+    that reverses the pipeline spells them out, so the written topology still gives each site its own share."""
+    from hxtrain.config.topology import Diloco
+
+    topo = dataclasses.replace(_two_x_7b(), diloco=Diloco(shares=(0.7, 0.3)))
+    p = P.plan(topo, PRESETS["7b"])
+    assert p.reversed_order
+    _, topo_path = p.to_toml(tmp_path / "plan.toml")
+    back = load_topology(topo_path)
+    assert [s.name for s in back.sites] == ["slow", "fast"]
+    assert dict(zip((g[0] for g in back.diloco.groups(back)), back.diloco.shares)) == {"fast": 0.7, "slow": 0.3}
+    d = P.Plan.load(tmp_path / "plan.toml").diloco_topology()
+    assert [s.name for s in d.sites] == ["fast", "slow"] and d.diloco.shares == (0.7, 0.3)

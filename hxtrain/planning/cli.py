@@ -83,6 +83,9 @@ def format_report(plan: planner.Plan, cfg=None) -> str:
              f"{sum(s.devices for s in topo.sites)} devices); global batch {plan.global_batch} x {plan.seq} tokens",
              f"chosen: schedule {p.schedule}, {p.microbatches} microbatches of {micro} sequences, recompute "
              f"{'on' if p.recompute else 'off'} (planned in {plan.planning_s:.2f} s)",
+             f"pipeline order: {' -> '.join(s.name for s in topo.sites)}"
+             + (" (the topology's sites last to first: the first stage's gradient all-reduce ends the step)"
+                if plan.reversed_order else ""),
              f"  {'site':<10} {'layers':>6} {'data x tensor':>14} {'busy':>6} {'memory/device':>18}"]
     for s in p.sites:
         lines.append(f"  {s.name:<10} {s.layers:>6} {f'{s.data} x {s.tensor}':>14} {s.utilisation:>6.0%} "
@@ -100,7 +103,8 @@ def format_report(plan: planner.Plan, cfg=None) -> str:
         lines.append(f"  {row.label:<14} {row.step_s:>9.4g} {row.tokens_per_s:>10.4g} {row.fraction_of_ideal:>8.1%} "
                      f"{row.bubble:>7.1%}  {busy:<20} {mem:<18} {links}{flag}")
     lines.append(f"  ideal (the sum of what each site would do alone with the whole model, at its own best "
-                 f"data x tensor, memory aside): {plan.ideal_tokens_per_s:.4g} tokens/s")
+                 f"configuration that fits its memory): {plan.ideal_tokens_per_s:.4g} tokens/s; memory aside: "
+                 f"{plan.compute_bound_tokens_per_s:.4g}")
     if plan.diloco is not None:
         lines.append("  (rows fastest first; diloco runs with `hxtrain train --strategy diloco`, and it is not the "
                      "same optimisation as synchronous training)")

@@ -24,7 +24,7 @@ from hxtrain.planning.problem import PlanError
 class Plan:
     """A chosen placement with its predicted figures; `to_toml` writes what `hxtrain train --plan` runs."""
 
-    topology: object  # hxtrain.config.topology.Topology, as given to plan()
+    topology: object  # hxtrain.config.topology.Topology, its sites in the pipeline order the plan chose
     model: str | None
     global_batch: int
     seq: int
@@ -36,6 +36,8 @@ class Plan:
     assumptions: cm.Assumptions
     planning_s: float
     diloco: Prediction | None = None  # one replica per site, synced every H steps (the topology's [diloco] or H 500)
+    reversed_order: bool = False  # the pipeline runs the given topology's sites last to first (`planner` doc)
+    compute_bound_tokens_per_s: float = math.nan  # the sites alone, memory aside: an upper bound of every row
 
     def ranked(self) -> list[Prediction]:
         """Every way of running that was predicted, fastest first (those that do not fit last)."""
@@ -84,10 +86,12 @@ class Plan:
         own. PlanError when the plan has no DiLoCo row or the table groups the sites otherwise."""
         from hxtrain.config.topology import Diloco
 
-        topo = self.topology
         if self.diloco is None:
-            raise PlanError(f"--plan: this plan of {topo.name!r} has no DiLoCo row (a topology of one site, or a "
-                            "plan written before DiLoCo was planned); run `hxtrain plan` again")
+            raise PlanError(f"--plan: this plan of {self.topology.name!r} has no DiLoCo row (a topology of one site, "
+                            "or a plan written before DiLoCo was planned); run `hxtrain plan` again")
+        # The row's sites in its own order (the given topology's), which its shares follow; the pipeline row may
+        # have reversed them, and a chain is linked either way.
+        topo = dataclasses.replace(self.topology, sites=tuple(self.topology.site(r.name) for r in self.diloco.sites))
         d = topo.diloco or Diloco()
         if d.replicas is not None and d.groups(topo) != tuple((s.name,) for s in topo.sites):
             raise PlanError(f"--plan: the plan's DiLoCo row has one replica per site, but the topology's [diloco] "
@@ -129,7 +133,8 @@ def write_plan(plan: Plan, path) -> tuple[Path, Path]:
     body += toml_table("plan", {"model": plan.model or "", "global_batch": plan.global_batch, "seq": plan.seq,
                                 "schedule": plan.schedule, "microbatches": plan.microbatches,
                                 "recompute": plan.recompute, "ideal_tokens_per_s": plan.ideal_tokens_per_s,
-                                "planning_s": plan.planning_s})
+                                "compute_bound_tokens_per_s": plan.compute_bound_tokens_per_s,
+                                "reversed_order": plan.reversed_order, "planning_s": plan.planning_s})
     body += toml_table("assumptions", dataclasses.asdict(plan.assumptions))
     for key, pred in (("predicted", plan.predicted), ("even", plan.even), ("cross_site_dp", plan.cross_site_dp),
                       ("diloco", plan.diloco)):
@@ -159,7 +164,9 @@ def load_plan(path) -> Plan:
                 predicted=preds["predicted"], even=preds["even"], cross_site_dp=preds["cross_site_dp"],
                 diloco=preds["diloco"],
                 ideal_tokens_per_s=pl["ideal_tokens_per_s"], warnings=tuple(raw.get("warnings", ())),
-                assumptions=cm.Assumptions(**raw["assumptions"]), planning_s=pl["planning_s"])
+                assumptions=cm.Assumptions(**raw["assumptions"]), planning_s=pl["planning_s"],
+                reversed_order=pl.get("reversed_order", False),  # plans written before these two lack them
+                compute_bound_tokens_per_s=pl.get("compute_bound_tokens_per_s", math.nan))
 
 
 # --- TOML writing (tomllib only reads) ---

@@ -22,11 +22,20 @@ form is two files: a topology that `load_topology` reads as is (chosen data/tens
 and the plan itself (`[plan]`, `[predicted]`, ...), which names the topology file by a relative path
 (`hxtrain.planning.plan_file`).
 
+PIPELINE ORDER: the topology lists its sites in a chain, and the plan may run that chain last to first
+(`Plan.reversed_order`; the written topology lists the sites in the order chosen). The order matters because the
+stages are unequal: the first stage's backward ends the step, so its in-site gradient all-reduce is exposed while
+every later stage's overlaps the rest of the step, and the last stage holds the head. A pair 2x apart in speed
+runs faster with the slow site first (fewer layers, so less gradient to all-reduce at the end). Only the reverse
+is tried: any other order may need links the topology does not have.
+
 IDEAL, the yardstick of every `fraction_of_ideal`: the sum over sites of what each would do *alone* with the whole
-model at the same global batch, at its own best data x tensor, schedule and microbatches (its tensor-parallel and
-in-site gradient costs included, from the cost model or its measured profile), its memory aside (a site too small
-to hold the model still counts its compute). It leaves out only what is between sites: the pipeline bubble and the
-links. A one-site topology's ideal is its plan.
+model at the same global batch, at its own best configuration: data x tensor, schedule and microbatches that fit
+its memory (its tensor-parallel and in-site gradient costs included, from the cost model or its measured profile).
+It leaves out only what is between sites: the pipeline bubble and the links. A site that cannot hold the model
+alone counts its compute with memory set aside. A pipeline can pass the ideal: holding part of the model, a site
+may fit with less tensor parallelism than it needs for the whole. `compute_bound_tokens_per_s` sets memory aside
+for every site, which no row can pass. A one-site topology's ideal is its plan.
 
 Code: `problem` (inputs, options, per-site tables), `search` (steps 2-4),
 `predict` (simulating a candidate, the `Prediction` figures); this module: `plan` and `Plan`.
@@ -53,7 +62,7 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
          efficiency: float | None = None, assumptions: cm.Assumptions | None = None,
          profiles: dict | None = None, hardware: dict | None = None, exhaustive: bool = False,
          time_budget_s: float = 1.0, model_name: str | None = None, capability=None,
-         keep_shapes: bool = False, latency_aware: bool = True) -> Plan:
+         keep_shapes: bool = False, latency_aware: bool = True, reorder: bool = True) -> Plan:
     """Plan a run of `model_cfg` (GPTConfig-like) on `topology` (a hxtrain.config.topology.Topology).
 
     global_batch: sequences per step (default: the topology's run.batch_size); seq: tokens per sequence (default
@@ -61,26 +70,38 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     profiles: {site name: SiteProfile} measured block times; hardware: {site name: Hardware} overrides of the
     capability table; capability: device_kind -> Capability (default hxtrain.backends.capability_for);
     keep_shapes: every site keeps its topology's data x tensor (only the partition and the rest are chosen);
-    latency_aware=False: the default schedule list without the latency-aware `1f1b:k` (to show what they bring).
+    latency_aware=False: the default schedule list without the latency-aware `1f1b:k` (to show what they bring);
+    reorder=False: the sites in the given order only (see PIPELINE ORDER).
     Raises PlanError when nothing fits or the inputs are inconsistent.
     """
     t0 = time.perf_counter()
     a = assumptions or cm.Assumptions()
     if efficiency is not None:
         a = cm.Assumptions(**{**a.__dict__, "efficiency": efficiency})
-    ctx = replace(make_context(topology, model_cfg, global_batch, seq, a, profiles or {}, hardware or {},
-                               capability), keep_shapes=keep_shapes)
     codecs = check_codecs(codecs)
-    options = make_options(ctx, schedules, microbatch_choices, latency_aware)
-    # The budget bounds the optional refinements (hill climbing, codec relaxation), never the first answer.
-    climb, relax = t0 + 0.5 * time_budget_s, t0 + 0.7 * time_budget_s
-    best = search(ctx, options, codecs, exhaustive=exhaustive, climb_until=climb, relax_until=relax)
+
+    def placed(topo, k: int, n: int):
+        """The best candidate for the sites in `topo`'s order, searched in the k-th of n shares of the budget."""
+        c = replace(make_context(topo, model_cfg, global_batch, seq, a, profiles or {}, hardware or {},
+                                 capability), keep_shapes=keep_shapes)
+        opts = make_options(c, schedules, microbatch_choices, latency_aware)
+        start, share = t0 + 0.7 * time_budget_s * k / n, time_budget_s / n  # climb, then relax codecs
+        return c, opts, search(c, opts, codecs, exhaustive=exhaustive, climb_until=start + 0.5 * share,
+                               relax_until=start + 0.7 * share)
+
+    orders = (topology, _reversed(topology)) if reorder and topology.n_sites > 1 else (topology,)
+    ctx, options, best = placed(topology, 0, len(orders))
     if best is None:
         raise _no_fit_error(ctx, options, model_name)
     even, even_best = _even(ctx, options, codecs, t0 + 0.85 * time_budget_s)
     if even_best is not None and even_best.step < best.step:  # the search's estimate missed it: never worse
         best = even_best
-    planned = prediction("planned", ctx, best)
+    chosen = ctx
+    if len(orders) == 2:
+        rctx, _, rbest = placed(orders[1], 1, 2)
+        if rbest is not None and rbest.step < best.step * (1 - TIE):  # the given order unless clearly slower
+            chosen, best = rctx, rbest
+    planned = prediction("planned", chosen, best)
     from hxtrain.config.topology import Diloco
 
     def alone(i: int, memory: bool) -> Prediction | None:
@@ -100,13 +121,26 @@ def plan(topology, model_cfg, *, global_batch: int | None = None, seq: int | Non
     replicas = fitting if fitting and all(fitting) else None  # else the estimate that says what does not fit
     dp = cross_site_dp(ctx, replicas)
     low_comm = diloco(ctx, topology.diloco or Diloco(), replicas) if topology.n_sites > 1 else None
-    ideal = planned.tokens_per_s if topology.n_sites == 1 else sum(  # IDEAL (module doc): each site alone
-        alone(i, False).tokens_per_s for i in range(topology.n_sites))
-    warnings = _warnings(ctx, best, planned, dp, ideal)
+    if topology.n_sites == 1:
+        ideal = bound = planned.tokens_per_s
+    else:  # IDEAL (module doc): each site alone, within its memory where it can be
+        unbounded = [alone(i, False).tokens_per_s for i in range(topology.n_sites)]
+        bound = sum(unbounded)
+        ideal = sum(u if f is None else f.tokens_per_s for f, u in zip(fitting, unbounded))
+    warnings = _warnings(chosen, best, planned, dp, ideal)
     fix = lambda p: p and p.with_ideal(ideal)  # noqa: E731
-    return Plan(topology=topology, model=model_name, global_batch=ctx.batch, seq=ctx.seq, predicted=fix(planned),
+    return Plan(topology=chosen.topo, model=model_name, global_batch=ctx.batch, seq=ctx.seq, predicted=fix(planned),
                 even=fix(even), cross_site_dp=fix(dp), ideal_tokens_per_s=ideal, warnings=tuple(warnings),
-                assumptions=a, planning_s=time.perf_counter() - t0, diloco=fix(low_comm))
+                assumptions=a, planning_s=time.perf_counter() - t0, diloco=fix(low_comm),
+                reversed_order=chosen is not ctx, compute_bound_tokens_per_s=bound)
+
+
+def _reversed(topology):
+    """The sites last to first; a [diloco] table's replicas spelled out, so its shares keep their sites."""
+    d = topology.diloco
+    if d is not None and d.replicas is None:
+        d = replace(d, replicas=tuple((s.name,) for s in topology.sites))
+    return replace(topology, sites=topology.sites[::-1], diloco=d)
 
 
 def _even(ctx: Ctx, options, codecs, deadline) -> tuple[Prediction | None, Cand | None]:

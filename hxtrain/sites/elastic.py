@@ -116,7 +116,8 @@ def replan(topology, survivors: list[str], run: Run) -> tuple[tuple[int, ...], s
     part = topology.only(survivors, "survivors")
     try:
         p = plan(part, model_registry.preset(run.model), global_batch=run.batch_size, schedules=(run.schedule,),
-                 microbatch_choices=(run.microbatches,), model_name=run.model, keep_shapes=True)
+                 microbatch_choices=(run.microbatches,), model_name=run.model, keep_shapes=True,
+                 reorder=False)  # the segment's processes are up in this order
     except PlanError as e:
         raise ElasticError(f"the model does not fit on the survivors {survivors}: {e}") from None
     if not p.predicted.fits:

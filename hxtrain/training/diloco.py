@@ -75,7 +75,7 @@ def replica_shares(topology, d, model_cfg, batch_size: int) -> tuple[list[float]
     for g in groups:
         try:
             p = plan(topology.only(g, "replicas"), model_cfg, global_batch=batch_size, time_budget_s=math.inf,
-                     profiles={n: profiles[n] for n in g if n in profiles} or None)
+                     profiles={n: profiles[n] for n in g if n in profiles} or None, reorder=False)
         except PlanError as e:
             raise ValueError(f"--shares {d.shares}: replica {'+'.join(g)}: {e}") from None
         rates.append(p.predicted.tokens_per_s)
