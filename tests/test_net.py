@@ -72,7 +72,7 @@ def _raw_peer(rcvbuf=None, **kw):
             if rcvbuf:  # a small receive buffer (set before connect) makes a non-reading peer fill up fast
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.connect(("127.0.0.1", listener.port))
-            send_key, _ = net.handshake(sock, "raw", "a", secret=SECRET, timeout=T, initiator=True)
+            send_key, _, _ = net.handshake(sock, "raw", "a", secret=SECRET, timeout=T, initiator=True)
             ep = accepted()
             try:
                 yield ep, sock, send_key

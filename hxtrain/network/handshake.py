@@ -55,16 +55,22 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"\0".join(parts), hashlib.sha256).digest()
 
 
-def handshake(sock, me: str, peer: str, *, secret: bytes, timeout: float, initiator: bool,
-              tls: bool = False) -> tuple[bytes | None, bytes | None]:
-    """Authenticate `peer` on a connected socket or `TlsChannel`; returns (send_key, recv_key) for data frames,
-    (None, None) over TLS.
+def handshake(sock, me: str, peer: str | tuple[str, ...], *, secret: bytes, timeout: float, initiator: bool,
+              tls: bool = False) -> tuple[bytes | None, bytes | None, str]:
+    """Authenticate `peer` on a connected socket or `TlsChannel`; returns (send_key, recv_key, the peer's name):
+    the keys for data frames, (None, None) over TLS. The accepting end may name several sites (a tuple): any one
+    of them may answer, and the name says which did.
 
     PeerError on a wrong secret, a version mismatch, an unexpected site name or a silent peer.
     """
-    me_b, peer_b = _check_name("me", me), _check_name("peer", peer)
-    if me_b == peer_b:  # the proofs and session keys are bound to the (prover, verifier) order
-        raise ValueError(f"me and peer must be different sites, got {me!r} for both")
+    peers = (peer,) if isinstance(peer, str) else tuple(peer)
+    me_b = _check_name("me", me)
+    if not peers or (initiator and len(peers) > 1):
+        raise ValueError(f"peer: expected one site name (or several on the accepting end), got {peer!r}")
+    for p in peers:
+        if _check_name("peer", p) == me_b:  # the proofs and session keys are bound to the (prover, verifier) order
+            raise ValueError(f"me and peer must be different sites, got {me!r} for both")
+    peer = peers[0] if len(peers) == 1 else "/".join(peers)  # named in messages until the peer says who it is
     wire.check_key(secret)
     nonce = os.urandom(_NONCE_BYTES)
     hello = json.dumps({"version": wire.FORMAT_VERSION, "site": me, "nonce": nonce.hex()}).encode()
@@ -99,8 +105,10 @@ def handshake(sock, me: str, peer: str, *, secret: bytes, timeout: float, initia
     try:
         send(Kind.HELLO, hello)
         theirs = json.loads(read(0))
-        if theirs.get("site") != peer:
+        if theirs.get("site") not in peers:
             raise PeerError(f"expected site {peer!r} at the other end, but site {theirs.get('site')!r} answered")
+        peer = theirs["site"]
+        peer_b = peer.encode()
         their_nonce = bytes.fromhex(theirs["nonce"])
         if len(their_nonce) != _NONCE_BYTES:
             raise ValueError(f"nonce of {len(their_nonce)} bytes, expected {_NONCE_BYTES}")
@@ -122,8 +130,8 @@ def handshake(sock, me: str, peer: str, *, secret: bytes, timeout: float, initia
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:  # socket error or malformed HELLO
         raise PeerError(f"handshake with site {peer!r} failed: {e!r}") from None
     if tls:
-        return None, None
+        return None, None, peer
     nonces = sorted([nonce, their_nonce])
     send_key = _mac(secret, b"hxtrain-data", me_b, peer_b, *nonces)
     recv_key = _mac(secret, b"hxtrain-data", peer_b, me_b, *nonces)
-    return send_key, recv_key
+    return send_key, recv_key, peer

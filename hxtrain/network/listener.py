@@ -34,7 +34,8 @@ class Listener:
         self.dropped = 0  # connections dropped so far (failed, timed out or over max_handshakes)
 
     def accept(self, me, peer, *, secret, tls, timeout: float, max_bytes: int, queue: int = 8) -> Endpoint:
-        """Wait up to `timeout` s for `peer` to connect and pass the handshake; returns its Endpoint."""
+        """Wait up to `timeout` s for `peer` to connect and pass the handshake; returns its Endpoint. `peer` may be a
+        tuple of site names: the first of them to authenticate is taken (its Endpoint's `.peer` says which)."""
         deadline = time.monotonic() + timeout
         results: queue_lib.Queue = queue_lib.Queue()
         lock, state = threading.Lock(), {"active": 0, "done": False}
@@ -66,7 +67,9 @@ class Listener:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     seen = f"; {self.dropped} connection(s) failed to authenticate, the last {last}" if last else ""
-                    raise PeerError(f"site {me!r} waited {timeout} s for site {peer!r} to connect on "
+                    names = [peer] if isinstance(peer, str) else list(peer)
+                    who = repr(names[0]) if len(names) == 1 else f"any of {names}"
+                    raise PeerError(f"site {me!r} waited {timeout} s for site {who} to connect on "
                                     f"{self.host}:{self.port}{seen}")
                 self._sock.settimeout(min(left, 0.05))
                 try:

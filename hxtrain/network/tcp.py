@@ -105,9 +105,9 @@ class Endpoint:
                 _check_plaintext(sock, me, peer)
             else:
                 channel = TlsChannel(sock, tls.context(server_side=not initiator), server_side=not initiator)
-                _tls_handshake(channel, me, peer, deadline, handshake_timeout)
-            keys = handshake(channel, me, peer, secret=secret, timeout=max(0.01, deadline - time.monotonic()),
-                             initiator=initiator, tls=tls is not None)
+                peer = _tls_handshake(channel, me, peer, deadline, handshake_timeout)
+            *keys, peer = handshake(channel, me, peer, secret=secret, timeout=max(0.01, deadline - time.monotonic()),
+                                    initiator=initiator, tls=tls is not None)
             sock.settimeout(timeout)
         except BaseException:
             sock.close()
@@ -336,12 +336,17 @@ class Endpoint:
 
 
 
-def _tls_handshake(channel: TlsChannel, me: str, peer: str, deadline: float, seconds: float) -> None:
+def _tls_handshake(channel: TlsChannel, me: str, peer, deadline: float, seconds: float) -> str:
     """The TLS handshake and the site-name check, as PeerErrors: reason "closed" when the other end dropped the
-    connection before authenticating (`connect` tries again), "tls" when it refused or was refused."""
+    connection before authenticating (`connect` tries again), "tls" when it refused or was refused. `peer`: a
+    site name, or a tuple of the names an accepting end takes; returns the one the certificate names."""
     try:
         channel.handshake(deadline)
-        check_peer_name(channel.peer_names(), peer, me=me)
+        names = channel.peer_names()
+        if not isinstance(peer, str):
+            peer = next((p for p in peer if p in names), "/".join(peer))
+        check_peer_name(names, peer, me=me)
+        return peer
     except TimeoutError:
         raise PeerError(f"no TLS handshake from site {peer!r} within {seconds} s", "timeout") from None
     except ssl.SSLCertVerificationError as e:
