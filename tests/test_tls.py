@@ -294,23 +294,31 @@ def test_site_tls_flags_are_checked_before_anything_starts(certs, tmp_path):
 @pytest.mark.parametrize("with_tls", [True, False])
 def test_one_listener_takes_several_named_sites_in_any_order(certs, with_tls):
     """A site with more than one peer to accept (a DiLoCo replica group's site: its pipeline neighbour and its
-    counterpart) names them all: whichever authenticates first is taken, the Endpoint says which, and a site not
-    named is still refused."""
+    counterpart) names them all and takes them in whatever order they authenticate, even at once; a site not
+    named is still refused, and one that never comes is named in the error."""
     run = certs["run"]
-    tls = (lambda s: TlsConfig(cert=run[s].cert, key=run[s].key, ca=run[s].ca)) if with_tls else (lambda s: None)
+    tls = (lambda s: run[s]) if with_tls else (lambda s: None)
     with Listener() as listener:
-        got = []
-        for dialer in ("c", "b"):  # the order the accepting end names them in does not matter
-            accepted = _accept(listener, tls("a"), peer=("b", "c"))
-            ep = _connect(listener.port, tls(dialer), me=dialer)
-            got.append(accepted())
-            ep.send(Kind.ACTIVATION, np.arange(3.0), step=1)
-            assert got[-1].peer == dialer and got[-1].recv(kind=Kind.ACTIVATION, step=1)[1].tolist() == [0, 1, 2]
-            ep.close()
-        accepted = _accept(listener, tls("a"), peer=("b",), timeout=1.0)
+        out = {}
+        th = threading.Thread(target=lambda: out.update(listener.accept_all(
+            "a", ("b", "c"), secret=SECRET, tls=tls("a"), timeout=T, max_bytes=MAX)))
+        th.start()
+        dialers = {}
+        both = [threading.Thread(target=lambda s=s: dialers.update({s: _connect(listener.port, tls(s), me=s)}))
+                for s in ("c", "b")]
+        for t in both:
+            t.start()
+        for t in both + [th]:
+            t.join(2 * T)
+        assert sorted(out) == ["b", "c"] and sorted(dialers) == ["b", "c"]
+        for s in ("b", "c"):
+            assert out[s].peer == s
+            dialers[s].send(Kind.ACTIVATION, np.arange(3.0), step=1)
+            assert out[s].recv(kind=Kind.ACTIVATION, step=1)[1].tolist() == [0, 1, 2]
+            dialers[s].close()
+            out[s].close()
+        accepted = _accept(listener, tls("a"), peer="b", timeout=1.0)
         with pytest.raises(PeerError, match="refused the connection"):
             _connect(listener.port, tls("c"), me="c")
         with pytest.raises(PeerError, match=r"waited 1.0 s for site 'b'"):
             accepted()
-        for ep in got:
-            ep.close()

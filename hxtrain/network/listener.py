@@ -34,16 +34,23 @@ class Listener:
         self.dropped = 0  # connections dropped so far (failed, timed out or over max_handshakes)
 
     def accept(self, me, peer, *, secret, tls, timeout: float, max_bytes: int, queue: int = 8) -> Endpoint:
-        """Wait up to `timeout` s for `peer` to connect and pass the handshake; returns its Endpoint. `peer` may be a
-        tuple of site names: the first of them to authenticate is taken (its Endpoint's `.peer` says which)."""
+        """Wait up to `timeout` s for `peer` to connect and pass the handshake; returns its Endpoint."""
+        return self.accept_all(me, (peer,), secret=secret, tls=tls, timeout=timeout, max_bytes=max_bytes,
+                               queue=queue)[peer]
+
+    def accept_all(self, me, peers, *, secret, tls, timeout: float, max_bytes: int,
+                   queue: int = 8) -> dict[str, Endpoint]:
+        """Wait up to `timeout` s in all for every site in `peers` to connect and pass the handshake, in whatever
+        order they come; returns {name: Endpoint}. A second connection from a site already linked is dropped."""
         deadline = time.monotonic() + timeout
         results: queue_lib.Queue = queue_lib.Queue()
         lock, state = threading.Lock(), {"active": 0, "done": False}
-        last = None
+        last, got = None, {}
+        pending = tuple(peers)
 
         def attempt(sock, addr):
             try:
-                ep = Endpoint._start(sock, me, peer, secret=secret, tls=tls, initiator=False, timeout=timeout,
+                ep = Endpoint._start(sock, me, pending, secret=secret, tls=tls, initiator=False, timeout=timeout,
                                      handshake_timeout=self.handshake_timeout, max_bytes=max_bytes, queue=queue)
             except Exception as e:  # PeerError, or a plaintext link refused off loopback (ValueError)
                 ep, err = None, e
@@ -58,16 +65,23 @@ class Listener:
         try:
             while True:
                 while not results.empty():
-                    addr, got = results.get()
-                    if isinstance(got, Endpoint):
-                        return got
+                    addr, ep = results.get()
+                    if isinstance(ep, Endpoint) and ep.peer not in got:
+                        got[ep.peer] = ep
+                        if len(got) == len(pending):
+                            return got
+                        continue
+                    if isinstance(ep, Endpoint):
+                        ep.close()
+                        ep = f"site {ep.peer!r} is linked already"
                     self.dropped += 1
-                    last = f"{addr[0]}:{addr[1]}: {got}"
-                    _log.warning("site %r: dropped a connection from %s while waiting for site %r", me, last, peer)
+                    last = f"{addr[0]}:{addr[1]}: {ep}"
+                    _log.warning("site %r: dropped a connection from %s while waiting for %s", me, last,
+                                 [p for p in pending if p not in got])
                 left = deadline - time.monotonic()
                 if left <= 0:
                     seen = f"; {self.dropped} connection(s) failed to authenticate, the last {last}" if last else ""
-                    names = [peer] if isinstance(peer, str) else list(peer)
+                    names = [p for p in pending if p not in got]
                     who = repr(names[0]) if len(names) == 1 else f"any of {names}"
                     raise PeerError(f"site {me!r} waited {timeout} s for site {who} to connect on "
                                     f"{self.host}:{self.port}{seen}")
@@ -87,13 +101,17 @@ class Listener:
                     continue
                 threading.Thread(target=attempt, args=(sock, addr), name=f"hxtrain-handshake-{me}",
                                  daemon=True).start()
+        except BaseException:
+            for ep in got.values():
+                ep.close()
+            raise
         finally:
             with lock:
                 state["done"] = True
             while not results.empty():  # an endpoint that authenticated while this one gave up
-                _, got = results.get()
-                if isinstance(got, Endpoint):
-                    got.close()
+                _, ep = results.get()
+                if isinstance(ep, Endpoint):
+                    ep.close()
 
     def close(self) -> None:
         self._sock.close()

@@ -102,7 +102,7 @@ class Endpoint:
             sock.settimeout(handshake_timeout)  # bounds every sendall; reads use poll deadlines (wire.read_frame)
             channel = sock
             if tls is None:
-                _check_plaintext(sock, me, peer)
+                _check_plaintext(sock, me, peer if isinstance(peer, str) else "/".join(peer))
             else:
                 channel = TlsChannel(sock, tls.context(server_side=not initiator), server_side=not initiator)
                 peer = _tls_handshake(channel, me, peer, deadline, handshake_timeout)
@@ -340,11 +340,12 @@ def _tls_handshake(channel: TlsChannel, me: str, peer, deadline: float, seconds:
     """The TLS handshake and the site-name check, as PeerErrors: reason "closed" when the other end dropped the
     connection before authenticating (`connect` tries again), "tls" when it refused or was refused. `peer`: a
     site name, or a tuple of the names an accepting end takes; returns the one the certificate names."""
+    peers = (peer,) if isinstance(peer, str) else tuple(peer)
+    peer = "/".join(peers)  # in messages, until the certificate says which
     try:
         channel.handshake(deadline)
         names = channel.peer_names()
-        if not isinstance(peer, str):
-            peer = next((p for p in peer if p in names), "/".join(peer))
+        peer = next((p for p in peers if p in names), peer)
         check_peer_name(names, peer, me=me)
         return peer
     except TimeoutError:

@@ -1,11 +1,14 @@
 """A DiLoCo replica as its own site process: `hxtrain site --strategy diloco` / `hxtrain launch --strategy diloco`.
 
-Each site is one replica holding the whole model (a one-site topology of its own, `LocalSite` as for a pipeline
-site); it reads its share of every global batch and takes inner steps with its own optimizer. Every H steps the two
-replicas exchange their pseudo-gradients over the link between them (the run's mutual-TLS `Endpoint`), one
-PSEUDO_GRADIENT frame per parameter through the codec, plus the tokens each processed, and each runs the same
-`hxtrain.training.outer.OuterSync` on the same inputs in replica order, so both hold bit-identical global params, as
-in one process (`hxtrain.training.diloco`). Every received delta is checked against the parameter's shape and dtype.
+A replica is one site holding the whole model, or a group of sites that pipeline it among themselves (the
+topology's `[diloco] replicas`; `hxtrain.sites.replicas` places a site in its replica and checks what can run). A
+site's `LocalSite` runs its replica's pipeline over the links inside the replica; the replica reads its share of
+every global batch and takes inner steps with its own optimizer. Every H steps each site exchanges the
+pseudo-gradients of the stages it holds with its counterpart, the site holding the same stages in the other replica
+(the run's mutual-TLS `Endpoint`), one PSEUDO_GRADIENT frame per parameter through the codec, plus the tokens its
+replica processed, and each runs the same `hxtrain.training.outer.OuterSync` on the same inputs in replica order, so
+both hold bit-identical global params, as in one process (`hxtrain.training.diloco`). Every received delta is
+checked against the parameter's shape and dtype.
 
 Elastic (`--elastic`): a replica that loses the other goes on alone, and a `sites.relink.Relink` thread waits for it to come
 back; a returning replica (`--rejoin`) takes the outer state at the survivor's next sync (`ReplicaSteps.take_state`).
@@ -15,8 +18,8 @@ DiLoCo run saves (`hxtrain.training.diloco_checkpoint`): the global params and t
 hold bit for bit, and its own params, inner optimizer state and data position. At start-up the two replicas send
 each other the steps complete in their folders and both restore the newest one they share (`--resume`).
 
-For now: two replicas of one site each; checkpoints not with --elastic (said so, naming the setting, before
-anything starts).
+For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no fragments > 1, measured
+shares, --elastic or checkpoints (each said so, naming the setting, before anything starts).
 """
 
 from __future__ import annotations
@@ -32,41 +35,11 @@ import numpy as np
 from hxtrain.checkpoints import logical as _logical
 from hxtrain.links.wire import Kind
 from hxtrain.network.handshake import PeerError
-from hxtrain.data import loader as _data
 from hxtrain.training.diloco import evaluate_global
+from hxtrain.sites.replicas import build, place
 from hxtrain.training.outer import OuterSync, flat, nested
 
 _TOKENS = 1 << 20  # the `microbatch` of the frame carrying a replica's token count (keys are numbered from 0)
-
-
-def check(topology, cfg, error) -> object:
-    """The run's `Diloco` for a site process; `error(message)` (the site's SiteError) for what it cannot run."""
-    from hxtrain.training.diloco_run import resolve_diloco
-
-    try:
-        d = resolve_diloco(topology, cfg)
-    except ValueError as e:
-        raise error(str(e)) from None
-    if cfg.checkpoint_dir and cfg.elastic:
-        raise error("--strategy diloco --elastic: --checkpoint-dir is not built for elastic replicas yet (a "
-                    "survivor's steps and a returning replica's would need reconciling); leave one of them out")
-    groups = d.groups(topology)
-    if len(groups) != 2 or any(len(g) != 1 for g in groups):
-        raise error(f"--strategy diloco in site processes: two replicas of one site each for now, got "
-                    f"{['+'.join(g) for g in groups]}; run it in one process (hxtrain train --strategy diloco)")
-    try:
-        _sizes(topology, d, cfg)  # before anything starts: shares that leave a replica no rows, a plan that fails
-    except ValueError as e:
-        raise error(str(e)) from None
-    return d
-
-
-def _sizes(topology, d, cfg) -> tuple[list[int], str]:
-    """(rows of each replica, how its shares were chosen): the same on both replicas."""
-    from hxtrain.core import model_registry
-    from hxtrain.training.diloco import replica_rows
-
-    return replica_rows(topology, d, model_registry.preset(cfg.model), cfg.batch_size, cfg.microbatches)
 
 
 def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list[dict]:
@@ -77,15 +50,23 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
 
     local, how = build(topology, index, cfg, d)
     log(local.describe())
-    transport = local.transport({}, overlap=not cfg.sync_sends)  # the replica's own one-site pipeline
+    g, j = place(topology, d, index)
+    names = [s.name for s in topology.sites]
+    counterpart = names.index(d.groups(topology)[1 - g][j])
+    within = {local.topology.sites.index(local.topology.site(names[i])): ep  # the replica's own pipeline
+              for i, ep in endpoints.items() if i != counterpart}
+    for ep in within.values():
+        ep.max_bytes = local.max_frame_bytes()
+    transport = local.transport(within, overlap=not cfg.sync_sends)
     meter = None
     if d.shares == "measured":
         from hxtrain.training.diloco import ShareMeter, replica_units
 
         meter = ShareMeter(cfg.batch_size, replica_units(topology, d, cfg.microbatches), d.sync_every)
-    steps = ReplicaSteps(local, transport, endpoints[1 - index], index, d, elastic=cfg.elastic, log=log,
+    steps = ReplicaSteps(local, transport, endpoints[counterpart], g, d, elastic=cfg.elastic, log=log,
                          relink=relink, meter=meter)
-    log(f"site {local.site.name!r}: diloco replica {index} of 2, rows {local.batches.rows[0]}.."
+    stage = f", stage {j + 1} of {local.topology.n_sites}" if local.topology.n_sites > 1 else ""
+    log(f"site {local.site.name!r}: diloco replica {g} of 2{stage}, rows {local.batches.rows[0]}.."
         f"{local.batches.rows[-1]} of each batch (shares {how}), sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
     start, ckpt = 0, None
@@ -102,6 +83,8 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
         log(f"site {local.site.name!r}: rejoined at step {start} with the global params of outer step "
             f"{steps.outer.outer_steps} (inner optimizer state fresh)")
     else:
+        if within:
+            transport.barrier(cfg.connect_timeout)  # the replica's pipeline: every stage compiled
         steps.barrier(cfg.connect_timeout)
         log(f"site {local.site.name!r}: compiled; both replicas ready")
     if ckpt is not None:
@@ -120,23 +103,6 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
     log(f"site {local.site.name!r}: global params after outer step {steps.outer.outer_steps}: sha256 "
         f"{steps.outer.digest()}")
     return rows
-
-
-def build(topology, index: int, cfg, d):
-    """(LocalSite of this replica over a one-site topology reading its rows, how the shares were chosen): JAX is
-    imported here."""
-    from hxtrain.sites import program as _prog
-
-    sizes, how = _sizes(topology, d, cfg)
-    site = topology.sites[index]
-    alone = dataclasses.replace(topology, name=f"{topology.name}[{site.name}]", sites=(site,), links=(), diloco=None)
-    local = _prog.LocalSite.build(alone, 0, dataclasses.replace(cfg, batch_size=sizes[index]))
-    first = sum(sizes[:index])  # the replica's rows of every global batch, as the in-process DilocoTrainer's
-    corpus, _ = _data.load_split(cfg.data, hold_out=cfg.eval_every > 0, max_bytes=8_000_000,
-                                 model_vocab=local.model_config.vocab_size)
-    local.batches = _data.batches(corpus, seq=local.seq, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  rows=[first + r for r in local.rows])
-    return local, how
 
 
 class _ReplicaView:
@@ -230,7 +196,7 @@ class ReplicaSteps:
 
     def evaluate(self) -> float | None:
         """Replica 0's held-out loss of the global params (both replicas hold the same ones), as the in-process
-        `DilocoTrainer.evaluate`; None on replica 1."""
+        `DilocoTrainer.evaluate`: every site of replica 0 takes part, its last site has the loss; None elsewhere."""
         if self.me != 0:
             return None
         return evaluate_global(self.local, self.outer.global_params,

@@ -216,9 +216,11 @@ def check_supported(topology, name: str, schedule) -> int:
     return [s.name for s in topology.sites].index(name)
 
 
-def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, tls, max_bytes: int) -> dict:
-    """Endpoints to the neighbours of site `index`: connect to the successor, accept the predecessor. `tls`: the
-    site's TlsConfig, or None (plaintext, loopback only)."""
+def connect_peers(topology, index: int, peers, cfg: SiteConfig, secret: bytes, tls, max_bytes: int) -> dict:
+    """Endpoints {site index: Endpoint} from site `index` to the sites `peers` (indices into the topology;
+    a pipeline site's are its neighbours): it dials every peer after it in the topology's order and accepts every
+    peer before it, on its own address, in whatever order they come. `tls`: the site's TlsConfig, or None
+    (plaintext, loopback only)."""
     from hxtrain.network.listener import Listener
     from hxtrain.network.tcp import Endpoint
 
@@ -226,21 +228,22 @@ def _connect(topology, index: int, cfg: SiteConfig, secret: bytes, tls, max_byte
     me = names[index]
     endpoints = {}
     listener = None
+    before = {names[i]: i for i in sorted(peers) if i < index}
     try:
-        if index > 0:
+        if before:
             host, port = site_address(topology, me, cfg.addresses)
             listener = Listener(host, port)
-        if index + 1 < len(names):
-            host, port = site_address(topology, names[index + 1], cfg.addresses + cfg.connect)
-            ep = Endpoint.connect(me, names[index + 1], host, port, secret=secret, tls=tls,
+        for i in sorted(i for i in peers if i > index):
+            host, port = site_address(topology, names[i], cfg.addresses + cfg.connect)
+            ep = Endpoint.connect(me, names[i], host, port, secret=secret, tls=tls,
                                   timeout=cfg.connect_timeout, max_bytes=max_bytes)
             ep.timeout = cfg.timeout  # the long wait was for start-up; from now on a silent peer is a failure
-            endpoints[index + 1] = ep
-        if listener is not None:
-            ep = listener.accept(me, names[index - 1], secret=secret, tls=tls, timeout=cfg.connect_timeout,
-                                 max_bytes=max_bytes)
-            ep.timeout = cfg.timeout
-            endpoints[index - 1] = ep
+            endpoints[i] = ep
+        if before:
+            for name, ep in listener.accept_all(me, tuple(before), secret=secret, tls=tls,
+                                                timeout=cfg.connect_timeout, max_bytes=max_bytes).items():
+                ep.timeout = cfg.timeout
+                endpoints[before[name]] = ep
     except BaseException:
         for ep in endpoints.values():
             ep.close()
@@ -284,9 +287,10 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
                         "--elastic); a pipeline site comes back through `hxtrain launch --elastic`")
     if cfg.strategy == "diloco":
         from hxtrain.sites import diloco as _replica
+        from hxtrain.sites import replicas as _replicas
         from hxtrain.sites.relink import Relink
 
-        diloco = _replica.check(topo, cfg, SiteError)
+        diloco = _replicas.check(topo, cfg, SiteError)
     site = topo.sites[index]
     cfg = dataclasses.replace(cfg, process_id=check_processes(site, cfg.process_id, cfg.coordinator))
     secret = read_secret(cfg.secret_env)
@@ -316,7 +320,10 @@ def run_site(cfg: SiteConfig, log=print) -> list[dict]:
     # is built. The frame bound is provisional until the model's width is known; tightening it later can only
     # leave a looser bound on the read that is already waiting, never refuse a good frame. Only a site's leader
     # (process 0) links to other sites.
-    endpoints = _connect(topo, index, cfg, secret, tls, _PROVISIONAL_MAX_BYTES) if cfg.process_id == 0 else {}
+    peers = [i for i in (index - 1, index + 1) if 0 <= i < topo.n_sites] if diloco is None else \
+        _replicas.peers(topo, diloco, index)
+    endpoints = connect_peers(topo, index, peers, cfg, secret, tls, _PROVISIONAL_MAX_BYTES) \
+        if cfg.process_id == 0 else {}
     try:
         if cfg.process_id == 0:
             how = "mutual TLS 1.3" if tls is not None else "plaintext"

@@ -177,15 +177,17 @@ class Replica:
         pipe.set_params(_logical.to_stages(pipe, nested(params), [s.params for s in pipe.stages]))
 
 
-def evaluate_global(pipeline, global_params: dict, losses) -> float:
+def evaluate_global(pipeline, global_params: dict, losses) -> float | None:
     """The mean of `losses(pipeline)` (device scalars) with the replica's `pipeline` (a `Pipeline` or a site's
-    `LocalSite`) holding the global params for the while; its own params are put back, also on failure."""
+    `LocalSite`) holding the global params for the while; its own params are put back, also on failure. None
+    when every loss is None (a site of a replica's pipeline without the last stage)."""
     stages = pipeline.stages if isinstance(pipeline.stages, list) else list(pipeline.stages.values())
     view = types.SimpleNamespace(stages=stages, ranges=[pipeline.ranges[s.index] for s in stages])
     kept = [s.params for s in stages]
     pipeline.set_params(_logical.to_stages(view, nested(global_params), kept))
     try:
-        return float(np.mean([float(x) for x in losses(pipeline)]))
+        got = [float(x) for x in losses(pipeline) if x is not None]
+        return float(np.mean(got)) if got else None
     finally:
         pipeline.set_params(kept)
 
