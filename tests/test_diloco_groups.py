@@ -48,37 +48,52 @@ codec = "int8"
 """)
 
 
-def test_two_replicas_of_two_site_processes_match_the_in_process_run(tmp_path):
-    """4 site processes, 2 replicas x 2 pipeline stages: every step's loss of each replica (on its last site)
-    equals the in-process DilocoTrainer's on the same topology, counterparts hold the same global params of their
-    stages (their digests agree), and replica 0 takes the held-out loss of the global params as in one process."""
+def test_two_replicas_of_two_site_processes_match_the_in_process_run_and_resume(tmp_path):
+    """4 site processes, 2 replicas x 2 pipeline stages, stopped after step 2 and launched again from the step
+    every site sealed: every step's loss of each replica (on its last site) equals the in-process DilocoTrainer's
+    on the same topology, counterparts hold the same global params of their stages (their digests agree), and
+    replica 0 takes the held-out loss of the global params at steps 2 and 3 as in one process."""
     mesh = tmp_path / "four.toml"
     mesh.write_text(_FOUR)
-    out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
-                            "--out", str(out), "--timeout", "120", "--eval-every", "2", "--eval-batches", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    topo = hxtrain.load_topology(mesh)  # meanwhile, the same run in this process
+
+    def launch(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy",
+                                 "diloco", "--out", str(tmp_path / out), "--timeout", "120", "--checkpoint-dir",
+                                 str(tmp_path / "ckpt"), "--eval-every", "2", "--eval-batches", "1", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = launch("one", "--stop-at", "2", "--save-every", "2")
+    topo = hxtrain.load_topology(mesh)  # meanwhile, the whole run in this process
     ref = dl.DilocoTrainer(gpt.build(gpt.TINY, seed=0), topo, microbatches=2, batch_size=8,
                            optimizer=OptimizerConfig.for_steps(3, 3e-3), eval_batches=1)
     ref_rows = ref.fit(3, progress=False, eval_every=2)
+    outs = {}
     try:
-        stdout, _ = run.communicate(timeout=400)
+        outs["one"] = first.communicate(timeout=400)[0]
+        assert first.returncode == 0, outs["one"][-6000:]
+        second = launch("two", "--resume", "must")
+        outs["two"] = second.communicate(timeout=400)[0]
     finally:
-        run.kill()
-    assert run.returncode == 0, stdout[-6000:]
-    assert "diloco replica 1 of 2, stage 2 of 2, rows 6..7 of each batch (shares given)" in stdout
+        first.kill()
+        if "second" in locals():
+            second.kill()
+    assert second.returncode == 0, outs["two"][-6000:]
+    assert "diloco replica 1 of 2, stage 2 of 2, rows 6..7 of each batch (shares given)" in outs["one"]
+    for s in "abcd":
+        assert f"site {s!r}: resumed from step 2" in outs["two"], outs["two"][-4000:]
     for last, replica in (("b", "a+b"), ("d", "c+d")):
-        rows = [json.loads(line) for line in (out / f"metrics-{last}.jsonl").read_text().splitlines()]
-        assert [r["outer_step"] for r in rows] == [1, 2, 3] and all(r["sync_bytes"] > 0 for r in rows)
+        rows = [json.loads(line) for run in ("one", "two")
+                for line in (tmp_path / run / f"metrics-{last}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3] and [r["outer_step"] for r in rows] == [1, 2, 3]
+        assert all(r["sync_bytes"] > 0 for r in rows)
         for got, want in zip(rows, ref_rows):
             assert rel_err(got["loss"], want["replica_loss"][replica]) <= 1e-5, (last, got["loss"], want)
         evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         want = [(r["step"], r["eval_loss"]) for r in ref_rows if "eval_loss" in r] if last == "b" else []
-        assert [k for k, _ in evals] == [k for k, _ in want], (last, evals)
+        assert [k for k, _ in evals] == [k for k, _ in want] == ([2, 3] if last == "b" else []), (last, evals)
         assert all(rel_err(g, w) <= 1e-5 for (_, g), (_, w) in zip(evals, want)), (evals, want)
-    digests = dict(re.findall(r"\[(\w)\] site '\w': global params after outer step 3: sha256 (\w+)", stdout))
-    assert sorted(digests) == list("abcd"), stdout[-3000:]
+    digests = dict(re.findall(r"\[(\w)\] site '\w': global params after outer step 3: sha256 (\w+)", outs["two"]))
+    assert sorted(digests) == list("abcd"), outs["two"][-3000:]
     assert digests["a"] == digests["c"] and digests["b"] == digests["d"] and digests["a"] != digests["b"]
 
 

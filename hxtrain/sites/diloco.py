@@ -88,7 +88,8 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
         steps.barrier(cfg.connect_timeout)
         log(f"site {local.site.name!r}: compiled; both replicas ready")
     if ckpt is not None:
-        step = steps.agree_step(complete, cfg.connect_timeout)
+        step = steps.agree_step(complete, cfg.connect_timeout, links=list(within.values()),
+                                rounds=len(topology.sites))
         if step is None and cfg.resume == "must":
             from hxtrain.checkpoints.checkpoint import CheckpointError
 
@@ -115,7 +116,9 @@ class _ReplicaView:
 
     @property
     def stages(self) -> list:
-        return list(self.local.stages.values())
+        # Renumbered from 0, so that a stage of a replica group saves its optax counters (`logical` keeps those of
+        # stage 0 only), as `checkpoints.site.SiteCheckpoints._view` does; params do not depend on the index.
+        return [dataclasses.replace(s, index=k) for k, s in enumerate(self.local.stages.values())]
 
     @property
     def ranges(self) -> list:
@@ -184,11 +187,20 @@ class ReplicaSteps:
         self.ep.send(Kind.PSEUDO_GRADIENT, np.zeros(1, np.int64), step=0, microbatch=_TOKENS + 1)
         self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=0, microbatch=_TOKENS + 1, timeout=timeout)
 
-    def agree_step(self, mine: list[int], timeout: float) -> int | None:
-        """The newest step complete in both replicas' checkpoint folders (each sends its list), or None."""
-        self.ep.send(Kind.PSEUDO_GRADIENT, np.array([-1, *mine], np.int64), step=0, microbatch=_TOKENS + 2)
-        _, theirs = self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=0, microbatch=_TOKENS + 2, timeout=timeout)
-        both = set(mine) & {int(s) for s in theirs[1:]}
+    def agree_step(self, mine: list[int], timeout: float, links=(), rounds: int = 1) -> int | None:
+        """The newest step complete in every site's checkpoint folder, or None: each round, every site sends the
+        steps it still holds in common to each peer it links to (the other replica's site and `links`, its
+        replica's pipeline links) and keeps those they send back; `rounds` >= the longest path between two sites
+        of the run makes the set the same everywhere."""
+        both = set(mine)
+        for r in range(rounds):
+            eps = [self.ep, *links]
+            for ep in eps:
+                ep.send(Kind.PSEUDO_GRADIENT, np.array([-1, *sorted(both)], np.int64), step=r,
+                        microbatch=_TOKENS + 2)
+            for ep in eps:
+                _, theirs = ep.recv(kind=Kind.PSEUDO_GRADIENT, step=r, microbatch=_TOKENS + 2, timeout=timeout)
+                both &= {int(s) for s in theirs[1:]}
         return max(both) if both else None
 
     def next_batch(self):
