@@ -15,11 +15,12 @@ back; a returning replica (`--rejoin`) takes the outer state at the survivor's n
 
 Checkpoints (`--checkpoint-dir DIR --save-every N`): each replica saves, under DIR/<site>, what the in-process
 DiLoCo run saves (`hxtrain.training.diloco_checkpoint`): the global params and the outer state, which both replicas
-hold bit for bit, and its own params, inner optimizer state and data position. At start-up the two replicas send
-each other the steps complete in their folders and both restore the newest one they share (`--resume`).
+hold bit for bit, and its own params, inner optimizer state and data position (a site of a replica group: those of
+the stages it holds). At start-up the sites send each other the steps complete in their folders and all restore
+the newest one they share (`--resume`).
 
 For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no fragments > 1, measured
-shares, --elastic or checkpoints (each said so, naming the setting, before anything starts).
+shares or --elastic (each said so, naming the setting, before anything starts).
 """
 
 from __future__ import annotations
