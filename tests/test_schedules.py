@@ -1,5 +1,7 @@
 """Schedules as data: hand-checked 2-site x 4-microbatch tables, properties over (S, M), and validate()'s errors."""
 
+import itertools
+
 import pytest
 
 from hxtrain.schedules.tables import (GPipe, Interleaved, OneFOneB, ScheduleError, Task, UserTable, ZBH1, analytic_bubble,
@@ -265,3 +267,33 @@ def test_latency_aware_zb_h1_keeps_more_in_flight_and_hides_a_slow_link():
         get_schedule("zb-h1:x")
     with pytest.raises(ScheduleError, match="ZBH1: extra must be an int >= 0"):
         ZBH1(extra=-1)
+
+
+def test_latency_aware_interleaved_groups_more_microbatches_and_hides_a_slow_link():
+    """interleaved:v:k: forwards in groups of S + k microbatches per chunk, so a chunk's output crossing a slow link
+    (every site sends over one, the last back to the first) has k more microbatches of work behind it; valid and
+    deadlock-free on a grid of (S, M, v, k); (v-1) k more inputs held; with a one-way latency of 3 units the step is
+    shorter, and with free links no longer than interleaving's."""
+    from hxtrain.schedules.tables import Interleaved, get_schedule, validate
+
+    for S, M, v, k in itertools.product((2, 3, 4), (1, 3, 4, 5, 8, 9, 16), (2, 3), (1, 2, 4)):
+        sched = Interleaved(virtual=v, extra=k)
+        validate(sched.site_orders(S, M), S, M, v)
+    sched = get_schedule("interleaved:2:4")
+    assert sched == Interleaved(virtual=2, extra=4) and sched.name == "interleaved:2:4"
+    assert get_schedule("interleaved:3").name == "interleaved" and get_schedule("interleaved:3").virtual == 3
+    S, M = 2, 16
+    held = [live_activations(o) for o in sched.site_orders(S, M)]
+    assert held == [live + 4 for live in (live_activations(o) for o in Interleaved().site_orders(S, M))]
+
+    def step(s, latency):
+        ev = simulate(s.site_orders(S, M), S, duration=lambda site, t: 0.5 if t.kind == "F" else 1.0,
+                      transfer=(lambda a, b, t: (0.0, latency)) if latency else None)  # a WAN: latencies overlap
+        return max(e.end for e in ev)
+
+    assert step(sched, 3.0) < 0.9 * step(Interleaved(), 3.0)
+    assert step(sched, 0.0) <= step(Interleaved(), 0.0)
+    with pytest.raises(ScheduleError, match=r"expected 'interleaved:<int virtual stages>\[:<extra microbatches"):
+        get_schedule("interleaved:2:x")
+    with pytest.raises(ScheduleError, match="Interleaved: extra must be an int >= 0"):
+        Interleaved(extra=-1)

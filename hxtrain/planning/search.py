@@ -22,6 +22,7 @@ from hxtrain.planning.problem import (PlanError, Cand, Ctx, Table, all_fit, code
 TIE = 1e-3  # a lossier codec or a later schedule must be faster by more than this fraction to be chosen
 _CODEC_TIE = 0.01  # a less lossy codec is kept if it costs at most 1% of step time (precision is worth that)
 _SIMULATE_TOP = 4  # candidates simulated after the analytic ranking
+_CLIMB_FROM = 6  # schedules whose best simulated candidate is hill-climbed
 _MAX_EXHAUSTIVE = 200_000  # simulations an exhaustive search may run
 
 
@@ -122,13 +123,21 @@ def search(ctx, options, codecs, *, exhaustive, climb_until, relax_until, fixed=
         firsts = {c.opt.schedule: c for c in reversed(ranked)}
         chosen = {id(c) for c in ranked[:top]}
         top = ranked[:top] + [c for c in firsts.values() if id(c) not in chosen]
-    best = None
+    best, leaders = None, {}  # leaders: the best simulated candidate of each schedule
     for c in top:
         c = simulated(ctx, c)
         if _better(c, best):
             best = c
+        if _better(c, leaders.get(c.opt.schedule)):
+            leaders[c.opt.schedule] = c
     if fixed is None and not exhaustive:
-        best = _hill_climb(ctx, best, climb_until)
+        # A climb ends in a local optimum: climb from the leaders of the best few schedules, the deadline shared.
+        starts = sorted(leaders.values(), key=lambda c: c.step)[:_CLIMB_FROM]
+        now = time.perf_counter()
+        for k, c in enumerate(starts):
+            c = _hill_climb(ctx, c, now + (climb_until - now) * (k + 1) / len(starts))
+            if _better(c, best):
+                best = c
     return _relax_codecs(ctx, best, codecs, math.inf if exhaustive else relax_until)
 
 

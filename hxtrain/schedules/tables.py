@@ -10,8 +10,8 @@ input-gradient part) or "W" (weight gradient, split-backward schedules only). De
     W(s,m) <- B(s,m)
 
 Table syntax (`UserTable`, `Task.parse`, `Task.token`): a token is `<kind><microbatch>[.<chunk>]`, e.g. "F3" or
-"B0.1"; the chunk is the site-local virtual stage (default 0), so on site d of S sites "F0.1" is stage d + 1*S.
-With `virtual = 1` the chunk is always 0 and tokens are just "F3", "B3", "W3".
+"B0.1"; the chunk is the site-local virtual stage (default 0, so "F3", "B3", "W3" with `virtual = 1`): on site d of
+S sites "F0.1" is stage d + 1*S.
 
 Pure Python on purpose: schedules are tested and planned with no device.
 """
@@ -114,15 +114,21 @@ class OneFOneB(Schedule):
 class Interleaved(Schedule):
     """Interleaved 1F1B with `virtual` chunks per site (Megatron-LM, Narayanan et al. 2021).
 
-    Forwards go in groups of S microbatches: chunk 0 of the group, then chunk 1, ...; backwards the same with
-    the chunks reversed. Site d runs min(2*(S-d-1) + (v-1)*S, v*M) warm-up forwards, then alternates one F and
-    one B, then drains. When M is not a multiple of S the table is built for M rounded up and the padding
+    Forwards go in groups of G = S microbatches: chunk 0 of the group, then chunk 1, ...; backwards the same with
+    the chunks reversed. Site d runs min(2*(S-d-1) + (v-1)*G, v*M) warm-up forwards, then alternates one F and
+    one B, then drains. When M is not a multiple of G the table is built for M rounded up and the padding
     microbatches are dropped: valid and deadlock-free for every (S, M), at the price of a bigger bubble (their
     slots stay idle); a smaller last group, as in newer Megatron, deadlocks for some (S, M, v).
+
+    `extra` = k > 0 is the latency-aware variant "interleaved:v:k": groups of G = S + k microbatches, so that a
+    chunk's output still has k more microbatches of work behind it on the next site while it crosses a slow link
+    (every site sends over a link in an interleaved pipeline, the last back to the first); (v-1) k more inputs
+    held per site. Deadlock-free for every (S, M, v, k) tested (`tests/test_schedules.py`).
     """
 
-    name: str = "interleaved"
+    name: str = ""
     virtual: int = 2
+    extra: int = 0
 
     def __post_init__(self):
         if not isinstance(self.virtual, int) or self.virtual < 2:
@@ -130,18 +136,19 @@ class Interleaved(Schedule):
                                 "for one chunk per site use OneFOneB()")
         if self.split_backward:
             raise ScheduleError("Interleaved: split_backward is not supported; use ZBH1 for split backward")
+        name_extra(self, "Interleaved", "interleaved" if self.extra == 0 else f"interleaved:{self.virtual}")
 
     def _orders(self, sites, microbatches):
-        # Build Megatron's table for M rounded up to a multiple of S, then drop the padding microbatches.
-        # Dropping tasks keeps a table deadlock-free (a cycle without them would be a cycle with them), and
-        # Megatron's warm-up counts are only right for full groups of S.
-        v, padded, orders = self.virtual, -(-microbatches // sites) * sites, []
+        # Megatron's table for M rounded up to whole groups (its warm-up counts are right only for those), less the
+        # padding microbatches: dropping tasks keeps a table deadlock-free (a cycle without them is one with them).
+        v, group, orders = self.virtual, sites + self.extra, []
+        padded = -(-microbatches // group) * group
         for d in range(sites):
-            fwd = [Task(d + c * sites, g + i, "F") for g in range(0, padded, sites) for c in range(v)
-                   for i in range(sites)]
-            bwd = [Task(d + c * sites, g + i, "B") for g in range(0, padded, sites) for c in reversed(range(v))
-                   for i in range(sites)]
-            warm = min(2 * (sites - d - 1) + (v - 1) * sites, len(fwd))
+            fwd = [Task(d + c * sites, g + i, "F") for g in range(0, padded, group) for c in range(v)
+                   for i in range(group)]
+            bwd = [Task(d + c * sites, g + i, "B") for g in range(0, padded, group) for c in reversed(range(v))
+                   for i in range(group)]
+            warm = min(2 * (sites - d - 1) + (v - 1) * group, len(fwd))
             order = fwd[:warm]
             for k in range(len(fwd) - warm):
                 order += [fwd[warm + k], bwd[k]]
@@ -280,7 +287,8 @@ class UserTable(Schedule):
         return cls(sites, virtual=virtual, split_backward=split, name=str(name))
 
 
-_NAMES = ("gpipe", "1f1b", "1f1b:<k>", "interleaved", "interleaved:<v>", "zb-h1", "zb-h1:<k>", "zbh1", "<path>.toml")
+_NAMES = ("gpipe", "1f1b", "1f1b:<k>", "interleaved", "interleaved:<v>", "interleaved:<v>:<k>", "zb-h1", "zb-h1:<k>",
+          "zbh1", "<path>.toml")
 
 
 def get_schedule(name: str | Schedule) -> Schedule:
@@ -304,10 +312,11 @@ def get_schedule(name: str | Schedule) -> Schedule:
                                     f"'{prefix}2'")
             return cls(extra=int(k))
     if key.startswith("interleaved:"):
-        v = key.split(":", 1)[1]
-        if not v.isdigit():
-            raise ScheduleError(f"schedule {name!r}: expected 'interleaved:<int virtual stages>', e.g. 'interleaved:3'")
-        return Interleaved(virtual=int(v))
+        v, _, k = key.split(":", 1)[1].partition(":")
+        if not v.isdigit() or not (k.isdigit() or key.count(":") == 1):
+            raise ScheduleError(f"schedule {name!r}: expected 'interleaved:<int virtual stages>[:<extra microbatches "
+                                "in flight>]', e.g. 'interleaved:3' or 'interleaved:2:4'")
+        return Interleaved(virtual=int(v), extra=int(k or 0))
     raise ScheduleError(f"unknown schedule {name!r}; choices: {', '.join(_NAMES)}")
 
 
@@ -365,7 +374,7 @@ def analytic_bubble(name: str | Schedule, sites: int, microbatches: int, virtual
     s, m = sites, microbatches
     if isinstance(sched, GPipe) or (isinstance(sched, OneFOneB) and sched.extra == 0):
         return (s - 1) / (m + s - 1)
-    if isinstance(sched, Interleaved):
+    if isinstance(sched, Interleaved) and sched.extra == 0:
         v = virtual if virtual > 1 else sched.virtual
         return (s - 1) / (v * m + s - 1)
     if isinstance(sched, ZBH1) and sched.extra == 0:
