@@ -182,3 +182,14 @@ def shapes(pipeline) -> dict[str, tuple[tuple[int, ...], str]]:
         return (PARTS.index(part), int(rest[0]) if part == "blocks" else 0, k)
 
     return {k: flat[k] for k in sorted(flat, key=order)}
+
+
+def key_shapes(pipeline) -> dict[str, tuple[tuple[int, ...], str]]:
+    """'blocks/0/w' -> (shape, dtype name) for every logical parameter, in the order `to_logical` gives them
+    (`flat(to_logical(pipeline)["params"])`), with no device work: the stages' params may be abstract
+    (`jax.ShapeDtypeStruct` leaves). A DiLoCo site that holds some stages orders the whole model's keys by it."""
+    out: dict = {}
+    for s, (lo, hi) in zip(pipeline.stages, pipeline.ranges):
+        for _, keys, leaf, _, i in _entries(s, lo, hi, s.params):
+            _set(out, keys, (tuple(leaf.shape[1:] if i is not None else leaf.shape), str(leaf.dtype)))
+    return dict(flat(out))

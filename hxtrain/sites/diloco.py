@@ -19,8 +19,11 @@ hold bit for bit, and its own params, inner optimizer state and data position (a
 the stages it holds). At start-up the sites send each other the steps complete in their folders and all restore
 the newest one they share (`--resume`).
 
-For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no fragments > 1, measured
-shares or --elastic (each said so, naming the setting, before anything starts).
+Streaming fragments are the whole model's, each cut down to the keys a site holds, so a site of a replica group
+syncs exactly what the in-process replica would.
+
+For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no measured shares or
+--elastic (each said so, naming the setting, before anything starts).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from hxtrain.links.wire import Kind
 from hxtrain.network.handshake import PeerError
 from hxtrain.training.diloco import evaluate_global
 from hxtrain.sites.replicas import build, place
-from hxtrain.training.outer import OuterSync, flat, nested
+from hxtrain.training.outer import OuterSync, flat, fragment_keys, nested
 
 _TOKENS = 1 << 20  # the `microbatch` of the frame carrying a replica's token count (keys are numbered from 0)
 
@@ -172,7 +175,11 @@ class ReplicaSteps:
         self.alone = False  # elastic: the other replica was lost, this one goes on by itself
         self.learning_rate = local.optimizer.learning_rate
         self.view = _ReplicaView(local)  # the replica's current stages, for `checkpoints.logical`
-        self.outer = OuterSync(d, self.params(), 2)
+        mine = self.params()
+        frags = None  # a stage of a replica group: the whole model's fragments, each cut down to this site's keys
+        if local.model_keys is not None and local.model_keys.keys() != mine.keys():
+            frags = [tuple(k for k in f if k in mine) for f in fragment_keys(local.model_keys, d.fragments)]
+        self.outer = OuterSync(d, mine, 2, fragments=frags)
         biggest = max(v.nbytes for v in self.outer.global_params.values())
         endpoint.max_bytes = max(endpoint.max_bytes, 2 * biggest + (1 << 16))
 

@@ -80,6 +80,25 @@ class _NetOptimizer(SiteOptimizer):
         return [self.put_tree(np.float32(total), NamedSharding(s.role.mesh, P())) for s in stages]
 
 
+def model_keys(parts, ranges) -> dict:
+    """Every stage's logical parameter keys -> (shape, dtype), in the order `logical.to_logical` of the whole
+    pipeline gives them (abstract: nothing is stacked or placed)."""
+    import types
+
+    from hxtrain.checkpoints import logical as _logical
+
+    spec = lambda n: lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)  # noqa: E731
+    stages = []
+    for i, (lo, hi) in enumerate(ranges):
+        params = {"blocks": jax.tree.map(spec(hi - lo), parts.blocks[0])}
+        if i == 0:
+            params["embed"] = parts.embed
+        if i == len(ranges) - 1:
+            params["head"] = parts.head
+        stages.append(types.SimpleNamespace(params=params))
+    return _logical.key_shapes(types.SimpleNamespace(stages=stages, ranges=list(ranges)))
+
+
 @dataclasses.dataclass
 class LocalSite:
     """This process's site: its stages (index -> StageState), their task order and the shared data stream."""
@@ -109,6 +128,7 @@ class LocalSite:
     rows: tuple = ()  # the rows of each batch this process reads: its own devices' shards (none: no stage needs them)
     eval_set: tuple = ()  # the fixed held-out batches of every evaluation, int32 [B, T+1] each (none: no eval)
     eval_order: tuple = ()  # this site's tasks of the forward-only table
+    model_keys: dict | None = None  # the whole model's logical keys -> (shape, dtype), in `to_logical`'s order
     _zeros: dict | None = None  # the last step's accumulators, zeroed, for the next one
 
     @property
@@ -147,7 +167,7 @@ class LocalSite:
         return cls(topology, index, site, mesh, stages, n_stages, order, M, B, seq, width, opt, batches,
                    put=put, put_tree=put_tree, ranges=tuple(ranges), seed=cfg.seed, schedule_name=schedule.name,
                    model_name=type(model).__name__, model_config=model.cfg, rows=rows, eval_set=eval_set,
-                   eval_order=eval_order if eval_set else ())
+                   eval_order=eval_order if eval_set else (), model_keys=model_keys(parts, ranges))
 
     def describe(self) -> str:
         dev = self.mesh.devices.flat[0]

@@ -65,11 +65,13 @@ def nested(flat_tree: dict[str, np.ndarray]) -> dict:
 class OuterSync:
     """The outer state of a DiLoCo run (see the module doc). `cfg`: a `hxtrain.config.topology.Diloco`."""
 
-    def __init__(self, cfg, global_params: dict[str, np.ndarray], n_replicas: int):
+    def __init__(self, cfg, global_params: dict[str, np.ndarray], n_replicas: int, fragments=None):
+        """`fragments`: the keys of each fragment (default `fragment_keys` of `global_params`); a site that holds
+        some of the model's stages passes the whole model's fragments cut down to its keys (some may be empty)."""
         self.cfg, self.n_replicas = cfg, n_replicas
         self.global_params = dict(global_params)
         shapes = {k: (v.shape, v.dtype.name) for k, v in global_params.items()}
-        self.fragments = fragment_keys(shapes, cfg.fragments)
+        self.fragments = fragment_keys(shapes, cfg.fragments) if fragments is None else [tuple(f) for f in fragments]
         self.momentum = {k: np.zeros_like(v) for k, v in global_params.items()}
         self.codec = _codecs.get_codec(cfg.codec)
         self.since = [[0] * n_replicas for _ in self.fragments]  # tokens per replica since the fragment's sync
