@@ -11,6 +11,9 @@ Two more columns say where MPMD's time goes:
          (no mailboxes, no task table, no accumulator bookkeeping): what the programs themselves cost;
   M=1    the MPMD engine with one microbatch (3 programs per step instead of 3 M): the per-program cost shows as
          the difference.
+And `--fuse 2,4` adds the MPMD engine with g microbatches per stage program (`Pipeline(fuse=g)`: the same M
+microbatches and memory per microbatch, GPipe over M / g units, g times fewer programs and transfers), each with
+its ratio to SPMD.
 """
 
 from __future__ import annotations
@@ -68,13 +71,15 @@ def bare_gpipe(pipe: Pipeline):
     return step
 
 
-def compare(model_name: str, mesh: str, microbatches: int, batch: int, repeats: int) -> dict:
+def compare(model_name: str, mesh: str, microbatches: int, batch: int, repeats: int, fuse=()) -> dict:
     model = build_model(model_name)
     topo = load_topology(mesh)
     tokens = np.random.default_rng(0).integers(0, 256, (batch, model.cfg.seq_len + 1)).astype(np.int32)
     mpmd = Pipeline(model, topo, schedule="gpipe", microbatches=microbatches)
     runs = {"mpmd": mpmd.grads, "spmd": SpmdPipeline(model, topo, microbatches=microbatches).grads,
             "bare": bare_gpipe(mpmd), "M=1": Pipeline(model, topo, schedule="gpipe", microbatches=1).grads}
+    for g in fuse:
+        runs[f"fuse {g}"] = Pipeline(model, topo, schedule="gpipe", microbatches=microbatches, fuse=g).grads
     first = {k: _time(fn, tokens) for k, fn in runs.items()}
     for fn in runs.values():  # one more warm-up each (second-call effects: donation, allocator)
         _time(fn, tokens)
@@ -94,16 +99,20 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--fuse", default="", help="also the MPMD engine with these microbatches per program, e.g. 2,4")
     args = ap.parse_args()
+    fuse = [int(g) for g in args.fuse.split(",") if g]
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, mesh {args.mesh}, "
           f"GPipe, M={args.microbatches}, batch {args.batch}, median of {args.repeats} interleaved steps")
     print(f"{'model':8} {'mpmd ms':>9} {'spmd ms':>9} {'mpmd/spmd':>10} {'bare ms':>9} {'bare/spmd':>10} "
           f"{'M=1 ms':>8} {'compile mpmd s':>15} {'compile spmd s':>15}")
     for name in args.models.split(","):
-        r = compare(name, args.mesh, args.microbatches, args.batch, args.repeats)
+        r = compare(name, args.mesh, args.microbatches, args.batch, args.repeats, fuse)
         m = r["median"]
         print(f"{name:8} {m['mpmd'] * 1e3:9.1f} {m['spmd'] * 1e3:9.1f} {r['ratio']:10.2f} {m['bare'] * 1e3:9.1f} "
               f"{r['bare_ratio']:10.2f} {m['M=1'] * 1e3:8.1f} {r['first']['mpmd']:15.1f} {r['first']['spmd']:15.1f}")
+        for g in fuse:
+            print(f"{'':8} fuse {g}: mpmd {m[f'fuse {g}'] * 1e3:.1f} ms, mpmd/spmd {m[f'fuse {g}'] / m['spmd']:.2f}")
 
 
 if __name__ == "__main__":

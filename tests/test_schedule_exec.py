@@ -349,3 +349,21 @@ def _corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("some bytes to train on. " * 100)
     return path
+
+
+@pytest.mark.parametrize("name,sites,m,fuse", [("gpipe", 2, 8, 4), ("1f1b", 4, 8, 2), ("interleaved", 2, 6, 3)])
+def test_fused_microbatches_match_single_device(name, sites, m, fuse):
+    """fuse = g microbatches per stage program: the schedule over M / g units, each task a scan over its g; the
+    same loss and grads as one device, also with every mailbox slot poisoned with NaN; g times fewer tasks."""
+    pipe = pipeline(name, sites, m, fuse=fuse)
+    assert len(pipe.tasks) * fuse == len(pipeline(name, sites, m).tasks)
+    check_against_reference(pipe, m, poison=True)
+    assert pipe.transport.pending() == []
+
+
+def test_fuse_is_checked():
+    with pytest.raises(ValueError, match=r"fuse: expected a whole number >= 1 that divides microbatches \(8\), got 3"):
+        pipeline("gpipe", 2, 8, fuse=3)
+    with pytest.raises(ValueError, match="fuse: 2 microbatches per program is not built for the split backward of "
+                                         "schedule 'zb-h1'"):
+        pipeline("zb-h1", 2, 8, fuse=2)

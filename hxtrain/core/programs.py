@@ -155,6 +155,64 @@ def last_step(role: StageRole, params, x, targets, gacc, lacc, scale):
     return _smap(role, local, specs, (out_dx, P(DATA), P(DATA)))(params, x, targets, gacc, lacc, scale)
 
 
+# ---- fused microbatches: g microbatches per program, one at a time inside (a scan) ---------------------------
+# The same work as g calls of `forward` / `backward` / `last_step`, in one dispatch: a schedule over M / g units
+# trades a longer fill and drain for g times fewer programs, where dispatch, not compute, sets the step. The scan
+# is unrolled (g is small; a rolled loop costs a while-loop per microbatch on a CPU); each microbatch's
+# activations are dead once its gradient is added, as with separate calls. xs, dys: [g, mb, ...] P(None, 'data').
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_group(role: StageRole, params, xs):
+    """[g, mb, T(, D)] -> [g, mb, T, D]: `forward` of each of g microbatches."""
+    local = lambda params, xs: jax.lax.scan(lambda c, x: (c, _forward(role, params, x)), None, xs,  # noqa: E731
+                                            unroll=True)[1]
+    return _smap(role, local, (P(), P(None, DATA)), P(None, DATA))(params, xs)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def backward_group(role: StageRole, params, xs, dys, gacc):
+    """`backward` of each of g microbatches in turn, into one gacc (donated). Returns (dxs or None, gacc)."""
+
+    def local(params, xs, dys, gacc):
+        params = _varying(params)
+
+        def one(gacc, x_dy):
+            x, dy = x_dy
+            if role.first:
+                _, pull = jax.vjp(lambda p: _forward(role, p, x), params)
+                (grads,), dx = pull(dy), None
+            else:
+                _, pull = jax.vjp(lambda p, h: _forward(role, p, h), params, x)
+                grads, dx = pull(dy)
+            return _accumulate(gacc, grads), dx
+
+        gacc, dxs = jax.lax.scan(one, gacc, (xs, dys), unroll=True)
+        return dxs, gacc
+
+    out_dx = None if role.first else P(None, DATA)
+    specs = (P(), P(None, DATA), P(None, DATA), P(DATA))
+    return _smap(role, local, specs, (out_dx, P(DATA)))(params, xs, dys, gacc)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4, 5))
+def last_step_group(role: StageRole, params, xs, targets, gacc, lacc, scale):
+    """`last_step` of each of g microbatches in turn. Returns (dxs or None, gacc, lacc)."""
+
+    def local(params, xs, targets, gacc, lacc, scale):
+        def one(carry, x_t):
+            gacc, lacc = carry
+            value, grads, dx = _loss_and_grads_local(role, params, x_t[0], x_t[1], scale)
+            return (_accumulate(gacc, grads), lacc + value[None]), dx
+
+        (gacc, lacc), dxs = jax.lax.scan(one, (gacc, lacc), (xs, targets), unroll=True)
+        return dxs, gacc, lacc
+
+    out_dx = None if role.first else P(None, DATA)
+    specs = (P(), P(None, DATA), P(None, DATA), P(DATA), P(DATA), P())
+    return _smap(role, local, specs, (out_dx, P(DATA), P(DATA)))(params, xs, targets, gacc, lacc, scale)
+
+
 # ---- split backward (zero-bubble schedules): "B" = input gradient only, "W" = weight gradient only ----------
 # Both recompute the stage from its held input (only inputs are kept between tasks), so a split backward costs one
 # extra forward per microbatch over the fused `backward`; in exchange B, which the previous stage waits for, is
@@ -297,9 +355,10 @@ def _zeros_like(tree, shardings: tuple):
 def microbatches(role: StageRole, tokens):
     """The step's tokens int32 [M, mb, T+1] (sharded P(None, 'data')) -> (inputs, targets), each a tuple of M
     [mb, T] arrays sharded P('data'): the first stage's inputs and the last stage's targets (None where the
-    stage is not first / last). One program per site per step instead of one transfer per microbatch."""
-    out = NamedSharding(role.mesh, P(DATA))
-    cut = lambda lo, hi: tuple(jax.lax.with_sharding_constraint(m[:, lo:hi], out) for m in tokens)
+    stage is not first / last). One program per site per step instead of one transfer per microbatch. Fused
+    microbatches: tokens [M / g, g, mb, T+1] (P(None, None, 'data')) -> tuples of [g, mb, T] (P(None, 'data'))."""
+    out = NamedSharding(role.mesh, P(*[None] * (tokens.ndim - 3), DATA))
+    cut = lambda lo, hi: tuple(jax.lax.with_sharding_constraint(m[..., lo:hi], out) for m in tokens)
     T = tokens.shape[-1] - 1
     return (cut(0, T) if role.first else None), (cut(1, T + 1) if role.last else None)
 

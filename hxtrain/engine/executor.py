@@ -72,8 +72,8 @@ class _Accumulators:
     """The step's gradient sums (gacc, per owned stage) and loss sums (lacc, last stage), owned by `run_step`:
     every program donates the accumulator it adds into, and the new one replaces it here."""
 
-    def __init__(self, stages: dict, zeros, put, *, grads: bool = True):
-        self.gacc, self.lacc = {}, {}
+    def __init__(self, stages: dict, zeros, put, *, grads: bool = True, group: int = 1):
+        self.gacc, self.lacc, self.group = {}, {}, group
         for i, s in stages.items():
             z = zeros.get(i) if zeros else None
             if z is not None:
@@ -93,12 +93,13 @@ class _Accumulators:
             if split:  # input gradient and loss now; the weight gradient at W
                 out, self.lacc[i] = _stage.last_input(st.role, st.params, x, c, self.lacc[i], scale)
             else:
-                out, self.gacc[i], self.lacc[i] = _stage.last_step(st.role, st.params, x, c, self.gacc[i],
-                                                                   self.lacc[i], scale)
+                out, self.gacc[i], self.lacc[i] = (_stage.last_step_group if self.group > 1 else _stage.last_step)(
+                    st.role, st.params, x, c, self.gacc[i], self.lacc[i], scale)
         elif split:  # the first stage's input is tokens: no input gradient, its W does all the work
             out = None if st.role.first else _stage.backward_input(st.role, st.params, x, c)
         else:
-            out, self.gacc[i] = _stage.backward(st.role, st.params, x, c, self.gacc[i])
+            out, self.gacc[i] = (_stage.backward_group if self.group > 1 else _stage.backward)(
+                st.role, st.params, x, c, self.gacc[i])
         return out
 
     def loss(self, st: StageState, x, targets, scale) -> None:
@@ -151,7 +152,7 @@ def warm_up_split(stage: StageState, params, put, act: np.ndarray, dy: np.ndarra
 def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | None = None,
              n_stages: int | None = None, last_data: int | None = None, put=None, poison: bool = False,
              record: Callable[[Event], None] | None = None, timeline: bool = False, width: int = 0,
-             zeros: dict | None = None, forward_only: bool = False) -> StepOutput:
+             zeros: dict | None = None, forward_only: bool = False, group: int = 1) -> StepOutput:
     """Run the step's tasks of the stages this process owns; returns their gradient and loss sums (state out: no
     stage is written to).
 
@@ -168,6 +169,9 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
     `forward_only` (with a table of F tasks only, `schedules.forward.ForwardOnly`) computes the loss sums alone,
     for evaluation: `gacc` is then empty and no stage input is held. It is asked for, never inferred: a training
     table that lacks its backward tasks is an error, not an evaluation.
+    `group` = g > 1 fuses microbatches: `tasks` is a table over M / g units, and each task runs its g
+    microbatches in one program (`programs.forward_group`, ...): g times fewer programs and transfers, the fill and
+    drain of units g times longer. Not with split-backward tables or `forward_only`.
     `timeline=True` (or a `record` callback, called with each `Event` once the step is done) times every task and
     transfer (see `recorder.Recorder`: how, and what it costs). `poison` pre-fills every mailbox slot with NaN (in-process
     transport, tests).
@@ -178,6 +182,11 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
     last_data = owned[n_stages - 1].data if last_data is None else last_data
     put = put_data if put is None else put
     M, mb, T1 = tokens.shape
+    if group > 1:
+        if forward_only or any(t.kind == "W" for t in tasks) or M % group:
+            raise ValueError(f"group: {group} microbatches per program needs a table with F and B tasks only (no "
+                             f"split backward, not forward-only) and microbatches ({M}) a multiple of it")
+        tokens = tokens.reshape(M // group, group, mb, T1)  # a task's unit u = microbatches u g .. (u + 1) g - 1
     transport.clear()  # nothing from an earlier (possibly failed) step may be read by this one
     # The loss weight of a microbatch, placed once on the last stage's site (a host scalar would be copied onto
     # the site's devices at every call).
@@ -186,13 +195,13 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
         bad = next(t for t in tasks if t.kind != "F")
         raise ValueError(f"forward_only: expected a table of F tasks only (ForwardOnly), got task {bad.kind}"
                          f"{bad.microbatch} of stage {bad.stage}")
-    acc = _Accumulators(owned, zeros, put, grads=not forward_only)
+    acc = _Accumulators(owned, zeros, put, grads=not forward_only, group=group)
     rec = Recorder(n_sites) if (timeline or record is not None) else None
     try:
         if n_stages == 1:  # the whole model on one stage: one fused program over every microbatch
             s = owned[0]
             t0 = time.perf_counter()
-            toks = put(tokens, s, P(None, DATA))
+            toks = put(tokens.reshape(M, mb, T1), s, P(None, DATA))  # already one program: no grouping
             if forward_only:
                 acc.lacc[0] = _stage.whole_loss(s.role, s.params, toks, acc.lacc[0], scales[0])
             else:
@@ -202,7 +211,7 @@ def run_step(stages, tasks, tokens: np.ndarray, transport, *, n_sites: int | Non
                 rec.compute(s.site, "step", None, t0, None, (acc.gacc[0], acc.lacc[0]))
             return StepOutput({} if forward_only else acc.gacc, acc.lacc, _finish(rec, record, (0,) * n_sites))
         if poison:
-            _poison(owned, n_stages, tasks, transport, (mb, T1 - 1, width))
+            _poison(owned, n_stages, tasks, transport, (group,) * (group > 1) + (mb, T1 - 1, width))
         peak = _walk(owned, tasks, _Batch(tokens, owned, put), transport, rec, acc, scales, n_sites, forward_only)
         return StepOutput({} if forward_only else acc.gacc, acc.lacc, _finish(rec, record, peak))
     finally:
@@ -230,7 +239,8 @@ class _Batch:
         return self._targets[st.index][microbatch]
 
     def _place(self, st: StageState) -> None:
-        inputs, targets = _stage.microbatches(st.role, self.put(self.tokens, st, P(None, DATA)))
+        spec = P(*[None] * (self.tokens.ndim - 2), DATA)  # [M, mb, T+1], or [M / g, g, mb, T+1] fused
+        inputs, targets = _stage.microbatches(st.role, self.put(self.tokens, st, spec))
         self._inputs[st.index], self._targets[st.index] = inputs, targets
 
 
@@ -290,7 +300,7 @@ def _walk(stages: dict[int, StageState], tasks, batch: _Batch, transport, rec, a
                 live[st.site] += 1
                 peak[st.site] = max(peak[st.site], live[st.site])
                 if not st.role.last:  # the last stage's forward is fused into its backward
-                    out = _stage.forward(st.role, st.params, x)
+                    out = (_stage.forward_group if acc.group > 1 else _stage.forward)(st.role, st.params, x)
                     send(out, st, ("act", t.stage + 1, t.microbatch), t)
             elif t.kind == "B":
                 x = held[key] if split and key in held else _take(held, key, t, "its F")

@@ -35,15 +35,26 @@ class Pipeline:
       microbatches: M; the batch must be a multiple of M, and each microbatch a multiple of every site's `data`.
       partition: blocks per stage (uneven allowed, e.g. [5, 3]), or None: the topology's `layers` shares if it
         gives them, else an even split.
+      fuse: g microbatches per stage program (default 1): the schedule runs over M / g units, each task computing
+        its g microbatches one after the other in one program. The same loss and grads and the same activation
+        memory per microbatch, g times fewer programs and transfers per step, a fill and drain g times longer:
+        for dispatch-bound steps (small models, CPUs). Not with split-backward schedules (ZB-H1).
     """
 
     def __init__(self, model, topology: Topology | str | os.PathLike = "local", schedule: Any = "1f1b",
-                 microbatches: int = 8, partition=None, *, transport=None):
+                 microbatches: int = 8, partition=None, *, transport=None, fuse: int = 1):
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         self.schedule = _schedules.get_schedule(schedule) if isinstance(schedule, str) else schedule
         if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
             raise ValueError(f"microbatches: expected a whole number >= 1, got {microbatches!r}")
         self.microbatches = microbatches
+        if not isinstance(fuse, int) or isinstance(fuse, bool) or fuse < 1 or microbatches % fuse:
+            raise ValueError(f"fuse: expected a whole number >= 1 that divides microbatches ({microbatches}), got "
+                             f"{fuse!r}")
+        if fuse > 1 and self.schedule.split_backward:
+            raise ValueError(f"fuse: {fuse} microbatches per program is not built for the split backward of "
+                             f"schedule {self.schedule.name!r}; use fuse=1 or another schedule")
+        self.fuse = fuse
         self._model = model
         self.parts = _parts.split_model(model)
         n_sites = self.topology.n_sites
@@ -53,7 +64,7 @@ class Pipeline:
         if transport is None:  # boundary compression as the topology's links ask (default "none")
             transport = InProcessTransport(self.meshes, codecs=link_codecs(self.topology))
         self.transport = transport
-        self.tasks = tuple(self.schedule.tasks(n_sites, microbatches))
+        self.tasks = tuple(self.schedule.tasks(n_sites, microbatches // fuse))  # units of `fuse` microbatches
         # Evaluation walks the same stages with a forward-only table (no backward, nothing held).
         self.eval_tasks = tuple(ForwardOnly(virtual=getattr(self.schedule, "virtual", 1))
                                 .tasks(n_sites, microbatches))
@@ -78,7 +89,7 @@ class Pipeline:
         width = int(_stages.embed_output(self.parts, batch.shape[2] - 1).shape[-1]) if poison else 0
         zeros, self._zeros = self._zeros, None  # donated by the step: gone if it fails
         out = _executor.run_step(self.stages, self.tasks, batch, self.transport, poison=poison, record=record,
-                                 timeline=timeline, width=width, zeros=zeros)
+                                 timeline=timeline, width=width, zeros=zeros, group=self.fuse)
         self.last_step_stats = out.stats
         loss, grads, sqs, self._zeros = _executor.finish_step(self.stages, out)
         return loss, grads, sqs

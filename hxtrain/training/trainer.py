@@ -28,14 +28,16 @@ class Trainer:
                  batch_size: int = 32, seq: int | None = None, optimizer: OptimizerConfig | None = None,
                  data: str | os.PathLike | None = None, seed: int = 0, max_corpus_bytes: int | None = 8_000_000,
                  out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 3, resume: str = "auto",
-                 init_from: str | os.PathLike | None = None, executor: str = "mpmd", eval_batches: int = 0):
+                 init_from: str | os.PathLike | None = None, executor: str = "mpmd", eval_batches: int = 0,
+                 fuse: int = 1):
         """`out`: run folder (metrics.jsonl, TensorBoard events, checkpoints/); with it, checkpoints are saved
         every `save_every` steps (0: only at the end of `fit`), the last `keep` kept, and `resume` ("never",
         "auto", "must") decides whether the newest intact checkpoint in out/checkpoints is restored here
         (`self.resumed_from` = its step or None). `init_from`: start from an exported model
         (`hxtrain export`) or a checkpoint folder's parameters (fresh optimizer, step 0). `eval_batches` >= 1
         holds documents out of `data` (a prepared folder's eval shards, else a split of the files by document)
-        and `evaluate` takes the mean loss of that many fixed batches of them; 0 trains on all of `data`."""
+        and `evaluate` takes the mean loss of that many fixed batches of them; 0 trains on all of `data`.
+        `fuse`: microbatches per stage program (`Pipeline(fuse=...)`, the MPMD executor)."""
         if not (isinstance(eval_batches, int) and not isinstance(eval_batches, bool) and eval_batches >= 0):
             raise ValueError(f"--eval-batches: expected a whole number >= 0, got {eval_batches!r}")
         if executor not in ("mpmd", "spmd"):
@@ -47,11 +49,13 @@ class Trainer:
         if executor == "spmd":  # one program over every site (same backend and shape everywhere), GPipe only
             from hxtrain.engine.spmd import SpmdPipeline
 
+            if fuse != 1:
+                raise ValueError(f"fuse: {fuse} is for the mpmd executor (spmd runs one program per step already)")
             self.pipeline = SpmdPipeline(model, topology, schedule=schedule, microbatches=microbatches,
                                          partition=partition)
         else:
             self.pipeline = Pipeline(model, topology, schedule=schedule, microbatches=microbatches,
-                                     partition=partition)
+                                     partition=partition, fuse=fuse)
         self.seq = seq if seq is not None else getattr(getattr(model, "cfg", None), "seq_len", None)
         if self.seq is None:
             raise ValueError("seq: the model has no cfg.seq_len; pass seq= explicitly")
