@@ -99,10 +99,32 @@ def test_two_replicas_of_two_site_processes_match_the_in_process_run_and_resume(
     assert digests["a"] == digests["c"] and digests["b"] == digests["d"] and digests["a"] != digests["b"]
 
 
+def test_replica_groups_deal_measured_shares_the_same_on_every_site(tmp_path):
+    """`shares = "measured"` with replica groups: at the outer step every site sends its peers each replica's
+    seconds per row (a group's slowest site's) for as many rounds as there are sites, so all four deal the same
+    rows, and both sites of a replica read them from the next step on."""
+    mesh = tmp_path / "four.toml"
+    mesh.write_text(_FOUR.replace("shares = [3, 1]", 'shares = "measured"').replace("fragments = 2", "fragments = 1"))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
+                          "--steps", "4", "--out", str(out), "--timeout", "120"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-6000:]
+    deals = {}
+    for site, step, rows in re.findall(r"\[(\w)\] site '\w': step (\d+): rows per second of inner step [^>]*-> rows "
+                                       r"(\[\d+, \d+\])", run.stdout):
+        deals.setdefault(int(step), {})[site] = rows
+    assert sorted(deals) == [2, 4] and all(sorted(d) == list("abcd") for d in deals.values()), run.stdout[-4000:]
+    assert all(len(set(d.values())) == 1 for d in deals.values()), deals  # the same rows on every site
+    rows = {s: [json.loads(x)["replica_rows"] for x in (out / f"metrics-{s}.jsonl").read_text().splitlines()]
+            for s in "abcd"}
+    assert rows["a"] == rows["b"] and rows["c"] == rows["d"], rows
+    assert all(x + y == 8 for x, y in zip(rows["a"], rows["c"])), rows
+
+
 @pytest.mark.parametrize("change, message", [
     ('replicas = [["a"], ["b", "c", "d"]]', "two replicas of as many sites each for now (site j of one syncs with "
                                             "site j of the other), got ['a', 'b+c+d']"),
-    ('shares = "measured"', 'shares = "measured" is not built for groups yet'),
 ])
 def test_what_replica_groups_of_site_processes_refuse(tmp_path, capsys, change, message):
     key = change.split(" =")[0]

@@ -22,8 +22,8 @@ the newest one they share (`--resume`).
 Streaming fragments are the whole model's, each cut down to the keys a site holds, so a site of a replica group
 syncs exactly what the in-process replica would.
 
-For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no measured shares or
---elastic (each said so, naming the setting, before anything starts).
+For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no --elastic (each said
+so, naming the setting, before anything starts).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
 
         meter = ShareMeter(cfg.batch_size, replica_units(topology, d, cfg.microbatches), d.sync_every)
     steps = ReplicaSteps(local, transport, endpoints[counterpart], g, d, elastic=cfg.elastic, log=log,
-                         relink=relink, meter=meter)
+                         relink=relink, meter=meter, links=within.values(), rounds=len(topology.sites))
     stage = f", stage {j + 1} of {local.topology.n_sites}" if local.topology.n_sites > 1 else ""
     log(f"site {local.site.name!r}: diloco replica {g} of 2{stage}, rows {local.batches.rows[0]}.."
         f"{local.batches.rows[-1]} of each batch (shares {how}), sync every {d.sync_every} steps, codec {d.codec}")
@@ -92,8 +92,7 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
         steps.barrier(cfg.connect_timeout)
         log(f"site {local.site.name!r}: compiled; both replicas ready")
     if ckpt is not None:
-        step = steps.agree_step(complete, cfg.connect_timeout, links=list(within.values()),
-                                rounds=len(topology.sites))
+        step = steps.agree_step(complete, cfg.connect_timeout)
         if step is None and cfg.resume == "must":
             from hxtrain.checkpoints.checkpoint import CheckpointError
 
@@ -168,8 +167,12 @@ class ReplicaSteps:
     """`training.loop.Steps` of a replica: its inner step, then the syncs due, exchanged with the other replica."""
 
     def __init__(self, local, transport, endpoint, index: int, d, *, elastic: bool = False, log=print,
-                 relink=None, meter=None):
+                 relink=None, meter=None, links=(), rounds: int = 1):
+        """`links`: the site's pipeline links inside its replica (a replica group); what every site must agree on
+        (a checkpoint step, measured rows) then travels `rounds` times over all its links (>= the longest path
+        between two sites)."""
         self.local, self.transport, self.ep, self.me, self.d = local, transport, endpoint, index, d
+        self.links, self.rounds = list(links), rounds
         self.elastic, self.log, self.relink = elastic, log, relink
         self.meter = meter  # measured shares (`training.diloco.ShareMeter`): the rows are dealt again each round
         self.alone = False  # elastic: the other replica was lost, this one goes on by itself
@@ -195,21 +198,21 @@ class ReplicaSteps:
         self.ep.send(Kind.PSEUDO_GRADIENT, np.zeros(1, np.int64), step=0, microbatch=_TOKENS + 1)
         self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=0, microbatch=_TOKENS + 1, timeout=timeout)
 
-    def agree_step(self, mine: list[int], timeout: float, links=(), rounds: int = 1) -> int | None:
+    def agree_step(self, mine: list[int], timeout: float) -> int | None:
         """The newest step complete in every site's checkpoint folder, or None: each round, every site sends the
-        steps it still holds in common to each peer it links to (the other replica's site and `links`, its
-        replica's pipeline links) and keeps those they send back; `rounds` >= the longest path between two sites
-        of the run makes the set the same everywhere."""
+        steps it still holds in common to each peer it links to and keeps those they send back."""
         both = set(mine)
-        for r in range(rounds):
-            eps = [self.ep, *links]
-            for ep in eps:
-                ep.send(Kind.PSEUDO_GRADIENT, np.array([-1, *sorted(both)], np.int64), step=r,
-                        microbatch=_TOKENS + 2)
-            for ep in eps:
-                _, theirs = ep.recv(kind=Kind.PSEUDO_GRADIENT, step=r, microbatch=_TOKENS + 2, timeout=timeout)
+        for r in range(self.rounds):
+            for theirs in self._round(np.array([-1, *sorted(both)], np.int64), r, _TOKENS + 2, timeout):
                 both &= {int(s) for s in theirs[1:]}
         return max(both) if both else None
+
+    def _round(self, value: np.ndarray, r: int, tag: int, timeout: float | None = None) -> list[np.ndarray]:
+        """One round: `value` to every linked site (the other replica's and the pipeline's), theirs back."""
+        eps = [self.ep, *self.links]
+        for ep in eps:
+            ep.send(Kind.PSEUDO_GRADIENT, value, step=r, microbatch=tag)
+        return [ep.recv(kind=Kind.PSEUDO_GRADIENT, step=r, microbatch=tag, timeout=timeout)[1] for ep in eps]
 
     def next_batch(self):
         return self.local.next_batch()
@@ -307,23 +310,29 @@ class ReplicaSteps:
         return step
 
     def _deal(self, step: int) -> None:
-        """Measured shares: both replicas send each other their median seconds per row of inner step since the
-        last deal and their rows now, deal the global batch again from the same figures (`ShareMeter.deal`: the
-        same rows on both), and this one reads its new rows from the next step on. A lost peer here is handled
-        like one lost in a sync."""
+        """Measured shares: every site sends its peers each replica's median seconds per row of inner step since
+        the last deal (a replica group's slowest site's) and rows now, as far as it knows them, for `rounds`
+        rounds; all then deal the global batch again from the same figures (`ShareMeter.deal`: the same rows
+        everywhere), and this one reads its new rows from the next step on. A lost peer here is handled like one
+        lost in a sync."""
         m, me = self.meter, self.me
-        mine = np.array([m.per_row(me), self.local.batch_size], np.float64)
+        # [seconds per row, rows] of each replica; a replica group's is its slowest site's, agreed over every link
+        figures = np.full((2, 2), -1.0)
+        figures[me] = m.per_row(me), self.local.batch_size
         try:
-            self.ep.send(Kind.PSEUDO_GRADIENT, mine, step=step, microbatch=_TOKENS + 3)
-            _, theirs = self.ep.recv(kind=Kind.PSEUDO_GRADIENT, step=step, microbatch=_TOKENS + 3)
+            for r in range(self.rounds):
+                for theirs in self._round(figures, step * self.rounds + r, _TOKENS + 3):
+                    if theirs.shape != (2, 2) or not np.isfinite(theirs).all() or (theirs < -1).any():
+                        self.ep.abort(f"bad share figures from a peer of site {self.local.site.name!r}")
+                        raise PeerError(f"a peer of site {self.local.site.name!r} sent seconds per row and rows "
+                                        f"(step {step}) as {theirs.tolist()!r}, expected numbers >= 0 (-1: unknown)")
+                    figures = np.maximum(figures, theirs)
         except PeerError as e:
             self._lost(step, e)
             return
-        if theirs.shape != (2,) or not np.isfinite(theirs).all() or (theirs < 0).any():
-            self.ep.abort(f"bad share figures from site {self.ep.peer!r}")
-            raise PeerError(f"site {self.ep.peer!r} sent its seconds per row and rows (step {step}) as {theirs!r}, "
-                            "expected two numbers >= 0")
-        both = [mine, theirs] if me == 0 else [theirs, mine]
+        if (figures < 0).any():  # every site's figures travel every link `rounds` times: cannot happen
+            raise PeerError(f"site {self.local.site.name!r}: no share figures from replica {1 - me} at step {step}")
+        both = list(figures)
         sizes = m.deal([int(x[1]) for x in both], [float(x[0]) for x in both])
         rates = " ".join(f"{1.0 / x[0]:.4g}" if x[0] > 0 else "-" for x in both)
         self.log(f"site {self.local.site.name!r}: step {step}: rows per second of inner step {rates} -> rows "
