@@ -196,7 +196,7 @@ def test_cli_names_the_field_of_a_bad_schedule_backend_or_out(capsys, tmp_path):
 
     assert last_error(["--schedule", "nope"]) == (
         "hxtrain train: error: --schedule: unknown schedule 'nope'; choices: gpipe, 1f1b, 1f1b:<k>, interleaved, "
-        "interleaved:<v>, zb-h1, zb-h1:<k>, zbh1, <path>.toml")
+        "interleaved:<v>, interleaved:<v>:<k>, zb-h1, zb-h1:<k>, zbh1, <path>.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text('[[sites]]\nname = "a"\nbackend = "cudaa"\ndata = 1\ntensor = 1\ndevices = 1\n')
     assert last_error(["--mesh", str(bad)]) == (
