@@ -46,16 +46,19 @@ def site_meshes(topology) -> list[Mesh]:
     return [site_mesh(site, devs) for site, devs in zip(topology.sites, place_sites(topology.sites))]
 
 
-def sub_topology(topology, names, what: str = "replica"):
-    """The sites `names` of `topology` (in that order) as a topology of their own, each on the devices it has
-    in the whole topology (its `first_device` set), with the links among them: a replica of `--strategy diloco`."""
+def sub_topology(topology, names, what: str = "replica", *, own_devices: bool = False):
+    """The sites `names` of `topology` (in that order) as a topology of their own, with the links among them and
+    each site's `layers` share: a replica of `--strategy diloco`. In one process each site keeps the devices it has
+    in the whole topology (its `first_device` set); `own_devices` (a site process, which sees only its own
+    devices) leaves that unset."""
     import dataclasses
 
     from hxtrain.backends import site_offsets
 
     offsets = dict(zip((s.name for s in topology.sites), site_offsets(topology.sites)))
     part = topology.only(names, what)
-    return dataclasses.replace(part, sites=tuple(dataclasses.replace(s, first_device=offsets[s.name],
+    first = lambda s: s.first_device if own_devices else offsets[s.name]  # noqa: E731
+    return dataclasses.replace(part, sites=tuple(dataclasses.replace(s, first_device=first(s),
                                                                      layers=topology.site(s.name).layers)
                                                  for s in part.sites))
 

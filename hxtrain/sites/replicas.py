@@ -72,14 +72,12 @@ def _sizes(topology, d, cfg) -> tuple[list[int], str]:
 def build(topology, index: int, cfg, d):
     """(LocalSite of this site in its replica's pipeline, a topology of the replica's sites, reading the
     replica's rows; how the shares were chosen): JAX is imported here."""
+    from hxtrain.core.placement import sub_topology
     from hxtrain.sites import program as _prog
 
     sizes, how = _sizes(topology, d, cfg)
     g, j = place(topology, d, index)
-    group = d.groups(topology)[g]
-    part = topology.only(group, "replica")  # as the in-process replica's (`placement.sub_topology`), `layers` kept
-    part = dataclasses.replace(part, sites=tuple(dataclasses.replace(s, layers=topology.site(s.name).layers)
-                                                 for s in part.sites))
+    part = sub_topology(topology, d.groups(topology)[g], own_devices=True)  # as the in-process replica's
     local = _prog.LocalSite.build(part, j, dataclasses.replace(cfg, batch_size=sizes[g]))
     first = sum(sizes[:g])  # the replica's rows of every global batch, as the in-process DilocoTrainer's
     corpus, _ = _data.load_split(cfg.data, hold_out=cfg.eval_every > 0, max_bytes=8_000_000,
