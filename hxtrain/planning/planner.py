@@ -13,7 +13,8 @@ Search, per candidate (schedule x microbatch count x recompute):
  3. every (candidate, codec) is ranked by an analytic step estimate; the best few are simulated;
  4. the partition of the best simulated candidate of each of the 6 best schedules is hill-climbed with the
     simulator (move one layer between two sites) until no move helps or the time budget ends (a climb ends in a
-    local optimum, so it starts from several); the best wins; each link's codec is then relaxed to the least lossy one within 1%.
+    local optimum, so it starts from several); the best wins; each link's codec is then relaxed to the least lossy
+    one within 1%.
 `exhaustive=True` instead simulates every partition of every candidate: small cases only (the tests check that the
 fast search finds the same step time).
 
