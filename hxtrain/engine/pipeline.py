@@ -132,9 +132,10 @@ class Pipeline:
         return _parts.with_params(self._model, self.params_state(), device)
 
     def analytic_bubble(self) -> float | None:
-        """The schedule's idle fraction by formula (`schedules.analytic_bubble`); None for a user table."""
+        """The schedule's idle fraction by formula (`schedules.analytic_bubble`, over its units of `fuse`
+        microbatches); None for a user table."""
         try:
-            return _schedules.analytic_bubble(self.schedule, self.topology.n_sites, self.microbatches)
+            return _schedules.analytic_bubble(self.schedule, self.topology.n_sites, self.microbatches // self.fuse)
         except _schedules.ScheduleError:
             return None
 
@@ -149,7 +150,8 @@ class Pipeline:
         stats = stats or self.last_step_stats
         if stats is None or not stats.events:
             raise ValueError("write_timeline: no recorded step; run pipe.grads(tokens, timeline=True) first")
-        meta = {"schedule": self.schedule.name, "microbatches": self.microbatches, "topology": self.topology.name,
+        meta = {"schedule": self.schedule.name, "microbatches": self.microbatches, "fuse": self.fuse,
+                "topology": self.topology.name,
                 "analytic_bubble": self.analytic_bubble(), "peak_held": list(stats.peak_held)}
         return to_chrome_trace(stats.events, path, site_names=self.site_names(), metadata=meta)
 
@@ -166,8 +168,9 @@ class Pipeline:
     def describe(self) -> str:
         from hxtrain.backends import site_client
 
+        fused = f" ({self.fuse} per program)" if self.fuse > 1 else ""
         lines = [f"topology {self.topology.name!r} ({self.topology.source}), schedule {self.schedule.name}, "
-                 f"{self.microbatches} microbatches"]
+                 f"{self.microbatches} microbatches{fused}"]
         for s, (lo, hi) in zip(self.stages, self.ranges):
             site = self.topology.sites[s.site]
             parts = (["embed"] if s.role.first else []) + [f"blocks[{lo}:{hi}]"] + (["head"] if s.role.last else [])
