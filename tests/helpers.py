@@ -116,3 +116,14 @@ def computed_once(tmp_path_factory, name: str, compute):
             folder.mkdir(exist_ok=True)
             path.write_text(json.dumps(compute(folder)))
         return json.loads(path.read_text())
+
+
+def cpu_topology_toml(name: str, sites: str, links, tail: str) -> str:
+    """The text of a topology: one single-device CPU site per letter of `sites`, a 10 Gbit/s 1 ms link per pair in
+    `links` (pairs of site names), then `tail` (its [run] and [diloco] tables)."""
+    text = f'name = "{name}"\n'
+    for s in sites:
+        text += f'[[sites]]\nname = "{s}"\nbackend = "cpu"\ndevices = 1\ndata = 1\ntensor = 1\n'
+    for x, y in links:
+        text += f'[[links]]\nbetween = ["{x}", "{y}"]\nbandwidth_gbps = 10\nlatency_ms = 1\n'
+    return text + tail

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import hxtrain
-from helpers import batch, rel_err
+from helpers import batch, cpu_topology_toml, rel_err
 from hxtrain.checkpoints import logical
 from hxtrain.config.topology import Diloco, TopologyError, uniform
 from hxtrain.core.optim import OptimizerConfig
@@ -355,24 +355,7 @@ def test_the_command_line_names_the_flag(capsys):
     assert "error: --strategy diloco: --executor spmd is not supported with diloco yet" in capsys.readouterr().err
 
 
-_TWO_SITES = """
-name = "two"
-[[sites]]
-name = "a"
-backend = "cpu"
-devices = 1
-data = 1
-tensor = 1
-[[sites]]
-name = "b"
-backend = "cpu"
-devices = 1
-data = 1
-tensor = 1
-[[links]]
-between = ["a", "b"]
-bandwidth_gbps = 10
-latency_ms = 1
+_TWO_SITES = cpu_topology_toml("two", "ab", ["ab"], """
 [run]
 model = "tiny"
 schedule = "1f1b"
@@ -383,7 +366,7 @@ steps = 3
 sync_every = 2
 shares = [3, 1]
 codec = "int8"
-"""
+""")
 
 
 def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):

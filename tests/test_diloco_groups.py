@@ -11,29 +11,15 @@ import sys
 import pytest
 
 import hxtrain
-from helpers import rel_err
+from helpers import cpu_topology_toml, rel_err
 from hxtrain import cli
 from hxtrain.core.optim import OptimizerConfig
 from hxtrain.training import diloco as dl
 from models import gpt
 
-_SITE = """
-[[sites]]
-name = "{}"
-backend = "cpu"
-devices = 1
-data = 1
-tensor = 1
-"""
-_LINK = """
-[[links]]
-between = ["{}", "{}"]
-bandwidth_gbps = 10
-latency_ms = 1
-"""
 # a+b and c+d pipeline the model; a-c and b-d link the counterparts; b-c is the chain's own link (unused)
-_FOUR = ('name = "four"\n' + "".join(_SITE.format(s) for s in "abcd")
-         + "".join(_LINK.format(x, y) for x, y in ("ab", "bc", "cd", "ac", "bd")) + """
+_LINKS = ("ab", "bc", "cd", "ac", "bd")
+_TAIL = """
 [run]
 model = "tiny"
 schedule = "1f1b"
@@ -46,7 +32,8 @@ sync_every = 2
 fragments = 2
 shares = [3, 1]
 codec = "int8"
-""")
+"""
+_FOUR = cpu_topology_toml("four", "abcd", _LINKS, _TAIL)
 
 
 def test_two_replicas_of_two_site_processes_match_the_in_process_run_and_resume(tmp_path):
@@ -138,7 +125,7 @@ def test_what_replica_groups_of_site_processes_refuse(tmp_path, capsys, change, 
 
 def test_counterparts_need_a_link(tmp_path, capsys):
     mesh = tmp_path / "four.toml"
-    mesh.write_text(_FOUR.replace(_LINK.format("b", "d"), ""))
+    mesh.write_text(cpu_topology_toml("four", "abcd", [x for x in _LINKS if x != "bd"], _TAIL))
     assert cli.main(["site", "--mesh", str(mesh), "--site", "c", "--strategy", "diloco"]) == 2
     assert ("sites 'b' and 'd' hold the same stages of the two replicas and exchange their pseudo-gradients, but "
             "the topology has no link between them; add [[links]] between = [\"b\", \"d\"]") in capsys.readouterr().err
