@@ -118,12 +118,14 @@ def computed_once(tmp_path_factory, name: str, compute):
         return json.loads(path.read_text())
 
 
-def cpu_topology_toml(name: str, sites: str, links, tail: str) -> str:
-    """The text of a topology: one single-device CPU site per letter of `sites`, a 10 Gbit/s 1 ms link per pair in
-    `links` (pairs of site names), then `tail` (its [run] and [diloco] tables)."""
-    text = f'name = "{name}"\n'
-    for s in sites:
-        text += f'[[sites]]\nname = "{s}"\nbackend = "cpu"\ndevices = 1\ndata = 1\ntensor = 1\n'
-    for x, y in links:
-        text += f'[[links]]\nbetween = ["{x}", "{y}"]\nbandwidth_gbps = 10\nlatency_ms = 1\n'
-    return text + tail
+
+def cpu_topology_toml(name: str, sites: str, links, run: dict, diloco: dict) -> str:
+    """The text of a topology (`plan_file.topology_toml`): one single-device CPU site per letter of `sites`, a
+    10 Gbit/s 1 ms link per pair in `links` (pairs of site names), and its [run] and [diloco] tables."""
+    from hxtrain.config.topology import Diloco, Link, RunDefaults, Site, Topology
+    from hxtrain.planning.plan_file import topology_toml
+
+    topo = Topology(name, [Site(s, "cpu", devices=1, data=1, tensor=1) for s in sites],
+                    [Link((x, y), bandwidth_gbps=10, latency_ms=1) for x, y in links], RunDefaults(**run), "<test>",
+                    diloco=Diloco(**diloco))
+    return topology_toml(topo, f"test topology {name}")

@@ -355,18 +355,8 @@ def test_the_command_line_names_the_flag(capsys):
     assert "error: --strategy diloco: --executor spmd is not supported with diloco yet" in capsys.readouterr().err
 
 
-_TWO_SITES = cpu_topology_toml("two", "ab", ["ab"], """
-[run]
-model = "tiny"
-schedule = "1f1b"
-microbatches = 2
-batch_size = 8
-steps = 3
-[diloco]
-sync_every = 2
-shares = [3, 1]
-codec = "int8"
-""")
+_TWO_SITES = cpu_topology_toml("two", "ab", ["ab"], dict(model="tiny", schedule="1f1b", microbatches=2, batch_size=8,
+                                                            steps=3), dict(sync_every=2, shares=[3, 1], codec="int8"))
 
 
 def test_two_replicas_as_site_processes_match_the_in_process_run(tmp_path):

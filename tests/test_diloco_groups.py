@@ -19,21 +19,9 @@ from models import gpt
 
 # a+b and c+d pipeline the model; a-c and b-d link the counterparts; b-c is the chain's own link (unused)
 _LINKS = ("ab", "bc", "cd", "ac", "bd")
-_TAIL = """
-[run]
-model = "tiny"
-schedule = "1f1b"
-microbatches = 2
-batch_size = 8
-steps = 3
-[diloco]
-replicas = [["a", "b"], ["c", "d"]]
-sync_every = 2
-fragments = 2
-shares = [3, 1]
-codec = "int8"
-"""
-_FOUR = cpu_topology_toml("four", "abcd", _LINKS, _TAIL)
+_RUN = dict(model="tiny", schedule="1f1b", microbatches=2, batch_size=8, steps=3)
+_DILOCO = dict(replicas=[["a", "b"], ["c", "d"]], sync_every=2, fragments=2, shares=[3, 1], codec="int8")
+_FOUR = cpu_topology_toml("four", "abcd", _LINKS, _RUN, _DILOCO)
 
 
 def test_two_replicas_of_two_site_processes_match_the_in_process_run_and_resume(tmp_path):
@@ -91,7 +79,7 @@ def test_replica_groups_deal_measured_shares_the_same_on_every_site(tmp_path):
     seconds per row (a group's slowest site's) for as many rounds as there are sites, so all four deal the same
     rows, and both sites of a replica read them from the next step on."""
     mesh = tmp_path / "four.toml"
-    mesh.write_text(_FOUR.replace("shares = [3, 1]", 'shares = "measured"').replace("fragments = 2", "fragments = 1"))
+    mesh.write_text(cpu_topology_toml("four", "abcd", _LINKS, _RUN, {**_DILOCO, "shares": "measured", "fragments": 1}))
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
                           "--steps", "4", "--out", str(out), "--timeout", "120"],
@@ -125,7 +113,7 @@ def test_what_replica_groups_of_site_processes_refuse(tmp_path, capsys, change, 
 
 def test_counterparts_need_a_link(tmp_path, capsys):
     mesh = tmp_path / "four.toml"
-    mesh.write_text(cpu_topology_toml("four", "abcd", [x for x in _LINKS if x != "bd"], _TAIL))
+    mesh.write_text(cpu_topology_toml("four", "abcd", [x for x in _LINKS if x != "bd"], _RUN, _DILOCO))
     assert cli.main(["site", "--mesh", str(mesh), "--site", "c", "--strategy", "diloco"]) == 2
     assert ("sites 'b' and 'd' hold the same stages of the two replicas and exchange their pseudo-gradients, but "
             "the topology has no link between them; add [[links]] between = [\"b\", \"d\"]") in capsys.readouterr().err
