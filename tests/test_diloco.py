@@ -426,10 +426,10 @@ def test_replica_processes_deal_measured_shares_the_same(tmp_path):
         assert (a, b) == want, (step, a, b, dealt)
 
 
-def test_replica_processes_checkpoint_and_a_relaunch_resumes_exactly(tmp_path, capsys):
+def test_replica_processes_checkpoint_and_a_relaunch_resumes_exactly(tmp_path):
     """`hxtrain launch --strategy diloco --checkpoint-dir D`: a run stopped after step 2 (`--stop-at`, the schedule
     still spans 4 steps) and launched again resumes from the step both replicas sealed; steps 3 and 4 equal the
-    in-process run's, and both replicas' folders hold the same global params. With --elastic it is refused."""
+    in-process run's, and both replicas' folders hold the same global params."""
     import json
     import subprocess
     import sys
@@ -481,12 +481,6 @@ def test_replica_processes_checkpoint_and_a_relaunch_resumes_exactly(tmp_path, c
     for k, want_k in ref.outer.global_params.items():
         np.testing.assert_array_equal(got["a"][k], got["b"][k])
         assert rel_err(got["a"][k], want_k) <= 1e-5, k
-    from hxtrain import cli
-
-    assert cli.main(["site", "--mesh", str(mesh), "--site", "a", "--strategy", "diloco", "--elastic",
-                     "--checkpoint-dir", str(ckpt)]) == 2
-    assert "error: --strategy diloco --elastic: --checkpoint-dir is not built for elastic replicas yet" in \
-        capsys.readouterr().err
 
 
 def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
@@ -530,21 +524,29 @@ def test_elastic_replica_goes_on_alone_when_the_other_is_killed(tmp_path):
 
 
 def test_a_killed_replica_is_started_again_and_takes_the_global_params(tmp_path):
-    """`hxtrain launch --strategy diloco --elastic` (rejoin is the default): b is killed, a goes on alone, the
-    launcher starts b again with --rejoin, and at a's next sync b takes the global params and outer state; both
-    finish every step and end with bit-identical global params."""
+    """`hxtrain launch --strategy diloco --elastic --checkpoint-dir D` (rejoin is the default): b is killed, a goes
+    on alone, the launcher starts b again with --rejoin, and at a's next sync b takes the global params and outer
+    state; both finish every step and end with bit-identical global params. Both save every 50 steps, b again
+    after it is back; a relaunch from the newest step both saved before the end ends with the same params."""
     import json
+    import shutil
     import signal
     import sys
 
+    from hxtrain.checkpoints.checkpoint import Checkpoints
     from tests.test_multiprocess import _Run
 
     mesh = tmp_path / "two.toml"
     mesh.write_text(_TWO_SITES)
-    out = tmp_path / "out"
-    steps = 600  # a alone runs ~10 ms a step here: time enough for b to start again (~4 s)
-    run = _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco", "--elastic",
-                "--sync-every", "3", "--steps", str(steps), "--out", str(out), "--timeout", "5", "--grace", "30"])
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    steps = 300  # b is back by step ~50 here (killed at ~5): time enough, and saves both hold before the end
+
+    def launch(*extra):
+        return _Run([sys.executable, "-m", "hxtrain", "launch", "--mesh", str(mesh), "--strategy", "diloco",
+                     "--sync-every", "3", "--steps", str(steps), "--timeout", "5", "--checkpoint-dir", str(ckpt),
+                     "--save-every", "50", "--keep", "12", *extra])
+
+    run = launch("--elastic", "--out", str(out), "--grace", "30")
     pid = int(run.wait_for(r"\[launch\] site 'b': pid (\d+)", 60).split("pid ")[1].split(",")[0])
     run.wait_for(r"\[a\] step 4 ", 240)
     os.kill(pid, signal.SIGKILL)
@@ -563,6 +565,22 @@ def test_a_killed_replica_is_started_again_and_takes_the_global_params(tmp_path)
     rows = [json.loads(line) for line in (out / "metrics-b.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][-(steps - back):] == list(range(back + 1, steps + 1))  # b's steps after it
     assert all(np.isfinite(r["loss"]) for r in rows)
+    # a saved every 50 steps; b those before it was killed (none: killed at step 4) and those after it was back
+    saved = {s: Checkpoints(ckpt / s).steps() for s in "ab"}
+    assert saved["a"] == list(range(50, steps + 1, 50)), saved
+    assert saved["b"] == [x for x in range(50, steps + 1, 50) if x > back], (back, saved)
+    both = [x for x in saved["b"] if x < steps]
+    assert both, f"b rejoined at step {back}: too late for a save step both replicas hold before the end"
+    for s in "ab":  # the run stopped at the newest step both saved before the end: relaunched, it ends the same
+        for x in saved[s]:
+            if x > both[-1]:
+                shutil.rmtree(ckpt / s / str(x))
+    again = launch("--resume", "must", "--out", str(tmp_path / "again"))
+    assert again.finish(300) == 0, again.text()
+    assert f"site 'b': resumed from step {both[-1]}" in again.text()
+    redone = re.findall(rf"\[(\w)\] site '\w': global params after outer step {steps // 3}: sha256 (\w+)",
+                        again.text())
+    assert sorted(redone) == sorted(digests), (redone, digests)
 
 
 def test_a_returning_replica_restarts_its_inner_optimizer_at_the_runs_step():

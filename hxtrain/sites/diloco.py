@@ -17,13 +17,15 @@ Checkpoints (`--checkpoint-dir DIR --save-every N`): each replica saves, under D
 DiLoCo run saves (`hxtrain.training.diloco_checkpoint`): the global params and the outer state, which both replicas
 hold bit for bit, and its own params, inner optimizer state and data position (a site of a replica group: those of
 the stages it holds). At start-up the sites send each other the steps complete in their folders and all restore
-the newest one they share (`--resume`).
+the newest one they share (`--resume`). Elastic: a survivor alone goes on saving; a returning replica restores
+nothing (it takes the outer state from the survivor), sets aside the steps it left unsealed, and saves again from
+the next save step on, so a later resume finds the steps both folders hold.
 
 Streaming fragments are the whole model's, each cut down to the keys a site holds, so a site of a replica group
 syncs exactly what the in-process replica would.
 
-For now: two replicas; checkpoints not with --elastic; for replicas of several sites, no --elastic (each said
-so, naming the setting, before anything starts).
+For now: two replicas; for replicas of several sites, no --elastic (said so, naming the setting, before anything
+starts).
 """
 
 from __future__ import annotations
@@ -73,25 +75,30 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
     log(f"site {local.site.name!r}: diloco replica {g} of 2{stage}, rows {local.batches.rows[0]}.."
         f"{local.batches.rows[-1]} of each batch (shares {how}), sync every {d.sync_every} steps, codec {d.codec}")
     local.warm_up()
-    start, ckpt = 0, None
+    start, ckpt, complete = 0, None, None
     if cfg.checkpoint_dir:
         from hxtrain.training.diloco_checkpoint import DilocoCheckpoints
 
         ckpt = DilocoCheckpoints(_ProcessRun(local, steps, topology, d, cfg),
                                  Path(cfg.checkpoint_dir) / local.site.name, save_every=cfg.save_every, keep=cfg.keep)
-        if cfg.resume == "never":
-            ckpt.refuse_existing()
-        complete = ckpt.complete()  # before the barrier: verifying the sha256s may take a while
+        if cfg.rejoin:  # its folder holds its own steps from before it was lost: the run's, kept
+            complete = None
+        else:
+            if cfg.resume == "never":
+                ckpt.refuse_existing()
+            complete = ckpt.complete()  # before the barrier: verifying the sha256s may take a while
     if cfg.rejoin:
         start = steps.take_state(cfg.connect_timeout)
         log(f"site {local.site.name!r}: rejoined at step {start} with the global params of outer step "
             f"{steps.outer.outer_steps} (inner optimizer state fresh)")
+        if ckpt is not None:  # it saves again from here; what it left unsealed when lost is set aside
+            ckpt.set_aside_incomplete()
     else:
         if within:
             transport.barrier(cfg.connect_timeout)  # the replica's pipeline: every stage compiled
         steps.barrier(cfg.connect_timeout)
         log(f"site {local.site.name!r}: compiled; both replicas ready")
-    if ckpt is not None:
+    if complete is not None:
         step = steps.agree_step(complete, cfg.connect_timeout)
         if step is None and cfg.resume == "must":
             from hxtrain.checkpoints.checkpoint import CheckpointError

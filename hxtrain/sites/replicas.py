@@ -21,9 +21,6 @@ def check(topology, cfg, error) -> object:
         d = resolve_diloco(topology, cfg)
     except ValueError as e:
         raise error(str(e)) from None
-    if cfg.checkpoint_dir and cfg.elastic:
-        raise error("--strategy diloco --elastic: --checkpoint-dir is not built for elastic replicas yet (a "
-                    "survivor's steps and a returning replica's would need reconciling); leave one of them out")
     groups = d.groups(topology)
     shown = ['+'.join(g) for g in groups]
     if len(groups) != 2 or len(groups[0]) != len(groups[1]):

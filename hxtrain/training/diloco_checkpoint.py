@@ -98,6 +98,13 @@ class DilocoCheckpoints:
         """The newest step sealed and intact in every folder, or None."""
         return next((step for step in reversed(self.glob.steps()) if self._intact(step)), None)
 
+    def set_aside_incomplete(self) -> None:
+        """Move aside every step that is not sealed and intact in every folder (what a replica left unsealed when
+        it was lost), so that it saves into folders of complete steps only."""
+        keep = set(self.complete())
+        for ck in (self.glob, *self.reps):
+            ck.set_aside([s for s in ck.all_steps() if s not in keep])
+
     def refuse_existing(self) -> None:
         """resume=never: CheckpointError when the folder already holds checkpoints."""
         found = self.glob.all_steps()
