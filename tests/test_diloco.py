@@ -16,7 +16,7 @@ from flax import nnx
 
 import hxtrain
 from helpers import batch, cpu_topology_toml, rel_err
-from hxtrain.checkpoints import logical
+from hxtrain.checkpoints import logical, manifest
 from hxtrain.config.topology import Diloco, TopologyError, uniform
 from hxtrain.core.optim import OptimizerConfig
 from hxtrain.links.codecs import get_codec
@@ -196,6 +196,19 @@ def test_resume_mid_round_is_bit_identical_and_the_checkpoint_exports(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"saved with diloco = .*'sync_every': 4.*this run has .*"
                                                  r"'sync_every': 6"):
         _run(uniform(2), dataclasses.replace(cfg, sync_every=6), out=tmp_path / "run", **kw)
+    # What a replica process left unsealed when it was lost is set aside when it returns (`--rejoin`), in every
+    # folder, and the complete steps stay: here step 4 of replica 1's folder lost its seal (6: saved at the end)
+    from hxtrain.training.diloco_checkpoint import DilocoCheckpoints
+
+    ck = DilocoCheckpoints(again, again.checkpoints.root, keep=5)  # `fit` closed the trainer's own
+    ck.save(4, force=True)
+    ck.close()
+    assert ck.complete() == [2, 4, 6]
+    (ck.reps[1].directory / "4" / manifest.MANIFEST).unlink()
+    ck.set_aside_incomplete()
+    assert ck.complete() == [2, 6] and [c.all_steps() for c in (ck.glob, *ck.reps)] == [[2, 6]] * 3
+    for c in (ck.glob, *ck.reps):
+        assert [p.name.split("-")[0] for p in (c.directory / "rejected").iterdir()] == ["4"]
 
 
 class _SlowSecondReplica:
