@@ -196,8 +196,9 @@ def test_resume_mid_round_is_bit_identical_and_the_checkpoint_exports(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"saved with diloco = .*'sync_every': 4.*this run has .*"
                                                  r"'sync_every': 6"):
         _run(uniform(2), dataclasses.replace(cfg, sync_every=6), out=tmp_path / "run", **kw)
-    # What a replica process left unsealed when it was lost is set aside when it returns (`--rejoin`), in every
-    # folder, and the complete steps stay: here step 4 of replica 1's folder lost its seal (6: saved at the end)
+    # What a replica process left unsealed when it was lost is set aside when it returns (`--rejoin`) at step 6,
+    # in every folder, with the steps from 6 on; the complete ones before stay. Here step 4 of replica 1's folder
+    # lost its seal (6: saved at the end)
     from hxtrain.training.diloco_checkpoint import DilocoCheckpoints
 
     ck = DilocoCheckpoints(again, again.checkpoints.root, keep=5)  # `fit` closed the trainer's own
@@ -205,10 +206,10 @@ def test_resume_mid_round_is_bit_identical_and_the_checkpoint_exports(tmp_path):
     ck.close()
     assert ck.complete() == [2, 4, 6]
     (ck.reps[1].directory / "4" / manifest.MANIFEST).unlink()
-    ck.set_aside_incomplete()
-    assert ck.complete() == [2, 6] and [c.all_steps() for c in (ck.glob, *ck.reps)] == [[2, 6]] * 3
+    ck.set_aside_for_return(6)
+    assert ck.complete() == [2] and [c.all_steps() for c in (ck.glob, *ck.reps)] == [[2]] * 3
     for c in (ck.glob, *ck.reps):
-        assert [p.name.split("-")[0] for p in (c.directory / "rejected").iterdir()] == ["4"]
+        assert sorted(p.name.split("-")[0] for p in (c.directory / "rejected").iterdir()) == ["4", "6"]
 
 
 class _SlowSecondReplica:

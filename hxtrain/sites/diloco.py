@@ -81,9 +81,7 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
 
         ckpt = DilocoCheckpoints(_ProcessRun(local, steps, topology, d, cfg),
                                  Path(cfg.checkpoint_dir) / local.site.name, save_every=cfg.save_every, keep=cfg.keep)
-        if cfg.rejoin:  # its folder holds its own steps from before it was lost: the run's, kept
-            complete = None
-        else:
+        if not cfg.rejoin:  # a returning replica's folder holds its own steps from before it was lost
             if cfg.resume == "never":
                 ckpt.refuse_existing()
             complete = ckpt.complete()  # before the barrier: verifying the sha256s may take a while
@@ -92,7 +90,7 @@ def run(topology, index: int, cfg, d, endpoints: dict, log, relink=None) -> list
         log(f"site {local.site.name!r}: rejoined at step {start} with the global params of outer step "
             f"{steps.outer.outer_steps} (inner optimizer state fresh)")
         if ckpt is not None:  # it saves again from here; what it left unsealed when lost is set aside
-            ckpt.set_aside_incomplete()
+            ckpt.set_aside_for_return(start)
     else:
         if within:
             transport.barrier(cfg.connect_timeout)  # the replica's pipeline: every stage compiled

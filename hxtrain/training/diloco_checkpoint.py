@@ -98,10 +98,11 @@ class DilocoCheckpoints:
         """The newest step sealed and intact in every folder, or None."""
         return next((step for step in reversed(self.glob.steps()) if self._intact(step)), None)
 
-    def set_aside_incomplete(self) -> None:
-        """Move aside every step that is not sealed and intact in every folder (what a replica left unsealed when
-        it was lost), so that it saves into folders of complete steps only."""
-        keep = set(self.complete())
+    def set_aside_for_return(self, step: int) -> None:
+        """A replica returning to a run at `step` (it saves again from there): move aside every step that is not
+        sealed and intact in every folder (what it left unsealed when it was lost) and every step from `step` on
+        (none, unless the folder is older than this run), so that its folders hold only the run's complete steps."""
+        keep = {s for s in self.complete() if s < step}
         for ck in (self.glob, *self.reps):
             ck.set_aside([s for s in ck.all_steps() if s not in keep])
 
