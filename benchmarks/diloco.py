@@ -13,6 +13,7 @@ training-loss curves (smoothed) as a PNG.
 
     python benchmarks/diloco.py                  # small, 300 steps, batch 32, H 25, F 5
     python benchmarks/diloco.py --steps 600 --sync-every 50 --plot benchmarks/diloco_loss.png
+    python benchmarks/diloco.py --runs streaming --streaming-codec none --sync-heldout 2.2733   # sync DP known
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def main(argv=None) -> None:
     p.add_argument("--plot", help="write the training-loss curves here (PNG)")
     p.add_argument("--runs", default="sync,diloco,int8,streaming",
                    help="which runs, comma-separated (sync DP is always run: it is the yardstick)")
+    p.add_argument("--streaming-codec", default="int8", choices=("none", "bf16", "int8", "fp8"),
+                   help="the codec of the streaming run's pseudo-gradients")
+    p.add_argument("--sync-heldout", type=float, metavar="LOSS",
+                   help="sync DP's held-out loss from an earlier run of the same settings: sync DP is then not run "
+                        "again (its bytes are counted from the parameters), so runs can go side by side, one per "
+                        "process")
     p.add_argument("--sweep-outer", default="", metavar="LR/MU,...",
                    help="also run DiLoCo (codec none) with each of these outer lr / Nesterov momentum pairs")
     args = p.parse_args(argv)
@@ -76,9 +83,9 @@ def main(argv=None) -> None:
     outer = dict(outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
     every = {"sync": ("sync DP", None), "diloco": (f"DiLoCo H={H}", Diloco(sync_every=H, **outer)),
              "int8": (f"DiLoCo H={H} int8", Diloco(sync_every=H, codec="int8", **outer)),
-             "streaming": (f"streaming H={H} F={args.fragments} int8",
-                           Diloco(sync_every=H, fragments=args.fragments, codec="int8", **outer))}
-    wanted = {"sync", *args.runs.split(",")}
+             "streaming": (f"streaming H={H} F={args.fragments} {args.streaming_codec}",
+                           Diloco(sync_every=H, fragments=args.fragments, codec=args.streaming_codec, **outer))}
+    wanted = set(args.runs.split(",")) | ({"sync"} if args.sync_heldout is None else set())
     if wanted - set(every):
         p.error(f"--runs: expected some of {sorted(every)}, got {args.runs!r}")
     runs = dict(every[k] for k in every if k in wanted)
@@ -86,6 +93,9 @@ def main(argv=None) -> None:
         lr, mu = (float(x) for x in pair.split("/"))
         runs[f"DiLoCo H={H} outer {lr:g}/{mu:g}"] = Diloco(sync_every=H, outer_lr=lr, outer_momentum=mu)
     results, curves = {}, {}
+    if args.sync_heldout is not None:  # given, not run: its bytes are each replica's gradient every step
+        n_params = sum(int(np.prod(x.shape)) for x in _leaves(model_registry.build(args.model, seed=0)))
+        results["sync DP"] = (args.sync_heldout, 2 * 4 * n_params * args.steps, 2 * 4 * n_params, 0.0, float("nan"))
     for name, cfg in runs.items():
         model = model_registry.build(args.model, seed=0)
         t0 = time.perf_counter()
@@ -94,7 +104,7 @@ def main(argv=None) -> None:
                           data=train_path, seed=0)
             rows = run.fit(args.steps, progress=False)
             pipe, seq = run.pipeline, run.seq
-            n_params = sum(int(np.prod(s.shape)) for s in _leaves(pipe))
+            n_params = sum(int(np.prod(x.shape)) for x in _leaves(pipe))
             sent, peak = 2 * 4 * n_params * args.steps, 2 * 4 * n_params  # each replica's gradient, every step
         else:
             run = DilocoTrainer(model, uniform(2), diloco=cfg, microbatches=1, batch_size=args.batch_size,
@@ -137,10 +147,15 @@ def main(argv=None) -> None:
         print(f"plot -> {args.plot}")
 
 
-def _leaves(pipe):
+def _leaves(pipe_or_model):
+    """The parameter arrays of a pipeline's stages, or of an unsplit model."""
     import jax
 
-    return [x for s in pipe.stages for x in jax.tree_util.tree_leaves(s.params)]
+    if hasattr(pipe_or_model, "stages"):
+        return [x for s in pipe_or_model.stages for x in jax.tree_util.tree_leaves(s.params)]
+    from flax import nnx
+
+    return jax.tree_util.tree_leaves(nnx.state(pipe_or_model, nnx.Param))
 
 
 if __name__ == "__main__":
