@@ -67,6 +67,23 @@ def test_a_tensor_of_another_shape_or_dtype_is_refused_naming_peer_key_and_both(
             tb.recv(1, ("act", 1, 3))
 
 
+def test_what_a_site_expects_is_asked_at_every_arrival():
+    """A DiLoCo replica of a group whose rows are dealt again (`ReplicaSteps._deal` -> `LocalSite.read_rows`)
+    expects microbatches of the new size from the next step on: the transport asks its site at every arrival, so
+    the new shape is taken and the old one refused (a CI run failed when the first answer was kept per key)."""
+    rows = {"mb": 4}
+    with _site_b(lambda key: ((rows["mb"], 8, 16), (np.float32,))) as (ea, tb):
+        ea.send(Kind.ACTIVATION, np.zeros(SHAPE, np.float32), step=0, microbatch=0, stage=1)
+        assert tb.recv(1, ("act", 1, 0)).shape == SHAPE
+        rows["mb"] = 6  # dealt again
+        tb.step = 1
+        ea.send(Kind.ACTIVATION, np.ones((6, 8, 16), np.float32), step=1, microbatch=0, stage=1)
+        assert tb.recv(1, ("act", 1, 0)).shape == (6, 8, 16)
+        ea.send(Kind.ACTIVATION, np.ones(SHAPE, np.float32), step=1, microbatch=1, stage=1)
+        with pytest.raises(PeerError, match=r"expected shape \(6, 8, 16\) float32, got shape \(4, 8, 16\) float32"):
+            tb.recv(1, ("act", 1, 1))
+
+
 def test_a_tensor_as_expected_is_placed_also_through_a_lossy_codec():
     x = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
     with _site_b(_fp32_site) as (ea, tb):

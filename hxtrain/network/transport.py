@@ -143,7 +143,6 @@ class NetTransport:
                  overlap: bool = True, expect: Callable[[tuple], tuple[tuple, tuple]] | None = None):
         self.site, self.n_sites, self.mesh = site, n_sites, mesh
         self.expect = expect
-        self._expected: dict[tuple, tuple[tuple, tuple]] = {}  # (kind, stage) -> expect(key): one call per kind/stage
         self.endpoints = dict(endpoints)
         self.codecs = dict(codecs or {})
         self.names = list(names) if names is not None else [str(i) for i in range(n_sites)]
@@ -233,11 +232,9 @@ class NetTransport:
     def _check_arrival(self, ep: Endpoint, key: tuple, host: np.ndarray) -> None:
         """PeerError (the link aborted, so the peer stops too) unless `host` has the shape and a dtype that
         `expect` gives for `key`."""
-        want = self._expected.get(key[:2])
-        if want is None:
-            shape, dtypes = self.expect(key)
-            want = self._expected[key[:2]] = (tuple(int(n) for n in shape), tuple(np.dtype(d) for d in dtypes))
-        shape, dtypes = want
+        # asked at every arrival, not cached: a DiLoCo replica whose rows are dealt again expects other shapes
+        shape, dtypes = self.expect(key)
+        shape, dtypes = tuple(int(n) for n in shape), tuple(np.dtype(d) for d in dtypes)
         if host.shape == shape and host.dtype in dtypes:
             return
         message = (f"site {self.names[self.site]!r} received {key} (step {self.step}) from site {ep.peer!r}: "
