@@ -18,8 +18,8 @@ DiLoCo run saves (`hxtrain.training.diloco_checkpoint`): the global params and t
 hold bit for bit, and its own params, inner optimizer state and data position (a site of a replica group: those of
 the stages it holds). At start-up the sites send each other the steps complete in their folders and all restore
 the newest one they share (`--resume`). Elastic: a survivor alone goes on saving; a returning replica restores
-nothing (it takes the outer state from the survivor), sets aside the steps it left unsealed, and saves again from
-the next save step on, so a later resume finds the steps both folders hold.
+nothing (it takes the outer state from the survivor), sets aside the steps it left unsealed (and any from its return
+on), and saves again from the next save step on, so a later resume finds the steps both folders hold.
 
 Streaming fragments are the whole model's, each cut down to the keys a site holds, so a site of a replica group
 syncs exactly what the in-process replica would.
