@@ -7,11 +7,18 @@ stages under many schedules, and every site process of every multi-process test 
 cache (keyed by the program, the compile options, the devices and the jax/XLA versions), in a folder made for this
 session by the controller, shared through the environment with the xdist workers and every child process, and
 deleted at the end. Nothing is cached between sessions.
+
+A worker that crashes (a segfault in native code) writes its faulthandler report to a file of this session, and
+the controller prints it, with the tests that worker ran last, at the end of the run: xdist alone shows only the
+end of a crashed worker's output, where the crashing thread's Python stack is not.
 """
 
+import collections
+import faulthandler
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 if _CACHE_ENV not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
@@ -37,9 +44,51 @@ if not os.environ.get("JAX_PLATFORMS"):
 assert jax.device_count() >= 8, "tests/conftest.py must run before anything initialises JAX"
 
 
+_FAULTS_ENV = "HXTRAIN_TEST_FAULTS"
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER is None and _FAULTS_ENV not in os.environ:
+    os.environ[_FAULTS_ENV] = tempfile.mkdtemp(prefix="hxtrain-test-faults-")
+    os.environ["HXTRAIN_TEST_OWNS_FAULTS"] = os.environ[_FAULTS_ENV]
+_ran = collections.defaultdict(lambda: collections.deque(maxlen=12))  # controller: worker -> its last tests
+
+
+def pytest_sessionstart(session):
+    if _WORKER and os.environ.get(_FAULTS_ENV):  # after pytest's own faulthandler set-up, which this replaces
+        session.config._hxtrain_faults = open(Path(os.environ[_FAULTS_ENV]) / f"{_WORKER}.txt", "w")
+        faulthandler.enable(session.config._hxtrain_faults, all_threads=True)
+
+
+def pytest_runtest_logreport(report):
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    if worker is not None and report.when == "setup":
+        _ran[worker.id].append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Short, and last before pytest's own summary: what is kept of a CI log is its end.
+    folder = os.environ.get("HXTRAIN_TEST_OWNS_FAULTS")
+    for path in sorted(Path(folder).glob("*.txt")) if folder else ():
+        text = path.read_text()
+        if not text.strip():
+            continue
+        terminalreporter.section(f"worker {path.stem} crashed")
+        terminalreporter.write_line("its last tests: " + ", ".join(list(_ran.get(path.stem, ()))[-4:]))
+        current = [b for b in text.split("\n\n") if "Current thread" in b]  # one block per thread
+        if not current:  # a thread XLA started, with no Python frames
+            terminalreporter.write_line(text.strip().splitlines()[0] + " (in no Python thread: the native code of "
+                                        "a thread the runtime started)")
+            continue
+        frames = [line.replace(str(Path(shutil.__file__).parent), "").strip() for line in current[0].splitlines()]
+        frames = [f[f.find("site-packages/") + 14:] if "site-packages/" in f else f for f in frames]
+        terminalreporter.write_line("\n".join(frames[:14]))
+
+
 def pytest_unconfigure(config):
     owned = os.environ.get("HXTRAIN_TEST_OWNS_CACHE")
-    if owned and "PYTEST_XDIST_WORKER" not in os.environ:
+    if owned and _WORKER is None:
         shutil.rmtree(owned, ignore_errors=True)
+    faults = os.environ.get("HXTRAIN_TEST_OWNS_FAULTS")
+    if faults and _WORKER is None:
+        shutil.rmtree(faults, ignore_errors=True)
 
 
