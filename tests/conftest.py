@@ -8,6 +8,13 @@ cache (keyed by the program, the compile options, the devices and the jax/XLA ve
 session by the controller, shared through the environment with the xdist workers and every child process, and
 deleted at the end. Nothing is cached between sessions.
 
+Every compiled XLA:CPU kernel holds about three memory maps (code, constants, data), and JAX keeps the executables of
+every live jitted function (module-level programs with static arguments live all session: each new stage shape
+adds to them), so a worker that runs for 20 minutes approaches the kernel's limit on maps per process
+(vm.max_map_count, 65,530 here), where mmap fails and XLA segfaults (reproduced here with the limit lowered to
+24,000: tests/test_pipeline.py then crashed compiling a backward program). After any test that leaves the process
+past half the limit, the worker clears JAX's caches; programs compiled again come from the persistent cache.
+
 A worker that crashes (a segfault in native code) writes its faulthandler report to a file of this session, and
 the controller prints it, with the tests that worker ran last, at the end of the run: xdist alone shows only the
 end of a crashed worker's output, where the crashing thread's Python stack is not.
@@ -15,6 +22,7 @@ end of a crashed worker's output, where the crashing thread's Python stack is no
 
 import collections
 import faulthandler
+import gc
 import os
 import shutil
 import tempfile
@@ -35,6 +43,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
 
 # This process on jaxlib's CPU only, unless the caller chose. Set in JAX's config rather than the environment, so
 # that child processes (site processes, notebooks) are not kept from the plugins a topology names.
@@ -42,6 +51,28 @@ if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
 
 assert jax.device_count() >= 8, "tests/conftest.py must run before anything initialises JAX"
+
+
+def _map_limit() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):  # not Linux: no such limit to keep under
+        return None
+
+
+_MAP_LIMIT = _map_limit()
+
+
+def maps_in_use() -> int:
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.hookimpl(trylast=True)  # after the test's fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    if _MAP_LIMIT and maps_in_use() > _MAP_LIMIT // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 _FAULTS_ENV = "HXTRAIN_TEST_FAULTS"
