@@ -28,10 +28,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-if _CACHE_ENV not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
-    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="hxtrain-test-jax-cache-")
-    os.environ["HXTRAIN_TEST_OWNS_CACHE"] = os.environ[_CACHE_ENV]
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # None in the controller (or a run without xdist)
+_OWNED = "HXTRAIN_TEST_OWNS"  # the folders the controller made for this session, deleted at its end
+
+
+def _session_folder(env: str, prefix: str) -> None:
+    """$env names a folder of this session, shared with the workers and child processes through the environment:
+    one the controller makes (and deletes at the end) unless the caller set it."""
+    if env not in os.environ and _WORKER is None:
+        os.environ[env] = tempfile.mkdtemp(prefix=prefix)
+        os.environ[_OWNED] = os.pathsep.join(filter(None, [os.environ.get(_OWNED), os.environ[env]]))
+
+
+_session_folder("JAX_COMPILATION_CACHE_DIR", "hxtrain-test-jax-cache-")
+_FAULTS_ENV = "HXTRAIN_TEST_FAULTS"  # one faulthandler report per worker
+_session_folder(_FAULTS_ENV, "hxtrain-test-faults-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every program, also the fast ones
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -75,11 +86,6 @@ def pytest_runtest_teardown(item, nextitem):
         gc.collect()
 
 
-_FAULTS_ENV = "HXTRAIN_TEST_FAULTS"
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _WORKER is None and _FAULTS_ENV not in os.environ:
-    os.environ[_FAULTS_ENV] = tempfile.mkdtemp(prefix="hxtrain-test-faults-")
-    os.environ["HXTRAIN_TEST_OWNS_FAULTS"] = os.environ[_FAULTS_ENV]
 _ran = collections.defaultdict(lambda: collections.deque(maxlen=12))  # controller: worker -> its last tests
 
 
@@ -97,7 +103,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter):
     # Short, and last before pytest's own summary: what is kept of a CI log is its end.
-    folder = os.environ.get("HXTRAIN_TEST_OWNS_FAULTS")
+    folder = os.environ.get(_FAULTS_ENV) if _WORKER is None else None
     for path in sorted(Path(folder).glob("*.txt")) if folder else ():
         text = path.read_text()
         if not text.strip():
@@ -115,11 +121,6 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
-    owned = os.environ.get("HXTRAIN_TEST_OWNS_CACHE")
-    if owned and _WORKER is None:
-        shutil.rmtree(owned, ignore_errors=True)
-    faults = os.environ.get("HXTRAIN_TEST_OWNS_FAULTS")
-    if faults and _WORKER is None:
-        shutil.rmtree(faults, ignore_errors=True)
-
-
+    if _WORKER is None:
+        for folder in filter(None, os.environ.get(_OWNED, "").split(os.pathsep)):
+            shutil.rmtree(folder, ignore_errors=True)
