@@ -86,7 +86,7 @@ def pytest_runtest_teardown(item, nextitem):
         gc.collect()
 
 
-_ran = collections.defaultdict(lambda: collections.deque(maxlen=12))  # controller: worker -> its last tests
+_ran = collections.defaultdict(lambda: collections.deque(maxlen=4))  # controller: worker -> its last tests
 
 
 def pytest_sessionstart(session):
@@ -109,11 +109,10 @@ def pytest_terminal_summary(terminalreporter):
         if not text.strip():
             continue
         terminalreporter.section(f"worker {path.stem} crashed")
-        terminalreporter.write_line("its last tests: " + ", ".join(list(_ran.get(path.stem, ()))[-4:]))
+        terminalreporter.write_line("its last tests: " + ", ".join(_ran.get(path.stem, ())))
         current = [b for b in text.split("\n\n") if "Current thread" in b]  # one block per thread
-        if not current:  # a thread XLA started, with no Python frames
-            terminalreporter.write_line(text.strip().splitlines()[0] + " (in no Python thread: the native code of "
-                                        "a thread the runtime started)")
+        if not current:  # the crash was in a thread without Python frames (one the runtime started)
+            terminalreporter.write_line(text.strip().splitlines()[0] + " (no Python thread is marked current)")
             continue
         frames = [line.replace(str(Path(shutil.__file__).parent), "").strip() for line in current[0].splitlines()]
         frames = [f[f.find("site-packages/") + 14:] if "site-packages/" in f else f for f in frames]
